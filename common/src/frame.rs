@@ -1,0 +1,116 @@
+//! Length-prefixed framing of control messages: a big-endian `u32` length, then a
+//! postcard-encoded message. Decoding never touches a socket; an incomplete frame is
+//! `Ok(None)`, so a driver reads more bytes and tries again.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Largest control message accepted; anything bigger is a protocol violation.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Why bytes on a control stream are not a valid frame. Either closes the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge { len: usize },
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// Encodes one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = postcard::to_stdvec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge { len: body.len() });
+    }
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge { len: body.len() })?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes the first frame of `buf`: `Ok(Some((msg, bytes_used)))`, or `Ok(None)`
+/// when more bytes are needed.
+pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(prefix) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let mut len_bytes = [0u8; 4];
+    len_bytes.copy_from_slice(prefix);
+    let len = u32::from_be_bytes(len_bytes) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge { len });
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let msg = postcard::from_bytes(body)?;
+    Ok(Some((msg, 4 + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{BrokerMsg, EndReason, NodeMsg, OrderId, Slot};
+    use proptest::prelude::*;
+
+    #[test]
+    fn exact_bytes_of_a_message() {
+        let frame = encode(&BrokerMsg::Cancel {
+            order_id: OrderId([9; 12]),
+        })
+        .unwrap_or_default();
+        // length 13 = variant index 2 + 12 id bytes
+        assert_eq!(
+            frame,
+            [0, 0, 0, 13, 2, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9].to_vec()
+        );
+    }
+
+    #[test]
+    fn partial_frames_need_more_bytes() {
+        let frame = encode(&NodeMsg::Ended {
+            order_id: OrderId([1; 12]),
+            reason: EndReason::WallClock,
+        })
+        .unwrap_or_default();
+        for cut in 0..frame.len() {
+            let got = decode::<NodeMsg>(frame.get(..cut).unwrap_or_default());
+            assert!(matches!(got, Ok(None)), "cut at {cut}");
+        }
+        assert!(matches!(decode::<NodeMsg>(&frame), Ok(Some((_, n))) if n == frame.len()));
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_errors() {
+        let huge = [0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            decode::<NodeMsg>(&huge),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let garbage = [0, 0, 0, 2, 200, 1];
+        assert!(matches!(
+            decode::<NodeMsg>(&garbage),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn slots_round_trip(ids in proptest::collection::vec(any::<u64>(), 0..20), name in "[a-z0-9]{1,16}") {
+            let msg = NodeMsg::SlotsReady {
+                slots: ids.iter().map(|&slot_id| Slot { slot_id, username: name.clone() }).collect(),
+            };
+            let frame = encode(&msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let got = decode::<NodeMsg>(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(got, Some((msg, frame.len())));
+        }
+
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<NodeMsg>(&bytes);
+            let _ = decode::<BrokerMsg>(&bytes);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! I/O-free core of jusy, shared by the node and the broker.
+//!
+//! # Layout
+//! * [`identity`] — ed25519 identities of nodes and brokers and their text form.
+//! * [`wire`] — the control-stream messages between a node and its relay, and the
+//!   header that opens every tunnelled client stream.
+//! * [`frame`] — length-prefixed framing of control messages ("need more bytes" is a
+//!   normal outcome, not an error).
+//! * [`session`] — the lifecycle of one order's session on a node as a state machine
+//!   driven by `handle_*(now, input)` calls.
+//! * [`tls`] — rustls configurations that authenticate both QUIC peers by their
+//!   ed25519 keys (no certificate authorities).
+//!
+//! Nothing here opens a socket, spawns a task or reads a clock.
+
+pub mod frame;
+pub mod identity;
+pub mod session;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,216 @@
+//! The lifecycle of one order's session on a node, as a state machine.
+//!
+//! The driver feeds it connection events and clock ticks (`now` is always passed
+//! in) and acts on the [`EndReason`] it returns; [`Session::deadline`] says when the
+//! next tick is due.
+
+use std::time::{Duration, Instant};
+
+use crate::wire::EndReason;
+
+/// Time limits of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Time from assignment to the first client connection.
+    pub connect_window: Duration,
+    /// Time after the last connection closes before the session ends, so that
+    /// sequential `ssh`/`scp` commands without a master connection still work.
+    pub grace: Duration,
+    /// Wall-clock limit from the first connection.
+    pub wall: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect_window: Duration::from_secs(120),
+            grace: Duration::from_secs(5),
+            wall: Duration::from_secs(3 * 3600),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Assigned, waiting for the first connection.
+    Waiting { since: Instant },
+    /// At least one connection is open.
+    Connected { open: u32 },
+    /// All connections closed at `since`; ends after the grace period.
+    Idle { since: Instant },
+    Ended(EndReason),
+}
+
+/// One order's session.
+#[derive(Clone, Debug)]
+pub struct Session {
+    limits: Limits,
+    state: State,
+    first_connect: Option<Instant>,
+}
+
+impl Session {
+    pub fn new(now: Instant, limits: Limits) -> Self {
+        Self {
+            limits,
+            state: State::Waiting { since: now },
+            first_connect: None,
+        }
+    }
+
+    /// A client connection (one TCP connection to the order port) opened.
+    /// Returns false when the session is over and the connection must be refused.
+    pub fn handle_connect(&mut self, now: Instant) -> bool {
+        if let Some(reason) = self.handle_tick(now) {
+            self.state = State::Ended(reason);
+            return false;
+        }
+        self.state = match self.state {
+            State::Waiting { .. } | State::Idle { .. } => State::Connected { open: 1 },
+            State::Connected { open } => State::Connected {
+                open: open.saturating_add(1),
+            },
+            State::Ended(_) => return false,
+        };
+        self.first_connect.get_or_insert(now);
+        true
+    }
+
+    /// A client connection closed.
+    pub fn handle_disconnect(&mut self, now: Instant) {
+        if let State::Connected { open } = self.state {
+            self.state = if open <= 1 {
+                State::Idle { since: now }
+            } else {
+                State::Connected { open: open - 1 }
+            };
+        }
+    }
+
+    /// Advances time; returns the reason when the session ends now.
+    pub fn handle_tick(&mut self, now: Instant) -> Option<EndReason> {
+        let reason = match self.state {
+            State::Ended(_) => return None,
+            _ if self.wall_exceeded(now) => EndReason::WallClock,
+            State::Waiting { since }
+                if now.saturating_duration_since(since) >= self.limits.connect_window =>
+            {
+                EndReason::NeverConnected
+            }
+            State::Idle { since } if now.saturating_duration_since(since) >= self.limits.grace => {
+                EndReason::ClientClosed
+            }
+            _ => return None,
+        };
+        self.state = State::Ended(reason);
+        Some(reason)
+    }
+
+    /// Ends the session from outside (cancel, shutdown); returns the reason if it
+    /// was not over yet.
+    pub fn handle_end(&mut self, reason: EndReason) -> Option<EndReason> {
+        if matches!(self.state, State::Ended(_)) {
+            return None;
+        }
+        self.state = State::Ended(reason);
+        Some(reason)
+    }
+
+    /// When the driver must call [`Session::handle_tick`] next, if ever.
+    pub fn deadline(&self) -> Option<Instant> {
+        let wall = self.first_connect.map(|t| t + self.limits.wall);
+        let own = match self.state {
+            State::Waiting { since } => Some(since + self.limits.connect_window),
+            State::Idle { since } => Some(since + self.limits.grace),
+            State::Connected { .. } => None,
+            State::Ended(_) => return None,
+        };
+        match (own, wall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn ended(&self) -> Option<EndReason> {
+        match self.state {
+            State::Ended(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn open_connections(&self) -> u32 {
+        match self.state {
+            State::Connected { open } => open,
+            _ => 0,
+        }
+    }
+
+    fn wall_exceeded(&self, now: Instant) -> bool {
+        self.first_connect
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.limits.wall)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            connect_window: Duration::from_secs(10),
+            grace: Duration::from_secs(5),
+            wall: Duration::from_secs(100),
+        }
+    }
+
+    fn secs(t0: Instant, s: u64) -> Instant {
+        t0 + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn never_connected_ends_after_window() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        assert_eq!(s.deadline(), Some(secs(t0, 10)));
+        assert_eq!(s.handle_tick(secs(t0, 9)), None);
+        assert_eq!(s.handle_tick(secs(t0, 10)), Some(EndReason::NeverConnected));
+        assert!(!s.handle_connect(secs(t0, 11)));
+    }
+
+    #[test]
+    fn grace_lets_sequential_connections_continue() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        assert!(s.handle_connect(secs(t0, 1)));
+        s.handle_disconnect(secs(t0, 2));
+        assert_eq!(s.handle_tick(secs(t0, 6)), None);
+        assert!(s.handle_connect(secs(t0, 6)));
+        assert!(s.handle_connect(secs(t0, 6)));
+        assert_eq!(s.open_connections(), 2);
+        s.handle_disconnect(secs(t0, 7));
+        assert_eq!(s.handle_tick(secs(t0, 20)), None);
+        s.handle_disconnect(secs(t0, 20));
+        assert_eq!(s.deadline(), Some(secs(t0, 25)));
+        assert_eq!(s.handle_tick(secs(t0, 25)), Some(EndReason::ClientClosed));
+        assert_eq!(s.ended(), Some(EndReason::ClientClosed));
+    }
+
+    #[test]
+    fn wall_clock_ends_a_busy_session() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        assert!(s.handle_connect(secs(t0, 1)));
+        assert_eq!(s.deadline(), Some(secs(t0, 101)));
+        assert_eq!(s.handle_tick(secs(t0, 101)), Some(EndReason::WallClock));
+        assert_eq!(s.handle_tick(secs(t0, 102)), None);
+    }
+
+    #[test]
+    fn external_end_happens_once() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        assert_eq!(s.handle_end(EndReason::Cancelled), Some(EndReason::Cancelled));
+        assert_eq!(s.handle_end(EndReason::NodeShutdown), None);
+        assert_eq!(s.deadline(), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! Messages on the control stream between a node and its relay broker, and the
+//! header that opens every tunnelled client stream.
+//!
+//! The control stream is the first bidirectional QUIC stream the node opens; it
+//! carries only these messages, framed by [`crate::frame`]. Client bytes travel on
+//! their own streams and are never inspected, so no payload can be mistaken for a
+//! control message.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol; a peer with another version is refused in `Hello`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN of node ↔ relay QUIC connections.
+pub const ALPN: &[u8] = b"jusy/1";
+
+/// Identifier of an order: 12 random bytes, shown as 24 hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OrderId(pub [u8; 12]);
+
+impl OrderId {
+    pub fn from_random(bytes: [u8; 12]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Display for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OrderId({self})")
+    }
+}
+
+/// Text that is not an order id.
+#[derive(Debug, thiserror::Error)]
+#[error("an order id is 24 hex characters")]
+pub struct BadOrderId;
+
+impl FromStr for OrderId {
+    type Err = BadOrderId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 12];
+        hex::decode_to_slice(s, &mut out).map_err(|_| BadOrderId)?;
+        Ok(Self(out))
+    }
+}
+
+/// Why a session ended: machine-readable, stable across versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// The client's last connection closed (after the grace period).
+    ClientClosed,
+    /// The client never connected within the connect window.
+    NeverConnected,
+    /// The 3-hour wall-clock limit was reached.
+    WallClock,
+    /// The broker cancelled the order.
+    Cancelled,
+    /// The node is shutting down.
+    NodeShutdown,
+    /// The node lost its relay (reported by the broker, never by the node).
+    NodeLost,
+    /// The node could not prepare or run the session.
+    NodeFailed,
+}
+
+impl EndReason {
+    /// The code shown to users and stored with the order.
+    pub fn code(self) -> &'static str {
+        match self {
+            EndReason::ClientClosed => "CLIENT_CLOSED",
+            EndReason::NeverConnected => "NEVER_CONNECTED",
+            EndReason::WallClock => "WALL",
+            EndReason::Cancelled => "CANCELLED",
+            EndReason::NodeShutdown => "NODE_SHUTDOWN",
+            EndReason::NodeLost => "NODE_LOST",
+            EndReason::NodeFailed => "NODE_FAILED",
+        }
+    }
+}
+
+/// A session prepared ahead of orders: a user that exists and waits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// Unique per node for its lifetime.
+    pub slot_id: u64,
+    /// Login name of the prepared Linux user.
+    pub username: String,
+}
+
+/// An order handed to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub order_id: OrderId,
+    pub slot_id: u64,
+    /// OpenSSH public keys (`ssh-ed25519 AAAA…`) allowed to log in.
+    pub authorized_keys: Vec<String>,
+    /// Seconds the client has to make its first connection.
+    pub connect_window_secs: u32,
+}
+
+/// Node → broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeMsg {
+    /// First message on the control stream.
+    Hello {
+        protocol: u16,
+        /// The node's SSH host public key in OpenSSH form.
+        host_key: String,
+        cores: u32,
+        /// Free-form node software version.
+        agent: String,
+    },
+    /// These slots are ready to be claimed.
+    SlotsReady { slots: Vec<Slot> },
+    /// The node took the order; clients may connect now.
+    Accepted { order_id: OrderId },
+    /// The node could not take the order (the slot is gone, …).
+    Refused { order_id: OrderId, error: String },
+    /// The session of an order is over; its user and data are gone.
+    Ended { order_id: OrderId, reason: EndReason },
+}
+
+/// Broker → node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerMsg {
+    /// Answer to `Hello`: the node is registered.
+    Welcome { protocol: u16 },
+    /// Claim a slot for an order.
+    Assign(Assignment),
+    /// End an order's session now.
+    Cancel { order_id: OrderId },
+    /// A fatal problem; the broker closes the connection after sending it.
+    Error { error: String },
+}
+
+/// Magic and version at the start of every tunnelled client stream.
+pub const STREAM_MAGIC: [u8; 4] = *b"JSY1";
+
+/// Length of [`StreamHeader`] on the wire.
+pub const STREAM_HEADER_LEN: usize = 16;
+
+/// Written by the relay at the start of each client stream: which order it is for.
+/// The client's bytes follow it directly, in the same packet, so no round trip is added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamHeader {
+    pub order_id: OrderId,
+}
+
+/// Bytes that are not a stream header.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("stream does not start with a jusy stream header")]
+pub struct BadStreamHeader;
+
+impl StreamHeader {
+    pub fn encode(&self) -> [u8; STREAM_HEADER_LEN] {
+        let mut out = [0u8; STREAM_HEADER_LEN];
+        let (magic, id) = out.split_at_mut(4);
+        magic.copy_from_slice(&STREAM_MAGIC);
+        id.copy_from_slice(&self.order_id.0);
+        out
+    }
+
+    pub fn decode(bytes: &[u8; STREAM_HEADER_LEN]) -> Result<Self, BadStreamHeader> {
+        let (magic, id) = bytes.split_at(4);
+        if magic != STREAM_MAGIC {
+            return Err(BadStreamHeader);
+        }
+        let id: [u8; 12] = id.try_into().map_err(|_| BadStreamHeader)?;
+        Ok(Self {
+            order_id: OrderId(id),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_header_exact_bytes() {
+        let h = StreamHeader {
+            order_id: OrderId([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+        };
+        let bytes = h.encode();
+        assert_eq!(
+            bytes,
+            [b'J', b'S', b'Y', b'1', 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        );
+        assert_eq!(StreamHeader::decode(&bytes), Ok(h));
+        let mut bad = bytes;
+        bad[3] = b'2';
+        assert_eq!(StreamHeader::decode(&bad), Err(BadStreamHeader));
+    }
+
+    #[test]
+    fn order_id_text() {
+        let id = OrderId([0xab; 12]);
+        assert_eq!(id.to_string(), "abababababababababababab");
+        assert_eq!(id.to_string().parse::<OrderId>().ok(), Some(id));
+        assert!("xyz".parse::<OrderId>().is_err());
+    }
+}

@@ -49,6 +49,30 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, Fra
     Ok(Some((msg, 4 + len)))
 }
 
+/// Accumulates bytes read from a stream and yields whole messages.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if the buffer holds one.
+    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        match decode(&self.buf)? {
+            Some((msg, used)) => {
+                self.buf.drain(..used);
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +118,26 @@ mod tests {
             decode::<NodeMsg>(&garbage),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn decoder_yields_messages_split_anywhere() {
+        let a = NodeMsg::Accepted { order_id: OrderId([1; 12]) };
+        let b = NodeMsg::Accepted { order_id: OrderId([2; 12]) };
+        let mut bytes = encode(&a).unwrap_or_default();
+        bytes.extend(encode(&b).unwrap_or_default());
+        for split in 0..bytes.len() {
+            let (x, y) = bytes.split_at(split);
+            let mut d = Decoder::default();
+            let mut got = Vec::new();
+            for part in [x, y] {
+                d.push(part);
+                while let Ok(Some(m)) = d.next::<NodeMsg>() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, vec![a.clone(), b.clone()], "split at {split}");
+        }
     }
 
     proptest! {

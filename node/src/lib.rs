@@ -1,1 +1,120 @@
-//! placeholder
+//! The jusy node daemon: dials its relay over QUIC and serves SSH sessions to
+//! paying clients as fresh unprivileged users.
+//!
+//! # Layout
+//! * [`config`] — the TOML configuration and its defaults.
+//! * [`keys`] — the persistent identity and SSH host keys.
+//! * [`uplink`] — the QUIC connection to the relay: control stream, client
+//!   streams, reconnects.
+//! * [`sessions`] — ready slots and running sessions (claim, drive, tear down).
+//! * [`ssh`] — the embedded SSH server (auth, channels, ptys).
+//! * [`sandbox`] — session users and how their processes are started.
+
+pub mod config;
+pub mod keys;
+pub mod sandbox;
+pub mod sessions;
+pub mod ssh;
+pub mod uplink;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jusy_common::identity::PeerId;
+use tokio_util::sync::CancellationToken;
+
+use config::Config;
+use sandbox::user;
+use sessions::{Sessions, Settings};
+use uplink::{Target, Uplink};
+
+/// The node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyFileError),
+    #[error("host key: {0}")]
+    HostKey(String),
+}
+
+/// QUIC transport settings for relay connections: keep-alives and a short idle
+/// timeout so a dead relay is noticed within seconds, and windows large enough
+/// for bulk copies over a home uplink.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(8)).ok());
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.receive_window((32u32 * 1024 * 1024).into());
+    t.send_window(32 * 1024 * 1024);
+    t
+}
+
+/// Runs a node until `stop` is cancelled, then ends every session with
+/// NODE_SHUTDOWN, removes all session users, and tells the relay.
+pub async fn run(cfg: Config, broker_key: PeerId, stop: CancellationToken) -> Result<(), NodeError> {
+    // SAFETY: geteuid cannot fail.
+    let dev_mode = unsafe { libc::geteuid() } != 0;
+    if dev_mode {
+        tracing::warn!("==================================================================");
+        tracing::warn!("NOT ROOT: DEVELOPMENT MODE. Sessions run as YOUR user with access to");
+        tracing::warn!("everything you can touch. Never offer this node to real clients.");
+        tracing::warn!("==================================================================");
+    }
+    user::create_private_dir(&cfg.data_dir).await?;
+    let homes = cfg.data_dir.join("homes");
+    let io = |source| NodeError::DataDir { path: homes.clone(), source };
+    tokio::fs::create_dir_all(&homes).await.map_err(io)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Homes are private (0700) themselves; the parent only needs to be traversable.
+        tokio::fs::set_permissions(&homes, std::fs::Permissions::from_mode(0o711)).await.map_err(io)?;
+    }
+    if !dev_mode {
+        let swept = user::sweep(&homes).await;
+        if swept > 0 {
+            tracing::info!(swept, "removed session users left by an earlier run");
+        }
+    }
+    let identity = keys::load_or_create_identity(&cfg.data_dir)?;
+    let host_key = keys::load_or_create_host_key(&cfg.data_dir)?;
+    let host_key_line = host_key.public_key().to_openssh().map_err(|e| NodeError::HostKey(e.to_string()))?;
+    tracing::info!(node_id = %PeerId::from_signing_key(&identity), "node identity");
+
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let settings = Settings {
+        ready_slots: cfg.ready_slots(),
+        homes,
+        grace: Duration::from_secs(cfg.grace_secs),
+        wall: Duration::from_secs(cfg.wall_secs),
+        sftp_server: cfg.sftp_server(),
+        dev_mode,
+    };
+    let sessions = Sessions::new(settings, ssh::config(host_key), events_tx);
+    let filler = tokio::spawn(sessions.clone().keep_slots_ready());
+    let uplink_stop = CancellationToken::new();
+    let uplink = Uplink {
+        target: Target {
+            addr: cfg.broker.clone(),
+            key: broker_key,
+        },
+        identity,
+        host_key: host_key_line,
+        sessions: sessions.clone(),
+    };
+    let uplink = tokio::spawn(uplink.run(events_rx, uplink_stop.clone()));
+
+    stop.cancelled().await;
+    tracing::info!("shutting down: ending sessions with NODE_SHUTDOWN");
+    sessions.shutdown().await;
+    let _ = filler.await;
+    uplink_stop.cancel();
+    let _ = uplink.await;
+    Ok(())
+}
+

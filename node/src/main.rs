@@ -1,1 +1,83 @@
-fn main() {}
+//! `jusy-node`: parses the command line, loads the configuration, and runs the node.
+
+use std::path::PathBuf;
+use anyhow::Context;
+use clap::Parser;
+use jusy_common::identity::PeerId;
+use jusy_node::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Sell this machine's CPU time as SSH sessions through a jusy relay.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file (see deploy/node.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Relay broker QUIC address, host:port.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The relay broker's public key (hex).
+    #[arg(long)]
+    broker_key: Option<String>,
+    /// Data directory for keys and session homes.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Sessions kept ready ahead of orders.
+    #[arg(long)]
+    ready_slots: Option<usize>,
+    /// Seconds a session survives after its last connection closes.
+    #[arg(long)]
+    grace_secs: Option<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn,russh=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = cli.broker { cfg.broker = v; }
+    if let Some(v) = cli.broker_key { cfg.broker_key = v; }
+    if let Some(v) = cli.data_dir { cfg.data_dir = v; }
+    if let Some(v) = cli.ready_slots { cfg.ready_slots = Some(v); }
+    if let Some(v) = cli.grace_secs { cfg.grace_secs = v; }
+    anyhow::ensure!(!cfg.broker.is_empty(), "no broker address: pass --broker or set `broker` in the config");
+    let broker_key: PeerId = cfg
+        .broker_key
+        .parse()
+        .context("broker key: pass --broker-key with the key the broker printed")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let stop = CancellationToken::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = wait_for_signal().await {
+                    tracing::error!(error = %e, "cannot listen for signals");
+                }
+                on_signal.cancel();
+            });
+            jusy_node::run(cfg, broker_key, stop).await?;
+            Ok(())
+        })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! One SSH session channel: collects pty and environment requests, starts the
+//! requested program as the session user, and pumps bytes, window changes,
+//! signals, EOF and the exit status between the channel and the process.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::Child;
+
+use super::pty::{Pty, WinSize};
+use crate::sandbox::process::{Program, command, env_allowed};
+use crate::sandbox::user::SessionUser;
+
+/// What every channel of one order shares.
+#[derive(Debug)]
+pub struct ChannelCtx {
+    pub user: SessionUser,
+    pub sftp_server: std::path::PathBuf,
+}
+
+/// Requests gathered before the program starts.
+#[derive(Debug, Default)]
+struct Setup {
+    env: Vec<(String, String)>,
+    pty: Option<(String, WinSize)>,
+}
+
+/// Runs a channel to its end.
+pub async fn run(channel: Channel<Msg>, ctx: Arc<ChannelCtx>, handle: Handle) {
+    let id = channel.id();
+    let (mut reader, writer) = channel.split();
+    let mut setup = Setup::default();
+    let program = loop {
+        match reader.wait().await {
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                ..
+            }) => {
+                let size = WinSize {
+                    cols: col_width,
+                    rows: row_height,
+                    px_width: pix_width,
+                    px_height: pix_height,
+                };
+                setup.pty = Some((term, size));
+            }
+            Some(ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            }) if env_allowed(&variable_name) => setup.env.push((variable_name, variable_value)),
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            }) => {
+                if let Some((_, size)) = setup.pty.as_mut() {
+                    *size = WinSize {
+                        cols: col_width,
+                        rows: row_height,
+                        px_width: pix_width,
+                        px_height: pix_height,
+                    };
+                }
+            }
+            Some(ChannelMsg::RequestShell { .. }) => break Program::Shell,
+            Some(ChannelMsg::Exec { command, .. }) => {
+                break Program::Exec(String::from_utf8_lossy(&command).into_owned());
+            }
+            Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => break Program::Sftp,
+            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return,
+            Some(_) => {}
+        }
+    };
+    let status = match setup.pty.take() {
+        Some((term, size)) if program != Program::Sftp => {
+            setup.env.retain(|(k, _)| k != "TERM");
+            setup.env.push(("TERM".to_owned(), term));
+            run_with_pty(&ctx, &program, &setup, size, &mut reader, &writer).await
+        }
+        _ => run_with_pipes(&ctx, &program, &setup, &mut reader, &writer).await,
+    };
+    finish(id, status, &writer, &handle).await;
+}
+
+async fn run_with_pipes(
+    ctx: &ChannelCtx,
+    program: &Program,
+    setup: &Setup,
+    reader: &mut ChannelReadHalf,
+    writer: &ChannelWriteHalf<Msg>,
+) -> Option<ExitStatus> {
+    let mut cmd = command(&ctx.user, program, &setup.env, false, &ctx.sftp_server);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return spawn_failed(writer, e).await,
+    };
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return None;
+    };
+    let out = pump(stdout, writer.make_writer());
+    let err = pump(stderr, writer.make_writer_ext(Some(1)));
+    let output_done = async { tokio::join!(out, err) };
+    tokio::pin!(output_done);
+    let mut stdin = Some(stdin);
+    loop {
+        tokio::select! {
+            _ = &mut output_done => break,
+            msg = reader.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if let Some(w) = stdin.as_mut()
+                        && w.write_all(&data).await.is_err()
+                    {
+                        stdin = None;
+                    }
+                }
+                Some(ChannelMsg::Eof) => stdin = None,
+                Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal),
+                Some(ChannelMsg::Close) | None => {
+                    // The client is gone: stop the program like sshd does.
+                    let _ = child.start_kill();
+                    break;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    drop(stdin);
+    child.wait().await.ok()
+}
+
+async fn run_with_pty(
+    ctx: &ChannelCtx,
+    program: &Program,
+    setup: &Setup,
+    size: WinSize,
+    reader: &mut ChannelReadHalf,
+    writer: &ChannelWriteHalf<Msg>,
+) -> Option<ExitStatus> {
+    let pty = match Pty::open(size) {
+        Ok(p) => p,
+        Err(e) => return spawn_failed(writer, e).await,
+    };
+    let mut cmd = command(&ctx.user, program, &setup.env, true, &ctx.sftp_server);
+    let stdio = |fd: &std::os::fd::OwnedFd| fd.try_clone().map(Stdio::from);
+    let (i, o, e) = match (stdio(&pty.slave), stdio(&pty.slave), stdio(&pty.slave)) {
+        (Ok(i), Ok(o), Ok(e)) => (i, o, e),
+        _ => return None,
+    };
+    cmd.stdin(i).stdout(o).stderr(e);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return spawn_failed(writer, e).await,
+    };
+    drop(cmd);
+    // Only the child may hold the slave now, so reading the master ends (EIO) when
+    // the child and everything it started have let go of the terminal.
+    drop(pty.slave);
+    let master = pty.master;
+    let mut input = master.clone();
+    let output = pump(master.clone(), writer.make_writer());
+    tokio::pin!(output);
+    let mut status = None;
+    loop {
+        tokio::select! {
+            _ = &mut output => break,
+            st = child.wait(), if status.is_none() => {
+                status = st.ok();
+                // Programs left in the background may keep the terminal open; like
+                // sshd, stop waiting for them shortly after the main process exits.
+                let _ = tokio::time::timeout(Duration::from_millis(200), &mut output).await;
+                break;
+            }
+            msg = reader.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if input.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
+                    let _ = master.resize(WinSize { cols: col_width, rows: row_height, px_width: pix_width, px_height: pix_height });
+                }
+                Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal),
+                Some(ChannelMsg::Close) | None => {
+                    let _ = child.start_kill();
+                    break;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    match status {
+        Some(s) => Some(s),
+        None => child.wait().await.ok(),
+    }
+}
+
+/// Copies `from` into a channel writer until EOF or error.
+async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let Some(chunk) = buf.get(..n) else { break };
+                if to.write_all(chunk).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.flush().await;
+}
+
+async fn spawn_failed(writer: &ChannelWriteHalf<Msg>, e: std::io::Error) -> Option<ExitStatus> {
+    tracing::warn!(error = %e, "could not start a session program");
+    let mut w = writer.make_writer_ext(Some(1));
+    let _ = w
+        .write_all(format!("jusy: cannot start program: {e}\r\n").as_bytes())
+        .await;
+    let _ = w.flush().await;
+    Some(ExitStatus::from_raw(127 << 8))
+}
+
+fn send_signal(child: &Child, signal: &Sig) {
+    let number = match signal {
+        Sig::ABRT => libc::SIGABRT,
+        Sig::ALRM => libc::SIGALRM,
+        Sig::FPE => libc::SIGFPE,
+        Sig::HUP => libc::SIGHUP,
+        Sig::ILL => libc::SIGILL,
+        Sig::INT => libc::SIGINT,
+        Sig::KILL => libc::SIGKILL,
+        Sig::PIPE => libc::SIGPIPE,
+        Sig::QUIT => libc::SIGQUIT,
+        Sig::SEGV => libc::SIGSEGV,
+        Sig::TERM => libc::SIGTERM,
+        Sig::USR1 => libc::SIGUSR1,
+        Sig::Custom(_) => return,
+    };
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: signalling our own child's process group; no memory effects.
+        unsafe { libc::kill(-pid, number) };
+    }
+}
+
+fn sig_of(number: i32) -> Sig {
+    match number {
+        libc::SIGABRT => Sig::ABRT,
+        libc::SIGALRM => Sig::ALRM,
+        libc::SIGFPE => Sig::FPE,
+        libc::SIGHUP => Sig::HUP,
+        libc::SIGILL => Sig::ILL,
+        libc::SIGINT => Sig::INT,
+        libc::SIGKILL => Sig::KILL,
+        libc::SIGPIPE => Sig::PIPE,
+        libc::SIGQUIT => Sig::QUIT,
+        libc::SIGSEGV => Sig::SEGV,
+        libc::SIGTERM => Sig::TERM,
+        libc::SIGUSR1 => Sig::USR1,
+        n => Sig::Custom(format!("SIG{n}")),
+    }
+}
+
+/// Reports how the program ended, then EOF and close, as OpenSSH's sshd does.
+async fn finish(id: ChannelId, status: Option<ExitStatus>, writer: &ChannelWriteHalf<Msg>, handle: &Handle) {
+    if let Some(status) = status {
+        if let Some(code) = status.code() {
+            let _ = writer.exit_status(u32::try_from(code).unwrap_or(255)).await;
+        } else if let Some(sig) = status.signal() {
+            let _ = handle
+                .exit_signal_request(id, sig_of(sig), status.core_dumped(), String::new(), String::new())
+                .await;
+        }
+    }
+    let _ = writer.eof().await;
+    let _ = writer.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_round_trip() {
+        assert!(matches!(sig_of(libc::SIGTERM), Sig::TERM));
+        assert!(matches!(sig_of(libc::SIGKILL), Sig::KILL));
+        assert!(matches!(sig_of(64), Sig::Custom(_)));
+    }
+}

@@ -1,0 +1,206 @@
+//! The node's only network connection: it dials its relay broker over QUIC, keeps
+//! the control stream, accepts tunnelled client streams, and reconnects with
+//! jittered exponential backoff when the relay goes away.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jusy_common::frame::{self, Decoder};
+use jusy_common::identity::PeerId;
+use jusy_common::wire::{ALPN, BrokerMsg, EndReason, NodeMsg, PROTOCOL_VERSION};
+use quinn::crypto::rustls::QuicClientConfig;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::sessions::Sessions;
+
+/// Why one connection to the relay ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("resolving {0}: no address")]
+    Resolve(String),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("connecting: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("control stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("control stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("control stream: {0}")]
+    Frame(#[from] frame::FrameError),
+    #[error("relay closed the control stream")]
+    ControlClosed,
+    #[error("relay refused us: {0}")]
+    Refused(String),
+    #[error("relay did not answer hello in time")]
+    HelloTimeout,
+}
+
+/// How to reach the relay.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: String,
+    pub key: PeerId,
+}
+
+/// Identity material the uplink presents.
+#[derive(Debug)]
+pub struct Uplink {
+    pub target: Target,
+    pub identity: ed25519_dalek::SigningKey,
+    pub host_key: String,
+    pub sessions: Arc<Sessions>,
+}
+
+impl Uplink {
+    /// Connects, serves, and reconnects until `stop` is cancelled; then flushes
+    /// pending messages (session ends) and closes.
+    pub async fn run(self, mut events: mpsc::UnboundedReceiver<NodeMsg>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.connect_and_serve(&mut events, &stop).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost"),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(200);
+            }
+            let wait = jitter(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(15));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn connect_and_serve(
+        &self,
+        events: &mut mpsc::UnboundedReceiver<NodeMsg>,
+        stop: &CancellationToken,
+    ) -> Result<(), UplinkError> {
+        let addr = resolve(&self.target.addr).await?;
+        let endpoint = self.endpoint(addr)?;
+        let conn = endpoint.connect(addr, "jusy")?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = NodeMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            host_key: self.host_key.clone(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            agent: format!("jusy-node/{}", env!("CARGO_PKG_VERSION")),
+        };
+        send.write_all(&frame::encode(&hello)?).await?;
+        let slots = NodeMsg::SlotsReady {
+            slots: self.sessions.ready_slots(),
+        };
+        send.write_all(&frame::encode(&slots)?).await?;
+        let mut decoder = Decoder::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let welcome = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv, &mut decoder, &mut buf))
+            .await
+            .map_err(|_| UplinkError::HelloTimeout)??;
+        match welcome {
+            BrokerMsg::Welcome { .. } => {}
+            BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
+            other => return Err(UplinkError::Refused(format!("unexpected {other:?}"))),
+        }
+        let node_id = PeerId::from_signing_key(&self.identity);
+        tracing::info!(broker = %self.target.addr, %node_id, "registered with relay");
+        println!(
+            "{}",
+            serde_json::json!({"event": "registered", "broker": self.target.addr, "node_id": node_id.to_string()})
+        );
+        loop {
+            tokio::select! {
+                incoming = conn.accept_bi() => {
+                    let (s, r) = incoming?;
+                    self.sessions.serve_stream(s, r);
+                }
+                msg = read_msg(&mut recv, &mut decoder, &mut buf) => match msg? {
+                    BrokerMsg::Assign(a) => self.sessions.assign(a),
+                    BrokerMsg::Cancel { order_id } => self.sessions.cancel(order_id, EndReason::Cancelled),
+                    BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
+                    BrokerMsg::Welcome { .. } => {}
+                },
+                Some(ev) = events.recv() => send.write_all(&frame::encode(&ev)?).await?,
+                _ = stop.cancelled() => {
+                    while let Ok(ev) = events.try_recv() {
+                        send.write_all(&frame::encode(&ev)?).await?;
+                    }
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                    conn.close(0u32.into(), b"node shutting down");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint, UplinkError> {
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().map_err(|_| UplinkError::Resolve("[::]".into()))?
+        } else {
+            "0.0.0.0:0".parse().map_err(|_| UplinkError::Resolve("0.0.0.0".into()))?
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(UplinkError::Endpoint)?;
+        let tls = jusy_common::tls::client_config(&self.identity, self.target.key, ALPN)
+            .map_err(|e| UplinkError::Tls(e.to_string()))?;
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(crate::transport_config()));
+        endpoint.set_default_client_config(config);
+        Ok(endpoint)
+    }
+}
+
+async fn read_msg(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut Decoder,
+    buf: &mut [u8],
+) -> Result<BrokerMsg, UplinkError> {
+    loop {
+        if let Some(msg) = decoder.next()? {
+            return Ok(msg);
+        }
+        match recv.read(buf).await? {
+            Some(n) => decoder.push(buf.get(..n).unwrap_or_default()),
+            None => return Err(UplinkError::ControlClosed),
+        }
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, UplinkError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|_| UplinkError::Resolve(addr.to_owned()))?
+        .next()
+        .ok_or_else(|| UplinkError::Resolve(addr.to_owned()))
+}
+
+/// `base` ± 50 %, so that nodes cut off together do not reconnect together.
+fn jitter(base: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::fill(&mut b).is_ok() { u16::from_le_bytes(b) } else { 0x8000 };
+    base.mul_f64(0.5 + f64::from(r) / f64::from(u16::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_secs(2));
+            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3));
+        }
+    }
+}

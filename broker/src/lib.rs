@@ -1,1 +1,129 @@
-//! placeholder
+//! The jusy broker: a QUIC relay for nodes, per-order TCP ports for clients, and
+//! the HTTP API that sells sessions.
+//!
+//! # Layout
+//! * [`config`] — the TOML configuration and its defaults.
+//! * [`store`] — durable state in sled (identity, clients, orders).
+//! * [`relay`] — node connections, slot registry, order-port splicing.
+//! * [`orders`] — the order book: claim, assign, open port, end.
+//! * [`api`] — HTTP routes and their JSON errors.
+
+pub mod api;
+pub mod config;
+pub mod orders;
+pub mod relay;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use jusy_common::identity::PeerId;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use config::Config;
+use orders::Orders;
+use relay::{Relay, RelayEvent};
+use store::Store;
+
+/// The broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Relay(#[from] relay::RelayError),
+    #[error("binding HTTP API {addr}: {source}")]
+    BindApi {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A broker whose sockets are bound, ready to run.
+#[derive(Debug)]
+pub struct Broker {
+    pub api_addr: SocketAddr,
+    pub relay_addr: SocketAddr,
+    pub key: PeerId,
+    pub store: Store,
+    pub relay: Arc<Relay>,
+    api_listener: tokio::net::TcpListener,
+    endpoint: quinn::Endpoint,
+    orders: Arc<Orders>,
+    events: mpsc::UnboundedReceiver<RelayEvent>,
+}
+
+impl Broker {
+    /// Opens the database and binds the API and relay sockets.
+    pub async fn bind(cfg: Config, store: Store) -> Result<Self, BrokerError> {
+        let identity = store.identity()?;
+        let endpoint = Relay::bind(&identity, cfg.relay_listen)?;
+        let relay_addr = endpoint
+            .local_addr()
+            .map_err(|source| relay::RelayError::Bind {
+                addr: cfg.relay_listen,
+                source,
+            })?;
+        let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .map_err(|source| BrokerError::BindApi {
+                addr: cfg.api_listen,
+                source,
+            })?;
+        let api_addr = api_listener
+            .local_addr()
+            .map_err(|source| BrokerError::BindApi {
+                addr: cfg.api_listen,
+                source,
+            })?;
+        let (tx, events) = mpsc::unbounded_channel();
+        let relay = Relay::new(tx);
+        let orders = Orders::new(cfg, store.clone(), relay.clone());
+        Ok(Self {
+            api_addr,
+            relay_addr,
+            key: PeerId::from_signing_key(&identity),
+            store,
+            relay,
+            api_listener,
+            endpoint,
+            orders,
+            events,
+        })
+    }
+
+    /// The machine-readable line printed on stdout once the broker is ready.
+    pub fn ready_line(&self) -> String {
+        serde_json::json!({
+            "event": "ready",
+            "api": self.api_addr.to_string(),
+            "relay": self.relay_addr.to_string(),
+            "broker_key": self.key.to_string(),
+        })
+        .to_string()
+    }
+
+    /// Serves until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), BrokerError> {
+        tracing::info!(api = %self.api_addr, relay = %self.relay_addr, broker_key = %self.key, "broker running");
+        let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, stop.clone()));
+        let follow = tokio::spawn(self.orders.clone().follow(self.events));
+        let app = api::router(api::Api {
+            orders: self.orders,
+            relay: self.relay,
+            store: self.store.clone(),
+        });
+        let served = axum::serve(self.api_listener, app)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .await
+            .map_err(BrokerError::Serve);
+        stop.cancel();
+        let _ = relay_task.await;
+        follow.abort();
+        self.store.flush()?;
+        served
+    }
+}

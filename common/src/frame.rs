@@ -62,7 +62,7 @@ impl Decoder {
     }
 
     /// The next complete message, if the buffer holds one.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_msg<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match decode(&self.buf)? {
             Some((msg, used)) => {
                 self.buf.drain(..used);
@@ -122,8 +122,12 @@ mod tests {
 
     #[test]
     fn decoder_yields_messages_split_anywhere() {
-        let a = NodeMsg::Accepted { order_id: OrderId([1; 12]) };
-        let b = NodeMsg::Accepted { order_id: OrderId([2; 12]) };
+        let a = NodeMsg::Accepted {
+            order_id: OrderId([1; 12]),
+        };
+        let b = NodeMsg::Accepted {
+            order_id: OrderId([2; 12]),
+        };
         let mut bytes = encode(&a).unwrap_or_default();
         bytes.extend(encode(&b).unwrap_or_default());
         for split in 0..bytes.len() {
@@ -132,7 +136,7 @@ mod tests {
             let mut got = Vec::new();
             for part in [x, y] {
                 d.push(part);
-                while let Ok(Some(m)) = d.next::<NodeMsg>() {
+                while let Ok(Some(m)) = d.next_msg::<NodeMsg>() {
                     got.push(m);
                 }
             }

@@ -108,7 +108,13 @@ mod tests {
 
     #[test]
     fn bad_text_is_an_error() {
-        assert!(matches!("abc".parse::<PeerId>(), Err(KeyError::Length { len: 3 })));
-        assert!(matches!("zz".repeat(32).parse::<PeerId>(), Err(KeyError::Hex(_))));
+        assert!(matches!(
+            "abc".parse::<PeerId>(),
+            Err(KeyError::Length { len: 3 })
+        ));
+        assert!(matches!(
+            "zz".repeat(32).parse::<PeerId>(),
+            Err(KeyError::Hex(_))
+        ));
     }
 }

@@ -33,11 +33,17 @@ impl Default for Limits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Assigned, waiting for the first connection.
-    Waiting { since: Instant },
+    Waiting {
+        since: Instant,
+    },
     /// At least one connection is open.
-    Connected { open: u32 },
+    Connected {
+        open: u32,
+    },
     /// All connections closed at `since`; ends after the grace period.
-    Idle { since: Instant },
+    Idle {
+        since: Instant,
+    },
     Ended(EndReason),
 }
 
@@ -209,7 +215,10 @@ mod tests {
     fn external_end_happens_once() {
         let t0 = Instant::now();
         let mut s = Session::new(t0, limits());
-        assert_eq!(s.handle_end(EndReason::Cancelled), Some(EndReason::Cancelled));
+        assert_eq!(
+            s.handle_end(EndReason::Cancelled),
+            Some(EndReason::Cancelled)
+        );
         assert_eq!(s.handle_end(EndReason::NodeShutdown), None);
         assert_eq!(s.deadline(), None);
     }

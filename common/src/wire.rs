@@ -126,7 +126,10 @@ pub enum NodeMsg {
     /// The node could not take the order (the slot is gone, …).
     Refused { order_id: OrderId, error: String },
     /// The session of an order is over; its user and data are gone.
-    Ended { order_id: OrderId, reason: EndReason },
+    Ended {
+        order_id: OrderId,
+        reason: EndReason,
+    },
 }
 
 /// Broker → node.
@@ -193,7 +196,9 @@ mod tests {
         let bytes = h.encode();
         assert_eq!(
             bytes,
-            [b'J', b'S', b'Y', b'1', 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+            [
+                b'J', b'S', b'Y', b'1', 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+            ]
         );
         assert_eq!(StreamHeader::decode(&bytes), Ok(h));
         let mut bad = bytes;

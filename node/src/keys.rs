@@ -96,7 +96,10 @@ mod tests {
         let h2 = load_or_create_host_key(&dir).expect("load host key");
         assert_eq!(h1.public_key(), h2.public_key());
         std::fs::write(dir.join("node.key"), b"short").expect("write");
-        assert!(matches!(load_or_create_identity(&dir), Err(KeyFileError::Invalid { .. })));
+        assert!(matches!(
+            load_or_create_identity(&dir),
+            Err(KeyFileError::Invalid { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -32,13 +32,30 @@ use uplink::{Target, Uplink};
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     User(#[from] user::UserError),
     #[error(transparent)]
     Key(#[from] keys::KeyFileError),
     #[error("host key: {0}")]
     HostKey(String),
+}
+
+/// Prints one machine-readable event line on stdout (`{"event": …}`), so that
+/// supervisors and tests can wait for readiness instead of guessing.
+pub fn announce(event: &str, fields: serde_json::Value) {
+    use std::io::Write;
+    let mut line = serde_json::Map::new();
+    line.insert("event".into(), event.into());
+    if let serde_json::Value::Object(fields) = fields {
+        line.extend(fields);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::Value::Object(line));
+    let _ = out.flush();
 }
 
 /// QUIC transport settings for relay connections: keep-alives and a short idle
@@ -57,7 +74,11 @@ pub fn transport_config() -> quinn::TransportConfig {
 
 /// Runs a node until `stop` is cancelled, then ends every session with
 /// NODE_SHUTDOWN, removes all session users, and tells the relay.
-pub async fn run(cfg: Config, broker_key: PeerId, stop: CancellationToken) -> Result<(), NodeError> {
+pub async fn run(
+    cfg: Config,
+    broker_key: PeerId,
+    stop: CancellationToken,
+) -> Result<(), NodeError> {
     // SAFETY: geteuid cannot fail.
     let dev_mode = unsafe { libc::geteuid() } != 0;
     if dev_mode {
@@ -66,14 +87,19 @@ pub async fn run(cfg: Config, broker_key: PeerId, stop: CancellationToken) -> Re
         tracing::warn!("everything you can touch. Never offer this node to real clients.");
         tracing::warn!("==================================================================");
     }
-    user::create_private_dir(&cfg.data_dir).await?;
     let homes = cfg.data_dir.join("homes");
-    let io = |source| NodeError::DataDir { path: homes.clone(), source };
-    tokio::fs::create_dir_all(&homes).await.map_err(io)?;
-    {
+    // Keys inside are 0600; session users must be able to traverse to their own
+    // home (itself 0700), so the directories above it are 0711.
+    for dir in [&cfg.data_dir, &homes] {
+        let io = |source| NodeError::DataDir {
+            path: dir.clone(),
+            source,
+        };
+        tokio::fs::create_dir_all(dir).await.map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
-        // Homes are private (0700) themselves; the parent only needs to be traversable.
-        tokio::fs::set_permissions(&homes, std::fs::Permissions::from_mode(0o711)).await.map_err(io)?;
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .await
+            .map_err(io)?;
     }
     if !dev_mode {
         let swept = user::sweep(&homes).await;
@@ -83,7 +109,10 @@ pub async fn run(cfg: Config, broker_key: PeerId, stop: CancellationToken) -> Re
     }
     let identity = keys::load_or_create_identity(&cfg.data_dir)?;
     let host_key = keys::load_or_create_host_key(&cfg.data_dir)?;
-    let host_key_line = host_key.public_key().to_openssh().map_err(|e| NodeError::HostKey(e.to_string()))?;
+    let host_key_line = host_key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| NodeError::HostKey(e.to_string()))?;
     tracing::info!(node_id = %PeerId::from_signing_key(&identity), "node identity");
 
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -117,4 +146,3 @@ pub async fn run(cfg: Config, broker_key: PeerId, stop: CancellationToken) -> Re
     let _ = uplink.await;
     Ok(())
 }
-

@@ -1,10 +1,10 @@
 //! `jusy-node`: parses the command line, loads the configuration, and runs the node.
 
-use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use jusy_common::identity::PeerId;
 use jusy_node::config::Config;
+use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 /// Sell this machine's CPU time as SSH sessions through a jusy relay.
@@ -44,12 +44,25 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    if let Some(v) = cli.broker { cfg.broker = v; }
-    if let Some(v) = cli.broker_key { cfg.broker_key = v; }
-    if let Some(v) = cli.data_dir { cfg.data_dir = v; }
-    if let Some(v) = cli.ready_slots { cfg.ready_slots = Some(v); }
-    if let Some(v) = cli.grace_secs { cfg.grace_secs = v; }
-    anyhow::ensure!(!cfg.broker.is_empty(), "no broker address: pass --broker or set `broker` in the config");
+    if let Some(v) = cli.broker {
+        cfg.broker = v;
+    }
+    if let Some(v) = cli.broker_key {
+        cfg.broker_key = v;
+    }
+    if let Some(v) = cli.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = cli.ready_slots {
+        cfg.ready_slots = Some(v);
+    }
+    if let Some(v) = cli.grace_secs {
+        cfg.grace_secs = v;
+    }
+    anyhow::ensure!(
+        !cfg.broker.is_empty(),
+        "no broker address: pass --broker or set `broker` in the config"
+    );
     let broker_key: PeerId = cfg
         .broker_key
         .parse()

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use jusy_common::session::{Limits, Session};
-use jusy_common::wire::{Assignment, EndReason, NodeMsg, OrderId, Slot, StreamHeader, STREAM_HEADER_LEN};
+use jusy_common::wire::{
+    Assignment, EndReason, NodeMsg, OrderId, STREAM_HEADER_LEN, Slot, StreamHeader,
+};
 use russh::keys::PublicKey;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
@@ -100,7 +102,9 @@ impl Sessions {
     /// Keeps the configured number of slots prepared until shutdown.
     pub async fn keep_slots_ready(self: Arc<Self>) {
         loop {
-            while lock(&self.ready).len() < self.settings.ready_slots && !self.shutdown.is_cancelled() {
+            while lock(&self.ready).len() < self.settings.ready_slots
+                && !self.shutdown.is_cancelled()
+            {
                 let user = if self.settings.dev_mode {
                     SessionUser::create_dev(&self.settings.homes).await
                 } else {
@@ -114,6 +118,10 @@ impl Sessions {
                             username: user.name.clone(),
                         };
                         tracing::info!(slot_id, user = %user.name, "slot ready");
+                        crate::announce(
+                            "slot_ready",
+                            serde_json::json!({"slot_id": slot_id, "user": user.name}),
+                        );
                         lock(&self.ready).insert(slot_id, user);
                         let _ = self.events.send(NodeMsg::SlotsReady { slots: vec![slot] });
                     }
@@ -136,7 +144,9 @@ impl Sessions {
     /// Claims a slot for an order and starts its session.
     pub fn assign(self: &Arc<Self>, a: Assignment) {
         let reply = match self.try_assign(&a) {
-            Ok(()) => NodeMsg::Accepted { order_id: a.order_id },
+            Ok(()) => NodeMsg::Accepted {
+                order_id: a.order_id,
+            },
             Err(error) => {
                 tracing::warn!(order_id = %a.order_id, %error, "order refused");
                 NodeMsg::Refused {
@@ -188,7 +198,8 @@ impl Sessions {
         lock(&self.running).insert(a.order_id, running.clone());
         let span = tracing::info_span!("session", order_id = %a.order_id, user = %running.access.ctx.user.name);
         tracing::info!(parent: &span, "order accepted");
-        self.tasks.spawn(self.clone().drive(running).instrument(span));
+        self.tasks
+            .spawn(self.clone().drive(running).instrument(span));
         Ok(())
     }
 
@@ -205,7 +216,10 @@ impl Sessions {
         let reason = loop {
             let deadline = {
                 let mut m = lock(&r.machine);
-                if let Some(reason) = m.ended().or_else(|| m.handle_tick(Instant::now().into_std())) {
+                if let Some(reason) = m
+                    .ended()
+                    .or_else(|| m.handle_tick(Instant::now().into_std()))
+                {
                     break reason;
                 }
                 m.deadline()
@@ -227,6 +241,14 @@ impl Sessions {
             tracing::error!(error = %e, "session teardown failed");
         }
         lock(&self.running).remove(&r.order_id);
+        crate::announce(
+            "session_ended",
+            serde_json::json!({
+                "order_id": r.order_id.to_string(),
+                "reason": reason.code(),
+                "user": r.access.ctx.user.name,
+            }),
+        );
         let _ = self.events.send(NodeMsg::Ended {
             order_id: r.order_id,
             reason,
@@ -243,7 +265,11 @@ impl Sessions {
         });
     }
 
-    async fn serve_stream_inner(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+    async fn serve_stream_inner(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), String> {
         let mut header = [0u8; STREAM_HEADER_LEN];
         tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut header))
             .await

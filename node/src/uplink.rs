@@ -67,7 +67,9 @@ impl Uplink {
             let started = tokio::time::Instant::now();
             match self.connect_and_serve(&mut events, &stop).await {
                 Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost"),
+                Err(e) => {
+                    tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost")
+                }
             }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(200);
@@ -103,9 +105,12 @@ impl Uplink {
         send.write_all(&frame::encode(&slots)?).await?;
         let mut decoder = Decoder::default();
         let mut buf = vec![0u8; 16 * 1024];
-        let welcome = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv, &mut decoder, &mut buf))
-            .await
-            .map_err(|_| UplinkError::HelloTimeout)??;
+        let welcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_msg(&mut recv, &mut decoder, &mut buf),
+        )
+        .await
+        .map_err(|_| UplinkError::HelloTimeout)??;
         match welcome {
             BrokerMsg::Welcome { .. } => {}
             BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
@@ -113,9 +118,9 @@ impl Uplink {
         }
         let node_id = PeerId::from_signing_key(&self.identity);
         tracing::info!(broker = %self.target.addr, %node_id, "registered with relay");
-        println!(
-            "{}",
-            serde_json::json!({"event": "registered", "broker": self.target.addr, "node_id": node_id.to_string()})
+        crate::announce(
+            "registered",
+            serde_json::json!({"broker": self.target.addr, "node_id": node_id.to_string()}),
         );
         loop {
             tokio::select! {
@@ -146,9 +151,13 @@ impl Uplink {
 
     fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint, UplinkError> {
         let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0".parse().map_err(|_| UplinkError::Resolve("[::]".into()))?
+            "[::]:0"
+                .parse()
+                .map_err(|_| UplinkError::Resolve("[::]".into()))?
         } else {
-            "0.0.0.0:0".parse().map_err(|_| UplinkError::Resolve("0.0.0.0".into()))?
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| UplinkError::Resolve("0.0.0.0".into()))?
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(UplinkError::Endpoint)?;
         let tls = jusy_common::tls::client_config(&self.identity, self.target.key, ALPN)
@@ -167,7 +176,7 @@ async fn read_msg(
     buf: &mut [u8],
 ) -> Result<BrokerMsg, UplinkError> {
     loop {
-        if let Some(msg) = decoder.next()? {
+        if let Some(msg) = decoder.next_msg()? {
             return Ok(msg);
         }
         match recv.read(buf).await? {
@@ -188,7 +197,11 @@ async fn resolve(addr: &str) -> Result<SocketAddr, UplinkError> {
 /// `base` ± 50 %, so that nodes cut off together do not reconnect together.
 fn jitter(base: Duration) -> Duration {
     let mut b = [0u8; 2];
-    let r = if getrandom::fill(&mut b).is_ok() { u16::from_le_bytes(b) } else { 0x8000 };
+    let r = if getrandom::fill(&mut b).is_ok() {
+        u16::from_le_bytes(b)
+    } else {
+        0x8000
+    };
     base.mul_f64(0.5 + f64::from(r) / f64::from(u16::MAX))
 }
 

@@ -1,1 +1,40 @@
-//! placeholder
+//! End-to-end test support for jusy: starts the real `jusy-broker` and `jusy-node`
+//! binaries, waits for their readiness events, drives them with the real OpenSSH
+//! and curl clients, and prints every process's log when a test fails.
+//!
+//! # Layout
+//! * [`scene`] — one test's directory, log files and failure report.
+//! * [`process`] — a started binary: event lines on stdout, stop on drop.
+//! * [`jusy`] — a broker and nodes started as a user would, orders through `curl`.
+//! * [`client`] — OpenSSH `ssh`, `scp`, `sftp` and `rsync` against an order.
+//!
+//! The binaries are taken from the Cargo target directory the tests were built
+//! in; build them first (`cargo build --workspace --bins`, as README's test
+//! command does).
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod client;
+pub mod jusy;
+pub mod process;
+pub mod scene;
+
+pub use client::Login;
+pub use jusy::{Broker, Node};
+pub use scene::{Scene, e2e};
+
+/// True when the test may create Linux users (root). Otherwise says why it skips;
+/// under CI (`CI` set) skipping is not allowed and the test fails instead.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: needs root (creates session users) and CI must run it"
+    );
+    eprintln!("SKIPPED {test}: needs root to create per-session Linux users");
+    false
+}

@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-/// Every session user's login name starts with this; the sweep relies on it.
+/// Every session user's login name starts with this.
 pub const USER_PREFIX: &str = "jsu";
 /// Session users get uids and gids from this range, far from people's accounts.
 const ID_RANGE: (u32, u32) = (610_000, 619_999);
@@ -16,7 +16,10 @@ const ID_RANGE: (u32, u32) = (610_000, 619_999);
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
     #[error("running {cmd}: {source}")]
-    Spawn { cmd: &'static str, source: io::Error },
+    Spawn {
+        cmd: &'static str,
+        source: io::Error,
+    },
     #[error("{cmd} {user} failed: {stderr}")]
     Failed {
         cmd: &'static str,
@@ -49,7 +52,12 @@ impl SessionUser {
         let home = homes.join(&name);
         let shell = login_shell();
         let output = Command::new("useradd")
-            .args(["--create-home", "--user-group", "--no-log-init", "--home-dir"])
+            .args([
+                "--create-home",
+                "--user-group",
+                "--no-log-init",
+                "--home-dir",
+            ])
             .arg(&home)
             .arg("--shell")
             .arg(&shell)
@@ -76,7 +84,8 @@ impl SessionUser {
         let passwd = tokio::fs::read_to_string("/etc/passwd")
             .await
             .unwrap_or_default();
-        let (uid, gid) = passwd_ids(&passwd, &name).ok_or_else(|| UserError::Missing(name.clone()))?;
+        let (uid, gid) =
+            passwd_ids(&passwd, &name).ok_or_else(|| UserError::Missing(name.clone()))?;
         Ok(Self {
             name,
             uid,
@@ -137,13 +146,15 @@ impl SessionUser {
     }
 }
 
-/// Removes session users left behind by a crash; returns how many.
+/// Removes session users left behind by a crash of the node that owns `homes`;
+/// returns how many. Users of other nodes on the same machine (other homes) are
+/// left alone.
 pub async fn sweep(homes: &Path) -> usize {
     let passwd = tokio::fs::read_to_string("/etc/passwd")
         .await
         .unwrap_or_default();
     let mut removed = 0;
-    for (name, uid, gid) in session_users(&passwd) {
+    for (name, uid, gid) in session_users(&passwd, homes) {
         let user = SessionUser {
             home: homes.join(&name),
             name,
@@ -154,7 +165,9 @@ pub async fn sweep(homes: &Path) -> usize {
         };
         match user.remove().await {
             Ok(()) => removed += 1,
-            Err(e) => tracing::warn!(user = %user.name, error = %e, "sweep could not remove a stale session user"),
+            Err(e) => {
+                tracing::warn!(user = %user.name, error = %e, "sweep could not remove a stale session user")
+            }
         }
     }
     removed
@@ -257,7 +270,8 @@ fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
     })
 }
 
-fn session_users(passwd: &str) -> Vec<(String, u32, u32)> {
+/// Session users (by prefix and uid range) whose home is directly under `homes`.
+fn session_users(passwd: &str, homes: &Path) -> Vec<(String, u32, u32)> {
     passwd
         .lines()
         .filter_map(|line| {
@@ -266,7 +280,11 @@ fn session_users(passwd: &str) -> Vec<(String, u32, u32)> {
             let _pw = f.next()?;
             let uid: u32 = f.next()?.parse().ok()?;
             let gid: u32 = f.next()?.parse().ok()?;
-            let ours = name.starts_with(USER_PREFIX) && (ID_RANGE.0..=ID_RANGE.1).contains(&uid);
+            let _gecos = f.next()?;
+            let home = Path::new(f.next()?);
+            let ours = name.starts_with(USER_PREFIX)
+                && (ID_RANGE.0..=ID_RANGE.1).contains(&uid)
+                && home == homes.join(name);
             ours.then(|| (name.to_owned(), uid, gid))
         })
         .collect()
@@ -278,7 +296,8 @@ mod tests {
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
         jsuab12cd34:x:610001:610001:jusy session:/h/jsuab12cd34:/bin/bash\n\
-        jsuimpostor:x:1000:1000::/home/x:/bin/sh\n";
+        jsuother1:x:610002:610002:jusy session:/elsewhere/jsuother1:/bin/bash\n\
+        jsuimpostor:x:1000:1000::/h/jsuimpostor:/bin/sh\n";
 
     #[test]
     fn passwd_lookups() {
@@ -288,8 +307,8 @@ mod tests {
     }
 
     #[test]
-    fn sweep_only_takes_our_users_in_our_range() {
-        let users = session_users(PASSWD);
+    fn sweep_only_takes_our_users_in_our_range_and_homes() {
+        let users = session_users(PASSWD, Path::new("/h"));
         assert_eq!(users, vec![("jsuab12cd34".to_owned(), 610_001, 610_001)]);
     }
 }

@@ -11,6 +11,7 @@ use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::Child;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::pty::{Pty, WinSize};
 use crate::sandbox::process::{Program, command, env_allowed};
@@ -77,7 +78,9 @@ pub async fn run(channel: Channel<Msg>, ctx: Arc<ChannelCtx>, handle: Handle) {
             Some(ChannelMsg::Exec { command, .. }) => {
                 break Program::Exec(String::from_utf8_lossy(&command).into_owned());
             }
-            Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => break Program::Sftp,
+            Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => {
+                break Program::Sftp;
+            }
             Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return,
             Some(_) => {}
         }
@@ -113,10 +116,13 @@ async fn run_with_pipes(
     else {
         return None;
     };
+    // Output is pumped by its own task: writing a large input to the program
+    // below may wait until the program's output has been drained.
     let out = pump(stdout, writer.make_writer());
     let err = pump(stderr, writer.make_writer_ext(Some(1)));
-    let output_done = async { tokio::join!(out, err) };
-    tokio::pin!(output_done);
+    let mut output_done = AbortOnDropHandle::new(tokio::spawn(async move {
+        tokio::join!(out, err);
+    }));
     let mut stdin = Some(stdin);
     loop {
         tokio::select! {
@@ -173,8 +179,9 @@ async fn run_with_pty(
     drop(pty.slave);
     let master = pty.master;
     let mut input = master.clone();
-    let output = pump(master.clone(), writer.make_writer());
-    tokio::pin!(output);
+    // Its own task, so that writing input never waits on undrained output.
+    let mut output =
+        AbortOnDropHandle::new(tokio::spawn(pump(master.clone(), writer.make_writer())));
     let mut status = None;
     loop {
         tokio::select! {
@@ -278,13 +285,24 @@ fn sig_of(number: i32) -> Sig {
 }
 
 /// Reports how the program ended, then EOF and close, as OpenSSH's sshd does.
-async fn finish(id: ChannelId, status: Option<ExitStatus>, writer: &ChannelWriteHalf<Msg>, handle: &Handle) {
+async fn finish(
+    id: ChannelId,
+    status: Option<ExitStatus>,
+    writer: &ChannelWriteHalf<Msg>,
+    handle: &Handle,
+) {
     if let Some(status) = status {
         if let Some(code) = status.code() {
             let _ = writer.exit_status(u32::try_from(code).unwrap_or(255)).await;
         } else if let Some(sig) = status.signal() {
             let _ = handle
-                .exit_signal_request(id, sig_of(sig), status.core_dumped(), String::new(), String::new())
+                .exit_signal_request(
+                    id,
+                    sig_of(sig),
+                    status.core_dumped(),
+                    String::new(),
+                    String::new(),
+                )
                 .await;
         }
     }

@@ -21,7 +21,9 @@ use channel::ChannelCtx;
 /// Server settings shared by all connections.
 pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {
-        server_id: russh::SshId::Standard(format!("SSH-2.0-jusy_{}", env!("CARGO_PKG_VERSION")).into()),
+        server_id: russh::SshId::Standard(
+            format!("SSH-2.0-jusy_{}", env!("CARGO_PKG_VERSION")).into(),
+        ),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         // A failed key costs the client a second, as in sshd; the initial "none"
         // probe every OpenSSH client sends is answered at once.
@@ -51,7 +53,11 @@ impl Access {
 }
 
 /// Serves one client connection until it closes.
-pub async fn serve<S>(config: Arc<russh::server::Config>, stream: S, access: Arc<Access>) -> Result<(), russh::Error>
+pub async fn serve<S>(
+    config: Arc<russh::server::Config>,
+    stream: S,
+    access: Arc<Access>,
+) -> Result<(), russh::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -85,7 +91,11 @@ impl russh::server::Handler for ConnHandler {
         })
     }
 
-    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
         Ok(if self.access.allows(user, key.public_key) {
             Auth::Accept
         } else {
@@ -100,8 +110,11 @@ impl russh::server::Handler for ConnHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
-        self.channels
-            .spawn(channel::run(channel, self.access.ctx.clone(), session.handle()));
+        self.channels.spawn(channel::run(
+            channel,
+            self.access.ctx.clone(),
+            session.handle(),
+        ));
         Ok(())
     }
 
@@ -133,7 +146,11 @@ impl russh::server::Handler for ConnHandler {
         }
     }
 
-    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         session.channel_success(channel)
     }
 

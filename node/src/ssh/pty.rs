@@ -57,7 +57,8 @@ impl Pty {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: openpty succeeded, so both fds are open and owned by us alone.
-        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         for fd in [&master, &slave] {
             set_cloexec(fd)?;
         }
@@ -143,7 +144,11 @@ impl AsyncRead for PtyMaster {
 }
 
 impl AsyncWrite for PtyMaster {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.0.poll_write_ready(cx))?;
             let res = guard.try_io(|fd| {

@@ -1,0 +1,73 @@
+//! `jusy-broker devnet`: a broker and a node on this machine, and a demo client,
+//! so that one command gives a network to order from and `ssh` into.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use jusy_broker::Broker;
+use jusy_broker::config::Config;
+use jusy_broker::store::Store;
+
+/// Runs the local network until `stop` is cancelled.
+pub async fn run(
+    data_dir: PathBuf,
+    api_listen: SocketAddr,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = Store::open(&data_dir.join("broker"))?;
+    let client = store.add_client()?;
+    let cfg = Config {
+        data_dir: data_dir.join("broker"),
+        api_listen,
+        relay_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        order_bind: [127, 0, 0, 1].into(),
+        ..Config::default()
+    };
+    let broker = Broker::bind(cfg, store).await?;
+    let api = broker.api_addr;
+    let node_cfg = jusy_node::config::Config {
+        broker: broker.relay_addr.to_string(),
+        broker_key: broker.key.to_string(),
+        data_dir: data_dir.join("node"),
+        ready_slots: Some(2),
+        ..Default::default()
+    };
+    let relay = broker.relay.clone();
+    let ready = serde_json::json!({
+        "event": "ready",
+        "api": api.to_string(),
+        "relay": broker.relay_addr.to_string(),
+        "broker_key": broker.key.to_string(),
+        "client_hash": client,
+    });
+    let broker_key = broker.key;
+    let broker_task = tokio::spawn(broker.run(stop.clone()));
+    let node_stop = CancellationToken::new();
+    let node_task = tokio::spawn(jusy_node::run(node_cfg, broker_key, node_stop.clone()));
+
+    // Say how to use it once the node has a slot ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while relay.capacity().1 == 0 && tokio::time::Instant::now() < deadline && !stop.is_cancelled()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("{ready}");
+    println!(
+        "\njusy devnet is up: a broker on http://{api} and a node with ready sessions.\n\n\
+         Order a shell and log in:\n\n  \
+         curl -s http://{api}/order/{client} > order.json\n  \
+         python3 -c 'import json;o=json.load(open(\"order.json\"));open(\"key\",\"w\").write(o[\"privkey\"]);open(\"known_hosts\",\"w\").write(o[\"known_hosts\"]+\"\\n\");print(o[\"username\"],o[\"port\"])'\n  \
+         chmod 600 key\n  \
+         ssh -i key -o UserKnownHostsFile=known_hosts -l <username> -p <port> 127.0.0.1\n\n\
+         Press Ctrl-C to stop; sessions are ended and their users removed.\n"
+    );
+
+    stop.cancelled().await;
+    node_stop.cancel();
+    node_task.await??;
+    broker_task.await??;
+    Ok(())
+}

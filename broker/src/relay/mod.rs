@@ -1,0 +1,196 @@
+//! The relay: accepts QUIC connections from nodes, keeps a registry of attached
+//! nodes and their ready slots, hands orders to nodes, and splices order ports
+//! into QUIC streams.
+
+pub mod node_link;
+pub mod splice;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use jusy_common::identity::PeerId;
+use jusy_common::wire::{ALPN, Assignment, EndReason, OrderId, Slot};
+use quinn::crypto::rustls::QuicServerConfig;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use node_link::NodeLink;
+
+/// What the relay tells the order book.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEvent {
+    /// A node reported that an order's session is over.
+    Ended {
+        order_id: OrderId,
+        reason: EndReason,
+    },
+    /// A node's connection is gone; its sessions are lost.
+    NodeGone { node_id: PeerId, link_id: u64 },
+}
+
+/// Starting the relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("binding QUIC endpoint {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// Handing an order to a node failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssignError {
+    #[error("node refused the order: {0}")]
+    Refused(String),
+    #[error("node did not answer in time")]
+    Timeout,
+    #[error("node connection is gone")]
+    Gone,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Attached nodes.
+#[derive(Debug)]
+pub struct Relay {
+    nodes: Mutex<HashMap<PeerId, Arc<NodeLink>>>,
+    events: mpsc::UnboundedSender<RelayEvent>,
+    next_link: std::sync::atomic::AtomicU64,
+    tasks: TaskTracker,
+}
+
+/// QUIC transport for node connections: keep-alives both ways and a short idle
+/// timeout, so a dead node is noticed within seconds.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(8)).ok());
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.receive_window((32u32 * 1024 * 1024).into());
+    t.send_window(32 * 1024 * 1024);
+    t
+}
+
+impl Relay {
+    pub fn new(events: mpsc::UnboundedSender<RelayEvent>) -> Arc<Self> {
+        Arc::new(Self {
+            nodes: Mutex::default(),
+            events,
+            next_link: 1.into(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Binds the QUIC endpoint nodes dial.
+    pub fn bind(
+        identity: &ed25519_dalek::SigningKey,
+        addr: SocketAddr,
+    ) -> Result<quinn::Endpoint, RelayError> {
+        let tls = jusy_common::tls::server_config(identity, ALPN)
+            .map_err(|e| RelayError::Tls(e.to_string()))?;
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| RelayError::Tls(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(transport_config()));
+        quinn::Endpoint::server(config, addr).map_err(|source| RelayError::Bind { addr, source })
+    }
+
+    /// Accepts node connections until `stop` is cancelled.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, stop: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => i,
+                _ = stop.cancelled() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let this = self.clone();
+            self.tasks.spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => this.attach(conn).await,
+                    Err(e) => tracing::info!(%remote, error = %e, "node handshake failed"),
+                }
+            });
+        }
+        endpoint.close(0u32.into(), b"broker stopping");
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    async fn attach(self: Arc<Self>, conn: quinn::Connection) {
+        let Some(node_id) = node_link::peer_id(&conn) else {
+            conn.close(1u32.into(), b"no node identity");
+            return;
+        };
+        let link_id = self
+            .next_link
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let span = tracing::info_span!("node", node_id = %node_id.short(), remote = %conn.remote_address());
+        let _enter = span.enter();
+        drop(_enter);
+        node_link::run(self, conn, node_id, link_id).await;
+    }
+
+    fn register(&self, link: Arc<NodeLink>) {
+        if let Some(old) = lock(&self.nodes).insert(link.id, link) {
+            old.close("replaced by a newer connection of the same node");
+        }
+    }
+
+    fn unregister(&self, node_id: PeerId, link_id: u64) {
+        let mut nodes = lock(&self.nodes);
+        if nodes.get(&node_id).is_some_and(|l| l.link_id == link_id) {
+            nodes.remove(&node_id);
+        }
+        drop(nodes);
+        let _ = self.events.send(RelayEvent::NodeGone { node_id, link_id });
+    }
+
+    pub(crate) fn event(&self, ev: RelayEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    /// Takes a ready slot from a node chosen at random among those that have one.
+    pub fn claim_slot(&self) -> Option<(Arc<NodeLink>, Slot)> {
+        let nodes = lock(&self.nodes);
+        let with_slots: Vec<_> = nodes.values().filter(|n| n.free_slots() > 0).collect();
+        if with_slots.is_empty() {
+            return None;
+        }
+        let mut r = [0u8; 8];
+        let _ = getrandom::fill(&mut r);
+        let pick = (u64::from_le_bytes(r) % with_slots.len() as u64) as usize;
+        let link = (*with_slots.get(pick)?).clone();
+        drop(nodes);
+        let slot = link.take_slot()?;
+        Some((link, slot))
+    }
+
+    pub fn node(&self, id: &PeerId) -> Option<Arc<NodeLink>> {
+        lock(&self.nodes).get(id).cloned()
+    }
+
+    /// Number of attached nodes and their free slots.
+    pub fn capacity(&self) -> (usize, usize) {
+        let nodes = lock(&self.nodes);
+        (nodes.len(), nodes.values().map(|n| n.free_slots()).sum())
+    }
+
+    /// Sends an assignment and waits for the node's answer.
+    pub async fn assign(&self, link: &NodeLink, a: Assignment) -> Result<(), AssignError> {
+        let answer = link.assign(a)?;
+        match tokio::time::timeout(Duration::from_secs(10), answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(AssignError::Gone),
+            Err(_) => Err(AssignError::Timeout),
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The documented client flow against real binaries on loopback: `curl` an order,
+//! log in with the stock OpenSSH tools, move data, and watch the session end.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use jusy_tests::client::{random_file, sha256_file};
+use jusy_tests::jusy::user_exists;
+use jusy_tests::{Broker, Login, Node, Scene, e2e};
+
+/// A broker with one client and a node with `slots` ready sessions.
+fn network(scene: &Scene, slots: u32) -> anyhow::Result<(Broker, Node, String)> {
+    let data = scene.subdir("broker")?;
+    let client = Broker::add_client(scene, &data)?;
+    let broker = Broker::start(scene, "broker", data, 0)?;
+    let node = Node::start(
+        scene,
+        "node",
+        &broker,
+        &["--ready-slots", &slots.to_string(), "--grace-secs", "2"],
+    )?;
+    broker.wait_capacity(scene, slots.into())?;
+    Ok((broker, node, client))
+}
+
+fn order(scene: &Scene, broker: &Broker, client: &str) -> anyhow::Result<Login> {
+    let (status, body) = broker.order(scene, client)?;
+    anyhow::ensure!(status == 200, "order failed with {status}: {body}");
+    Login::from_order(scene, &body)
+}
+
+#[test]
+fn documented_flow_with_strict_host_key_checking() {
+    e2e("documented_flow_with_strict_host_key_checking", |scene| {
+        let (broker, _node, client) = network(scene, 1)?;
+
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "OK");
+        for field in [
+            "username",
+            "order_id",
+            "host",
+            "privkey",
+            "host_key",
+            "known_hosts",
+        ] {
+            assert!(body[field].is_string(), "missing {field}: {body}");
+        }
+        assert!(body["port"].is_u64(), "{body}");
+        let order_id = body["order_id"].as_str().unwrap_or_default();
+        assert_eq!(order_id.len(), 24, "{body}");
+        assert!(order_id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(
+            body["privkey"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+        );
+        let login = Login::from_order(scene, &body)?;
+
+        let out = login.ssh(scene, "echo hi", None)?;
+        assert_eq!(
+            (out.status, out.text().as_str()),
+            (Some(0), "hi\n"),
+            "{}",
+            out.stderr
+        );
+
+        let out = login.ssh(scene, "id -un; echo $HOME; pwd", None)?;
+        let text = out.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.first().copied(), Some(login.user.as_str()), "{text}");
+        assert_eq!(lines.get(1), lines.get(2), "starts in its home: {text}");
+        let out = login.ssh(scene, "id -u", None)?;
+        assert_ne!(out.text().trim(), "0", "session must not run as root");
+
+        // A real terminal, and exit codes as OpenSSH's sshd reports them.
+        let mut tty = login.ssh_command(&login.key, &["-tt"]);
+        tty.arg("tty");
+        let out = jusy_tests::process::run(scene, tty, None, Duration::from_secs(60))?;
+        assert!(
+            out.text().trim().starts_with("/dev/pts/"),
+            "tty said: {}",
+            out.text()
+        );
+        let out = login.ssh(scene, "exit 3", None)?;
+        assert_eq!(out.status, Some(3));
+
+        // Only LANG, LC_* and TERM pass from the client.
+        let mut env = login.ssh_command(
+            &login.key,
+            &[
+                "-o",
+                "SetEnv=LC_TEST=yes EVIL=no",
+                "-o",
+                "SendEnv=LC_TEST EVIL",
+            ],
+        );
+        env.arg("echo \"${LC_TEST:-unset} ${EVIL:-unset}\"");
+        let out = jusy_tests::process::run(scene, env, None, Duration::from_secs(60))?;
+        assert_eq!(out.text(), "yes unset\n", "{}", out.stderr);
+        Ok(())
+    })
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    e2e("bad_input_is_refused_clearly", |scene| {
+        let (broker, _node, client) = network(scene, 1)?;
+
+        let (status, body) = broker.order(scene, &"ab".repeat(32))?;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["status"], "ERROR");
+        assert!(body["error"].is_string());
+        let (status, body) = broker.order(scene, "not-a-hash")?;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["status"], "ERROR");
+        let (status, body) = broker.get(scene, "/no/such/thing")?;
+        assert_eq!((status, &body["status"]), (404, &"ERROR".into()));
+
+        // A key that is not the order's is refused, and so is the right key for
+        // another user name.
+        let login = order(scene, &broker, &client)?;
+        let stranger = login.dir.join("stranger");
+        let keygen = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&stranger)
+            .status()?;
+        assert!(keygen.success());
+        let mut cmd = login.ssh_command(&stranger, &[]);
+        cmd.arg("true");
+        let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
+        assert_eq!(out.status, Some(255), "a wrong key must not log in");
+        assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+        let mut cmd = login.ssh_command_as(&login.key, "root", &[]);
+        cmd.arg("true");
+        let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
+        assert_eq!(out.status, Some(255), "root must not log in");
+
+        // Password and keyboard-interactive are not even offered.
+        let mut cmd = std::process::Command::new("ssh");
+        cmd.args(login.options(&stranger))
+            .args([
+                "-o",
+                "BatchMode=no",
+                "-o",
+                "PreferredAuthentications=password,keyboard-interactive",
+            ])
+            .args([
+                "-o",
+                "NumberOfPasswordPrompts=0",
+                "-p",
+                &login.port.to_string(),
+            ])
+            .args(["-l", &login.user, &login.host, "true"]);
+        let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
+        assert_eq!(out.status, Some(255));
+        assert!(
+            out.stderr.contains("(publickey)"),
+            "only publickey offered: {}",
+            out.stderr
+        );
+
+        // Port forwarding is refused.
+        let mut cmd = login.ssh_command(
+            &login.key,
+            &["-o", "ExitOnForwardFailure=yes", "-L", "0:127.0.0.1:22"],
+        );
+        cmd.arg("true");
+        let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
+        assert_ne!(
+            out.status,
+            Some(0),
+            "local forwarding must fail: {}",
+            out.stderr
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn bulk_data_scp_sftp_and_rsync_keep_checksums() {
+    e2e("bulk_data_scp_sftp_and_rsync_keep_checksums", |scene| {
+        let (broker, _node, client) = network(scene, 1)?;
+        let login = order(scene, &broker, &client)?;
+
+        let src = login.dir.join("data.bin");
+        random_file(&src, 64 << 20, 0x5eed)?;
+        let want = sha256_file(&src)?;
+        let data = std::fs::read(&src)?;
+
+        let out = login.ssh(scene, "cat", Some(&data))?;
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        assert_eq!(out.stdout.len(), data.len());
+        assert!(out.stdout == data, "64 MiB through cat came back different");
+        let out = login.ssh(scene, "sha256sum", Some(&data))?;
+        assert!(
+            out.text().starts_with(&want),
+            "remote checksum: {}",
+            out.text()
+        );
+
+        let src_arg = src.display().to_string();
+        let back = |name: &str| login.dir.join(name);
+        let out = login.scp(scene, &src_arg, ":up.scp")?;
+        assert_eq!(out.status, Some(0), "scp up: {}", out.stderr);
+        let out = login.scp(scene, ":up.scp", &back("down.scp").display().to_string())?;
+        assert_eq!(out.status, Some(0), "scp down: {}", out.stderr);
+        assert_eq!(sha256_file(&back("down.scp"))?, want);
+
+        let out = login.sftp(
+            scene,
+            &format!(
+                "put {src_arg} up.sftp\nget up.sftp {}\n",
+                back("down.sftp").display()
+            ),
+        )?;
+        assert_eq!(out.status, Some(0), "sftp: {}", out.stderr);
+        assert_eq!(sha256_file(&back("down.sftp"))?, want);
+
+        let out = login.rsync(scene, &src_arg, ":up.rsync")?;
+        assert_eq!(out.status, Some(0), "rsync up: {}", out.stderr);
+        let out = login.rsync(
+            scene,
+            ":up.rsync",
+            &back("down.rsync").display().to_string(),
+        )?;
+        assert_eq!(out.status, Some(0), "rsync down: {}", out.stderr);
+        assert_eq!(sha256_file(&back("down.rsync"))?, want);
+
+        let out = login.ssh(scene, "sha256sum up.scp up.sftp up.rsync", None)?;
+        assert_eq!(out.text().matches(&want).count(), 3, "{}", out.text());
+        Ok(())
+    })
+}
+
+#[test]
+fn master_connection_and_parallel_connections() {
+    e2e("master_connection_and_parallel_connections", |scene| {
+        let (broker, _node, client) = network(scene, 1)?;
+        let login = order(scene, &broker, &client)?;
+
+        // Unix socket paths are short (108 bytes): keep it out of the scene dir.
+        let socket = std::env::temp_dir().join(format!("jusy-cm-{}", login.order_id));
+        let control = format!("ControlPath={}", socket.display());
+        let mut master = login.ssh_command(
+            &login.key,
+            &["-o", "ControlMaster=yes", "-o", &control, "-N", "-f"],
+        );
+        master.arg("true");
+        let out = jusy_tests::process::run(scene, master, None, Duration::from_secs(60))?;
+        assert_eq!(out.status, Some(0), "master: {}", out.stderr);
+
+        // Five commands at once through the one master connection.
+        let children: Vec<_> = (0..5)
+            .map(|i| {
+                let mut cmd =
+                    login.ssh_command(&login.key, &["-o", "ControlMaster=no", "-o", &control]);
+                cmd.arg(format!("echo channel-{i}"));
+                cmd.stdout(std::process::Stdio::piped()).spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        for (i, child) in children.into_iter().enumerate() {
+            let out = child.wait_with_output()?;
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("channel-{i}\n")
+            );
+        }
+
+        // Three separate TCP connections to the same order, open at the same time.
+        let children: Vec<_> = (0..3)
+            .map(|i| {
+                let mut cmd = login.ssh_command(&login.key, &[]);
+                cmd.arg(format!("sleep 1; echo conn-{i}"));
+                cmd.stdout(std::process::Stdio::piped()).spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        for (i, child) in children.into_iter().enumerate() {
+            let out = child.wait_with_output()?;
+            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("conn-{i}\n"));
+        }
+
+        let mut exit = login.ssh_command(&login.key, &["-o", &control, "-O", "exit"]);
+        exit.arg("true");
+        jusy_tests::process::run(scene, exit, None, Duration::from_secs(30))?;
+        Ok(())
+    })
+}
+
+#[test]
+fn concurrent_orders_get_users_that_cannot_read_each_other() {
+    e2e(
+        "concurrent_orders_get_users_that_cannot_read_each_other",
+        |scene| {
+            let (broker, _node, client) = network(scene, 2)?;
+            let a = order(scene, &broker, &client)?;
+            let b = order(scene, &broker, &client)?;
+            assert_ne!(a.user, b.user);
+            assert_ne!(a.port, b.port);
+
+            let out = a.ssh(
+                scene,
+                "echo secret > mine && chmod 644 mine && echo $HOME",
+                None,
+            )?;
+            assert_eq!(out.status, Some(0), "{}", out.stderr);
+            let a_home = out.text().trim().to_owned();
+            let out = b.ssh(scene, &format!("cat {a_home}/mine"), None)?;
+            assert_ne!(out.status, Some(0), "B read A's file: {}", out.text());
+            assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+            let out = b.ssh(scene, &format!("ls {a_home}"), None)?;
+            assert_ne!(out.status, Some(0), "B listed A's home");
+            // Each order's key opens only its own order.
+            let mut cross = b.ssh_command(&a.key, &[]);
+            cross.arg("true");
+            let out = jusy_tests::process::run(scene, cross, None, Duration::from_secs(60))?;
+            assert_eq!(out.status, Some(255), "A's key opened B's order");
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn session_ends_after_last_connection_and_leaves_nothing() {
+    e2e(
+        "session_ends_after_last_connection_and_leaves_nothing",
+        |scene| {
+            let (broker, mut node, client) = network(scene, 1)?;
+            let login = order(scene, &broker, &client)?;
+
+            // Sequential commands without a master connection live in one session.
+            let out = login.ssh(scene, "echo one > f; echo $HOME", None)?;
+            let home = out.text().trim().to_owned();
+            let out = login.ssh(scene, "cat f", None)?;
+            assert_eq!(
+                out.text(),
+                "one\n",
+                "the second login sees the first one's file"
+            );
+            assert!(user_exists(&login.user));
+
+            let reason = node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+            assert_eq!(reason, "CLIENT_CLOSED");
+            assert!(
+                !user_exists(&login.user),
+                "user {} still exists",
+                login.user
+            );
+            assert!(
+                !std::path::Path::new(&home).exists(),
+                "home {home} still exists"
+            );
+
+            // The order port is closed, and the order says why it ended.
+            let refused = std::net::TcpStream::connect((login.host.as_str(), login.port));
+            assert!(refused.is_err(), "port of a finished order still accepts");
+            let (status, body) =
+                broker.get(scene, &format!("/order/{client}/{}", login.order_id))?;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["state"], "CLIENT_CLOSED", "{body}");
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn node_reconnects_after_broker_restart() {
+    e2e("node_reconnects_after_broker_restart", |scene| {
+        let (mut broker, mut node, client) = network(scene, 1)?;
+        let relay_port = broker.relay.port();
+        let data = broker.data_dir.clone();
+
+        broker.proc.kill()?;
+        drop(broker);
+        let broker = Broker::start(scene, "broker-restarted", data, relay_port)?;
+        node.proc
+            .wait_event("registered", Duration::from_secs(30))?;
+        broker.wait_capacity(scene, 1)?;
+        let login = order(scene, &broker, &client)?;
+        let out = login.ssh(scene, "echo back", None)?;
+        assert_eq!(out.text(), "back\n", "{}", out.stderr);
+        Ok(())
+    })
+}

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use jusy_common::identity::PeerId;
+use jusy_common::receipt::{ChainVerifier, SignedReceipt};
 use jusy_common::wire::{Assignment, EndReason, OrderId};
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
@@ -54,9 +56,10 @@ pub enum OrderError {
 
 #[derive(Debug)]
 struct Live {
-    node: jusy_common::identity::PeerId,
+    node: PeerId,
     link_id: u64,
     closed: CancellationToken,
+    receipts: ChainVerifier,
 }
 
 /// Orders in flight.
@@ -140,6 +143,7 @@ impl Orders {
                 node: link.id,
                 link_id: link.link_id,
                 closed: closed.clone(),
+                receipts: ChainVerifier::new(order_id, link.id),
             },
         );
         tracing::info!(%order_id, node_id = %link.id.short(), port, user = %slot.username, "order placed");
@@ -176,6 +180,7 @@ impl Orders {
         while let Some(ev) = events.recv().await {
             match ev {
                 RelayEvent::Ended { order_id, reason } => self.end(order_id, reason),
+                RelayEvent::Receipt { node_id, bytes } => self.receipt(node_id, &bytes),
                 RelayEvent::NodeGone { node_id, link_id } => {
                     let lost: Vec<OrderId> = self
                         .live
@@ -190,6 +195,30 @@ impl Orders {
                     }
                 }
             }
+        }
+    }
+
+    /// Checks a receipt against its order's chain; bad ones are logged and dropped.
+    fn receipt(&self, node_id: PeerId, bytes: &[u8]) {
+        let signed = match SignedReceipt::decode(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(node_id = %node_id.short(), error = %e, "receipt rejected");
+                return;
+            }
+        };
+        let r = *signed.receipt();
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(order) = live.get_mut(&r.order_id).filter(|l| l.node == node_id) else {
+            tracing::warn!(order_id = %r.order_id, node_id = %node_id.short(), "receipt for an order this node does not run");
+            return;
+        };
+        match order.receipts.accept(&signed) {
+            Ok(accepted) => tracing::info!(
+                order_id = %r.order_id, seq = r.seq, cpu_us = r.cpu_us, peak_mem = r.peak_mem,
+                finish = r.finish.map(EndReason::code), ?accepted, "receipt"
+            ),
+            Err(e) => tracing::warn!(order_id = %r.order_id, error = %e, "receipt rejected"),
         }
     }
 

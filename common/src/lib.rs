@@ -6,6 +6,8 @@
 //!   header that opens every tunnelled client stream.
 //! * [`frame`] — length-prefixed framing of control messages ("need more bytes" is a
 //!   normal outcome, not an error).
+//! * [`receipt`] — signed usage receipts: canonical bytes, signing, the hash
+//!   chain and its verifier.
 //! * [`session`] — the lifecycle of one order's session on a node as a state machine
 //!   driven by `handle_*(now, input)` calls.
 //! * [`tls`] — rustls configurations that authenticate both QUIC peers by their
@@ -15,6 +17,7 @@
 
 pub mod frame;
 pub mod identity;
+pub mod receipt;
 pub mod session;
 pub mod tls;
 pub mod wire;

@@ -70,6 +70,14 @@ pub enum EndReason {
     NodeLost,
     /// The node could not prepare or run the session.
     NodeFailed,
+    /// The CPU budget (one CPU-hour) is used up.
+    CpuDone,
+    /// The session exceeded its memory limit.
+    MemoryLimit,
+    /// The session exceeded its process limit.
+    ProcessLimit,
+    /// The session exceeded its disk limit.
+    DiskLimit,
 }
 
 impl EndReason {
@@ -83,7 +91,44 @@ impl EndReason {
             EndReason::NodeShutdown => "NODE_SHUTDOWN",
             EndReason::NodeLost => "NODE_LOST",
             EndReason::NodeFailed => "NODE_FAILED",
+            EndReason::CpuDone => "DONE",
+            EndReason::MemoryLimit => "RAM",
+            EndReason::ProcessLimit => "PROC",
+            EndReason::DiskLimit => "DISK",
         }
+    }
+
+    /// Every reason, in the order of their stable numbers (1, 2, …).
+    pub const ALL: [EndReason; 11] = [
+        EndReason::ClientClosed,
+        EndReason::NeverConnected,
+        EndReason::WallClock,
+        EndReason::Cancelled,
+        EndReason::NodeShutdown,
+        EndReason::NodeLost,
+        EndReason::NodeFailed,
+        EndReason::CpuDone,
+        EndReason::MemoryLimit,
+        EndReason::ProcessLimit,
+        EndReason::DiskLimit,
+    ];
+
+    /// The stable number of the reason in receipts (never 0, which means "not final").
+    pub fn number(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|r| *r == self)
+            .and_then(|i| u8::try_from(i + 1).ok())
+            .unwrap_or(u8::MAX)
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(n).checked_sub(1)?).copied()
+    }
+
+    /// Parses a code as [`EndReason::code`] writes it.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|r| r.code() == code)
     }
 }
 
@@ -130,6 +175,8 @@ pub enum NodeMsg {
         order_id: OrderId,
         reason: EndReason,
     },
+    /// A signed usage receipt in its canonical encoding (see [`crate::receipt`]).
+    Receipt { bytes: Vec<u8> },
 }
 
 /// Broker → node.
@@ -204,6 +251,18 @@ mod tests {
         let mut bad = bytes;
         bad[3] = b'2';
         assert_eq!(StreamHeader::decode(&bad), Err(BadStreamHeader));
+    }
+
+    #[test]
+    fn end_reason_numbers_and_codes_are_stable() {
+        assert_eq!(EndReason::ClientClosed.number(), 1);
+        assert_eq!(EndReason::DiskLimit.number(), 11);
+        for r in EndReason::ALL {
+            assert_eq!(EndReason::from_number(r.number()), Some(r));
+            assert_eq!(EndReason::from_code(r.code()), Some(r));
+        }
+        assert_eq!(EndReason::from_number(0), None);
+        assert_eq!(EndReason::from_number(12), None);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum RelayEvent {
         order_id: OrderId,
         reason: EndReason,
     },
+    /// A node sent a usage receipt (not verified yet).
+    Receipt { node_id: PeerId, bytes: Vec<u8> },
     /// A node's connection is gone; its sessions are lost.
     NodeGone { node_id: PeerId, link_id: u64 },
 }

@@ -182,6 +182,7 @@ async fn serve(
                 NodeMsg::Accepted { order_id } => link.answer(order_id, Ok(())),
                 NodeMsg::Refused { order_id, error } => link.answer(order_id, Err(AssignError::Refused(error))),
                 NodeMsg::Ended { order_id, reason } => relay.event(RelayEvent::Ended { order_id, reason }),
+                NodeMsg::Receipt { bytes } => relay.event(RelayEvent::Receipt { node_id, bytes }),
                 NodeMsg::Hello { .. } => return Err(LinkError::Protocol("second hello".into())),
             },
             Some(out) = outbox.recv() => send.write_all(&frame::encode(&out)?).await?,

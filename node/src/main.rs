@@ -20,6 +20,9 @@ struct Cli {
     /// The relay broker's public key (hex).
     #[arg(long)]
     broker_key: Option<String>,
+    /// Owner hash that earns for this node's sessions.
+    #[arg(long)]
+    owner: Option<String>,
     /// Data directory for keys and session homes.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -49,6 +52,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.broker_key {
         cfg.broker_key = v;
+    }
+    if let Some(v) = cli.owner {
+        cfg.owner = Some(v);
     }
     if let Some(v) = cli.data_dir {
         cfg.data_dir = v;

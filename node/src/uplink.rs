@@ -55,6 +55,8 @@ pub struct Uplink {
     pub target: Target,
     pub identity: ed25519_dalek::SigningKey,
     pub host_key: String,
+    /// The owner's hash, sent in the hello.
+    pub owner: Option<String>,
     pub sessions: Arc<Sessions>,
 }
 
@@ -97,6 +99,7 @@ impl Uplink {
             host_key: self.host_key.clone(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             agent: format!("jusy-node/{}", env!("CARGO_PKG_VERSION")),
+            owner: self.owner.clone(),
         };
         send.write_all(&frame::encode(&hello)?).await?;
         let slots = NodeMsg::SlotsReady {

@@ -27,13 +27,25 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Creates a client account in the broker's database (the broker must not
-    /// be running on it) and returns its hash.
+    /// Creates a client account with funds for 50 orders at the default price
+    /// in the broker's database (the broker must not be running on it) and
+    /// returns its hash.
     pub fn add_client(scene: &Scene, data_dir: &std::path::Path) -> anyhow::Result<String> {
+        Self::add_account(scene, data_dir, "client", 1_000_000)
+    }
+
+    /// Creates a client or owner account with `deposit` satoshi.
+    pub fn add_account(
+        scene: &Scene,
+        data_dir: &std::path::Path,
+        role: &str,
+        deposit: u64,
+    ) -> anyhow::Result<String> {
         let mut cmd = Command::new(bin("jusy-broker")?);
-        cmd.args(["client", "add", "--data-dir"]).arg(data_dir);
+        cmd.args([role, "add", "--deposit", &deposit.to_string(), "--data-dir"])
+            .arg(data_dir);
         let out = process::run(scene, cmd, None, READY)?;
-        anyhow::ensure!(out.status == Some(0), "client add failed: {}", out.stderr);
+        anyhow::ensure!(out.status == Some(0), "{role} add failed: {}", out.stderr);
         Ok(out.text().trim().to_owned())
     }
 

@@ -118,6 +118,8 @@ fn bad_input_is_refused_clearly() {
         let (status, body) = broker.order(scene, "not-a-hash")?;
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["status"], "ERROR");
+        let (status, body) = broker.get(scene, &format!("/order/{client}/{}", "00".repeat(12)))?;
+        assert_eq!((status, &body["status"]), (404, &"ERROR".into()), "{body}");
         let (status, body) = broker.get(scene, "/no/such/thing")?;
         assert_eq!((status, &body["status"]), (404, &"ERROR".into()));
 

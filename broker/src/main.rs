@@ -166,6 +166,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,quinn=warn,russh=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,quinn=warn,russh=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut cfg = match &cli.config {
         Some(p) => Config::load(p)?,

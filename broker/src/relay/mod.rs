@@ -65,6 +65,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Random connection ids that carry no per-process signature: quinn's default
+/// ids are checked against a key that changes with every start, so packets of a
+/// previous life's connections would be dropped instead of answered with the
+/// stateless reset that makes nodes reconnect at once.
+#[derive(Debug)]
+struct PlainCids;
+
+impl quinn::ConnectionIdGenerator for PlainCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        // Without OS randomness nothing else works either; a weak id only
+        // costs a spurious reset.
+        let _ = getrandom::fill(&mut id);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 /// Attached nodes.
 #[derive(Debug)]
 pub struct Relay {
@@ -115,11 +140,16 @@ impl Relay {
         let quic = QuicServerConfig::try_from(tls).map_err(|e| RelayError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
-        let mut seed = sha2::Sha256::new();
-        sha2::Digest::update(&mut seed, b"jusy relay stateless reset key\0");
-        sha2::Digest::update(&mut seed, identity.to_bytes());
-        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed.finalize());
-        let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let derive = |purpose: &[u8]| {
+            let mut h = sha2::Sha256::new();
+            h.update(purpose);
+            h.update(identity.to_bytes());
+            <[u8; 32]>::from(h.finalize())
+        };
+        let reset_key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"jusy relay reset key\0"));
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(|| Box::new(PlainCids));
         let bind = |source| RelayError::Bind { addr, source };
         let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
         let runtime = quinn::default_runtime()

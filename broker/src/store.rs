@@ -35,6 +35,7 @@ pub enum StoreError {
 
 /// Which kind of account a secret hash opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Client,
     Owner,

@@ -56,6 +56,17 @@ impl Broker {
         data_dir: PathBuf,
         relay_port: u16,
     ) -> anyhow::Result<Self> {
+        Self::start_with(scene, name, data_dir, relay_port, &[])
+    }
+
+    /// Like [`Broker::start`], with extra `serve` flags.
+    pub fn start_with(
+        scene: &Scene,
+        name: &str,
+        data_dir: PathBuf,
+        relay_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("jusy-broker")?);
         cmd.arg("serve")
             .arg("--data-dir")
@@ -63,6 +74,7 @@ impl Broker {
             .args(["--api-listen", "127.0.0.1:0"])
             .args(["--relay-listen", &format!("127.0.0.1:{relay_port}")])
             .args(["--order-bind", "127.0.0.1", "--public-host", "127.0.0.1"])
+            .args(extra)
             .env("RUST_LOG", "info,jusy_broker=debug,quinn=warn");
         let mut proc = Proc::start(scene, name, cmd)?;
         let ready = proc.wait_event("ready", READY)?;
@@ -102,21 +114,59 @@ impl Broker {
 
     /// `curl` GET of an API path: HTTP status and JSON body.
     pub fn get(&self, scene: &Scene, path: &str) -> anyhow::Result<(u16, Value)> {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
-            .arg(format!("http://{}{path}", self.api));
-        let out = process::run(scene, cmd, None, Duration::from_secs(30))?;
-        anyhow::ensure!(out.status == Some(0), "curl failed: {}", out.stderr);
-        let text = out.text();
-        let (body, code) = text.rsplit_once('\n').context("no status line from curl")?;
-        let body = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
-        Ok((code.trim().parse()?, body))
+        api_request(scene, self.api, "GET", path, &[], None)
+    }
+
+    /// Any `curl` request to the API: HTTP status and JSON body.
+    pub fn request(
+        &self,
+        scene: &Scene,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<(u16, Value)> {
+        api_request(scene, self.api, method, path, headers, body)
     }
 
     /// Orders a session the documented way: `GET /order/<client hash>`.
     pub fn order(&self, scene: &Scene, client: &str) -> anyhow::Result<(u16, Value)> {
         self.get(scene, &format!("/order/{client}"))
     }
+}
+
+/// A `curl` request to the broker API at `api`: HTTP status and JSON body.
+pub fn api_request(
+    scene: &Scene,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if body.is_some() {
+        cmd.args(["--data-binary", "@-"]);
+    }
+    cmd.arg(format!("http://{api}{path}"));
+    let out = process::run(scene, cmd, body, Duration::from_secs(30))?;
+    anyhow::ensure!(out.status == Some(0), "curl failed: {}", out.stderr);
+    let text = out.text();
+    let (body, code) = text.rsplit_once('\n').context("no status line from curl")?;
+    let body = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+    Ok((code.trim().parse()?, body))
 }
 
 /// A running node.

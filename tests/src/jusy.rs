@@ -1,6 +1,6 @@
-//! A jusy network on loopback, started the way an operator and a node owner
-//! start it: `jusy-broker client add`, `jusy-broker serve`, `jusy-node`. Orders
-//! go through the real `curl`.
+//! A jusy network started the way an operator and a node owner start it:
+//! `jusy-broker client add`, `jusy-broker serve`, `jusy-node`, each at a [`Site`]
+//! (loopback, or a host of a lab network). Orders go through the real `curl`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::process::{self, Proc, bin};
 use crate::scene::Scene;
+use crate::site::Site;
 
 /// How long a process may take to say it is ready.
 pub const READY: Duration = Duration::from_secs(30);
@@ -21,6 +22,7 @@ pub const READY: Duration = Duration::from_secs(30);
 pub struct Broker {
     pub proc: Proc,
     pub data_dir: PathBuf,
+    pub site: Site,
     pub api: SocketAddr,
     pub relay: SocketAddr,
     pub key: String,
@@ -49,20 +51,26 @@ impl Broker {
         Ok(out.text().trim().to_owned())
     }
 
-    /// Starts `jusy-broker serve` on loopback; `relay_port` 0 lets the OS pick.
+    /// Starts `jusy-broker serve` at `site`, listening and announcing its
+    /// address; `relay_port` 0 lets the OS pick.
     pub fn start(
         scene: &Scene,
         name: &str,
+        site: &Site,
         data_dir: PathBuf,
         relay_port: u16,
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(bin("jusy-broker")?);
+        let ip = site.ip.to_string();
+        let mut cmd = site.command(bin("jusy-broker")?);
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--api-listen", "127.0.0.1:0"])
-            .args(["--relay-listen", &format!("127.0.0.1:{relay_port}")])
-            .args(["--order-bind", "127.0.0.1", "--public-host", "127.0.0.1"])
+            .args(["--api-listen", &SocketAddr::new(site.ip, 0).to_string()])
+            .args([
+                "--relay-listen",
+                &SocketAddr::new(site.ip, relay_port).to_string(),
+            ])
+            .args(["--order-bind", &ip, "--public-host", &ip])
             .env("RUST_LOG", "info,jusy_broker=debug,quinn=warn");
         let mut proc = Proc::start(scene, name, cmd)?;
         let ready = proc.wait_event("ready", READY)?;
@@ -81,6 +89,7 @@ impl Broker {
                 .context("broker_key")?
                 .to_owned(),
             data_dir,
+            site: site.clone(),
             proc,
         })
     }
@@ -100,9 +109,15 @@ impl Broker {
         }
     }
 
-    /// `curl` GET of an API path: HTTP status and JSON body.
+    /// `curl` GET of an API path from the broker's own host: HTTP status and
+    /// JSON body.
     pub fn get(&self, scene: &Scene, path: &str) -> anyhow::Result<(u16, Value)> {
-        let mut cmd = Command::new("curl");
+        self.get_from(scene, &self.site, path)
+    }
+
+    /// `curl` GET of an API path from `from`.
+    pub fn get_from(&self, scene: &Scene, from: &Site, path: &str) -> anyhow::Result<(u16, Value)> {
+        let mut cmd = from.command("curl");
         cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
             .arg(format!("http://{}{path}", self.api));
         let out = process::run(scene, cmd, None, Duration::from_secs(30))?;
@@ -117,6 +132,16 @@ impl Broker {
     pub fn order(&self, scene: &Scene, client: &str) -> anyhow::Result<(u16, Value)> {
         self.get(scene, &format!("/order/{client}"))
     }
+
+    /// Orders from a client's host, the way that client would.
+    pub fn order_from(
+        &self,
+        scene: &Scene,
+        from: &Site,
+        client: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.get_from(scene, from, &format!("/order/{client}"))
+    }
 }
 
 /// A running node.
@@ -127,15 +152,31 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `jusy-node` against `broker` and waits until it has registered.
+    /// Starts `jusy-node` at `site` against `broker` and waits until it has
+    /// registered.
     pub fn start(
         scene: &Scene,
         name: &str,
+        site: &Site,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut node = Self::spawn(scene, name, site, broker, extra)?;
+        node.proc.wait_event("registered", READY)?;
+        Ok(node)
+    }
+
+    /// Starts `jusy-node` at `site` without waiting for it to register (for
+    /// homes whose node cannot get out).
+    pub fn spawn(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let data_dir = scene.subdir(name)?;
-        let mut cmd = Command::new(bin("jusy-node")?);
+        let mut cmd = site.command(bin("jusy-node")?);
         cmd.arg("--broker")
             .arg(broker.relay.to_string())
             .args(["--broker-key", &broker.key])
@@ -143,8 +184,7 @@ impl Node {
             .arg(&data_dir)
             .args(extra)
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
-        let mut proc = Proc::start(scene, name, cmd)?;
-        proc.wait_event("registered", READY)?;
+        let proc = Proc::start(scene, name, cmd)?;
         Ok(Self { proc, data_dir })
     }
 

@@ -314,7 +314,7 @@ fn session_survives_a_new_nat_mapping() {
             .find(|l| l.starts_with("udp") && l.contains(&format!("dport={}", broker.relay.port())))
             .unwrap_or_default();
         assert!(
-            flow.contains(&format!("dst={new} ")) && !flow.contains(&old.to_string()),
+            flow.contains(&format!("dst={new} ")) && !flow.contains(&format!("dst={old} ")),
             "the flow is not on the new address {new}: {table}"
         );
         scene.note(&format!("QUIC migrated from {old} to {new}"));

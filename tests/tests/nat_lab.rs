@@ -343,6 +343,10 @@ fn node_says_when_its_router_drops_udp() {
             ev["hint"].as_str().unwrap_or_default().contains("UDP"),
             "{ev}"
         );
+        assert!(
+            home.router.dropped_udp(scene)? > 0,
+            "the router's UDP drop rule never matched"
+        );
         let log = std::fs::read_to_string(scene.dir().join("node.err"))?;
         assert!(
             log.lines()

@@ -24,6 +24,8 @@ mod sweep;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use anyhow::Context;
+
 pub use netns::{End, in_netns};
 pub use router::Router;
 
@@ -249,7 +251,7 @@ impl<'s> Lab<'s> {
     /// Adds a route at `site` to `prefix` via `gateway` (e.g. an attacker on
     /// the internet aiming at a home LAN through its router).
     pub fn route(&self, site: &Site, prefix: &str, gateway: Ipv4Addr) -> anyhow::Result<()> {
-        let ns = site.netns.as_deref().unwrap_or_default();
+        let ns = site.netns.as_deref().context("not a lab host")?;
         netns::ip(
             self.scene,
             &[

@@ -42,13 +42,6 @@ pub(crate) fn ip(scene: &Scene, args: &[&str]) -> anyhow::Result<()> {
     checked(scene, cmd, None).map(drop)
 }
 
-/// A command that runs `args` inside `ns`.
-pub(crate) fn exec_command(ns: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).args(args);
-    cmd
-}
-
 /// `ip netns exec <ns> <args>`, checked.
 pub(crate) fn exec(
     scene: &Scene,
@@ -56,7 +49,9 @@ pub(crate) fn exec(
     args: &[&str],
     input: Option<&[u8]>,
 ) -> anyhow::Result<Output> {
-    checked(scene, exec_command(ns, args), input)
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(args);
+    checked(scene, cmd, input)
 }
 
 /// Creates namespace `name` with its loopback up.

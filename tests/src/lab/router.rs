@@ -85,6 +85,25 @@ impl Router {
         Ok(netns::exec(scene, &self.ns, &["conntrack", "-L"], None)?.text())
     }
 
+    /// How many UDP packets from the LAN the router has dropped (only counted
+    /// when the router blocks UDP).
+    pub fn dropped_udp(&self, scene: &Scene) -> anyhow::Result<u64> {
+        let chain = netns::exec(
+            scene,
+            &self.ns,
+            &["nft", "list", "chain", "ip", "jusy_lab", "forward"],
+            None,
+        )?
+        .text();
+        let count = chain
+            .lines()
+            .find(|l| l.contains("udp") && l.contains("drop"))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok());
+        count.ok_or_else(|| anyhow::anyhow!("no UDP drop counter in {}:\n{chain}", self.ns))
+    }
+
     /// Moves the WAN side to `new` and drops the old address, as an ISP
     /// handing out a new lease does; the kernel then forgets the masqueraded
     /// mappings of the old address.

@@ -80,6 +80,7 @@ impl<'s> Lab<'s> {
             public: 0,
             carriers: 0,
         };
+        std::fs::write(scene.dir().join(sweep::MARKER), &lab.prefix)?;
         lab.internet = lab.netns("inet")?;
         netns::ip(
             scene,

@@ -2,8 +2,8 @@
 //! their names (`jlab<pid>x<seq>-<role>`); dropping the lab kills what runs in
 //! them and deletes them, which also removes their veths and nftables tables.
 //! A test that was killed never drops its lab, so every new lab first sweeps
-//! the namespaces of dead pids, and the session users that nodes of dead tests
-//! left behind (their homes are under a dead test's scene directory).
+//! the namespaces of dead pids (with every process in them), and the session
+//! users that nodes of dead lab tests left behind.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,6 +12,8 @@ use std::process::Command;
 const PREFIX: &str = "jlab";
 /// Every session user's name starts with this (see `node/src/sandbox/user.rs`).
 const USER_PREFIX: &str = "jsu";
+/// A file in a scene directory that says a lab ran there.
+pub(crate) const MARKER: &str = "lab-prefix";
 
 /// The name prefix of this process's lab number `seq`.
 pub(crate) fn prefix(seq: u32) -> String {
@@ -54,8 +56,10 @@ pub(crate) fn stale() {
     stale_users();
 }
 
-/// Deletes session users whose home lies in the scene directory of a dead test
-/// (`<tmp>/jusy-e2e/<test>-<pid>-<random>/…`), after killing their processes.
+/// Deletes session users whose home lies in the scene directory of a dead lab
+/// test (`<tmp>/jusy-e2e/<test>-<pid>-<random>/`, marked by [`MARKER`]). Their
+/// processes ran in the lab's namespaces and are already gone with them; other
+/// tests' users are left to their own sweeps.
 fn stale_users() {
     let root = std::env::temp_dir().join("jusy-e2e");
     let Ok(passwd) = std::fs::read_to_string("/etc/passwd") else {
@@ -63,52 +67,26 @@ fn stale_users() {
     };
     for line in passwd.lines() {
         let fields: Vec<&str> = line.split(':').collect();
-        let (Some(name), Some(uid), Some(home)) = (fields.first(), fields.get(2), fields.get(5))
-        else {
+        let (Some(name), Some(home)) = (fields.first(), fields.get(5)) else {
             continue;
         };
         let Ok(rest) = Path::new(home).strip_prefix(&root) else {
             continue;
         };
-        let scene = rest
-            .components()
-            .next()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let owner = scene.rsplit('-').nth(1).unwrap_or_default();
-        if !name.starts_with(USER_PREFIX)
-            || owner.is_empty()
-            || !owner.bytes().all(|b| b.is_ascii_digit())
-            || alive(owner)
-        {
-            continue;
-        }
-        kill_uid(uid);
-        let _ = Command::new("userdel")
-            .args(["--force", "--remove", name])
-            .status();
-    }
-}
-
-/// Kills every process running as `uid` (a dead test's session user).
-fn kill_uid(uid: &str) {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+        let Some(scene) = rest.components().next() else {
             continue;
         };
-        let status = std::fs::read_to_string(p.path().join("status")).unwrap_or_default();
-        let owned = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next())
-            == Some(uid);
-        if owned {
-            // SAFETY: kill has no memory effects; the process belongs to a
-            // session user of a test that no longer exists.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        let scene = scene.as_os_str().to_string_lossy().into_owned();
+        let owner = scene.rsplit('-').nth(1).unwrap_or_default();
+        if name.starts_with(USER_PREFIX)
+            && root.join(&scene).join(MARKER).exists()
+            && !owner.is_empty()
+            && owner.bytes().all(|b| b.is_ascii_digit())
+            && !alive(owner)
+        {
+            let _ = Command::new("userdel")
+                .args(["--force", "--remove", name])
+                .status();
         }
     }
 }

@@ -33,8 +33,13 @@ pub struct Login {
 
 impl Login {
     /// Saves the order's `privkey` and `known_hosts` line in a fresh directory,
-    /// for tools run at `site`.
-    pub fn from_order(scene: &Scene, site: &Site, order: &Value) -> anyhow::Result<Self> {
+    /// for tools run on this machine.
+    pub fn from_order(scene: &Scene, order: &Value) -> anyhow::Result<Self> {
+        Self::from_order_at(scene, &Site::local(), order)
+    }
+
+    /// Like [`Login::from_order`], for tools run at `site`.
+    pub fn from_order_at(scene: &Scene, site: &Site, order: &Value) -> anyhow::Result<Self> {
         let field = |k: &str| {
             order[k]
                 .as_str()

@@ -51,9 +51,19 @@ impl Broker {
         Ok(out.text().trim().to_owned())
     }
 
+    /// Starts `jusy-broker serve` on loopback; `relay_port` 0 lets the OS pick.
+    pub fn start(
+        scene: &Scene,
+        name: &str,
+        data_dir: PathBuf,
+        relay_port: u16,
+    ) -> anyhow::Result<Self> {
+        Self::start_at(scene, name, &Site::local(), data_dir, relay_port)
+    }
+
     /// Starts `jusy-broker serve` at `site`, listening and announcing its
     /// address; `relay_port` 0 lets the OS pick.
-    pub fn start(
+    pub fn start_at(
         scene: &Scene,
         name: &str,
         site: &Site,
@@ -152,23 +162,34 @@ pub struct Node {
 }
 
 impl Node {
+    /// Starts `jusy-node` on this machine against `broker` and waits until it
+    /// has registered.
+    pub fn start(
+        scene: &Scene,
+        name: &str,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_at(scene, name, &Site::local(), broker, extra)
+    }
+
     /// Starts `jusy-node` at `site` against `broker` and waits until it has
     /// registered.
-    pub fn start(
+    pub fn start_at(
         scene: &Scene,
         name: &str,
         site: &Site,
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut node = Self::spawn(scene, name, site, broker, extra)?;
+        let mut node = Self::spawn_at(scene, name, site, broker, extra)?;
         node.proc.wait_event("registered", READY)?;
         Ok(node)
     }
 
     /// Starts `jusy-node` at `site` without waiting for it to register (for
     /// homes whose node cannot get out).
-    pub fn spawn(
+    pub fn spawn_at(
         scene: &Scene,
         name: &str,
         site: &Site,

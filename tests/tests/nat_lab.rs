@@ -20,13 +20,13 @@ fn broker(scene: &Scene, lab: &mut Lab) -> anyhow::Result<(Broker, String)> {
     let site = lab.public_host("broker")?;
     let data = scene.subdir("broker")?;
     let client = Broker::add_client(scene, &data)?;
-    let broker = Broker::start(scene, "broker", &site, data, 0)?;
+    let broker = Broker::start_at(scene, "broker", &site, data, 0)?;
     Ok((broker, client))
 }
 
 /// A node in `home`, registered and offering its slot.
 fn node(scene: &Scene, home: &Home, broker: &Broker) -> anyhow::Result<Node> {
-    let node = Node::start(scene, "node", &home.host, broker, NODE_ARGS)?;
+    let node = Node::start_at(scene, "node", &home.host, broker, NODE_ARGS)?;
     broker.wait_capacity(scene, 1)?;
     Ok(node)
 }
@@ -35,7 +35,7 @@ fn node(scene: &Scene, home: &Home, broker: &Broker) -> anyhow::Result<Node> {
 fn order(scene: &Scene, broker: &Broker, from: &Site, client: &str) -> anyhow::Result<Login> {
     let (status, body) = broker.order_from(scene, from, client)?;
     anyhow::ensure!(status == 200, "order failed with {status}: {body}");
-    Login::from_order(scene, from, &body)
+    Login::from_order_at(scene, from, &body)
 }
 
 /// `ssh … uname -a` through the relay answers with the node's kernel.
@@ -189,14 +189,14 @@ fn node_is_orderable_again_soon_after_broker_restart() {
             );
             broker.proc.kill()?;
             drop(broker);
-            let broker = Broker::start(scene, "broker-restarted", &site, data, port)?;
+            let broker = Broker::start_at(scene, "broker-restarted", &site, data, port)?;
             let restarted = Instant::now();
             node.proc
                 .wait_event("registered", Duration::from_secs(10))?;
             let login = loop {
                 let (status, body) = broker.order_from(scene, &laptop, &client)?;
                 if status == 200 {
-                    break Login::from_order(scene, &laptop, &body)?;
+                    break Login::from_order_at(scene, &laptop, &body)?;
                 }
                 assert!(
                     restarted.elapsed() < Duration::from_secs(10),
@@ -332,7 +332,7 @@ fn node_says_when_its_router_drops_udp() {
             ..HomeOpts::default()
         };
         let home = lab.home("home", opts)?;
-        let mut node = Node::spawn(scene, "node", &home.host, &broker, NODE_ARGS)?;
+        let mut node = Node::spawn_at(scene, "node", &home.host, &broker, NODE_ARGS)?;
 
         let ev = node
             .proc

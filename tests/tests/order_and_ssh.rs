@@ -8,17 +8,16 @@ use std::time::Duration;
 
 use jusy_tests::client::{random_file, sha256_file};
 use jusy_tests::jusy::user_exists;
-use jusy_tests::{Broker, Login, Node, Scene, Site, e2e};
+use jusy_tests::{Broker, Login, Node, Scene, e2e};
 
 /// A broker with one client and a node with `slots` ready sessions.
 fn network(scene: &Scene, slots: u32) -> anyhow::Result<(Broker, Node, String)> {
     let data = scene.subdir("broker")?;
     let client = Broker::add_client(scene, &data)?;
-    let broker = Broker::start(scene, "broker", &Site::local(), data, 0)?;
+    let broker = Broker::start(scene, "broker", data, 0)?;
     let node = Node::start(
         scene,
         "node",
-        &Site::local(),
         &broker,
         &["--ready-slots", &slots.to_string(), "--grace-secs", "2"],
     )?;
@@ -29,7 +28,7 @@ fn network(scene: &Scene, slots: u32) -> anyhow::Result<(Broker, Node, String)> 
 fn order(scene: &Scene, broker: &Broker, client: &str) -> anyhow::Result<Login> {
     let (status, body) = broker.order(scene, client)?;
     anyhow::ensure!(status == 200, "order failed with {status}: {body}");
-    Login::from_order(scene, &Site::local(), &body)
+    Login::from_order(scene, &body)
 }
 
 #[test]
@@ -60,7 +59,7 @@ fn documented_flow_with_strict_host_key_checking() {
                 .unwrap_or_default()
                 .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
         );
-        let login = Login::from_order(scene, &Site::local(), &body)?;
+        let login = Login::from_order(scene, &body)?;
 
         let out = login.ssh(scene, "echo hi", None)?;
         assert_eq!(
@@ -379,7 +378,7 @@ fn node_reconnects_after_broker_restart() {
 
         broker.proc.kill()?;
         drop(broker);
-        let broker = Broker::start(scene, "broker-restarted", &Site::local(), data, relay_port)?;
+        let broker = Broker::start(scene, "broker-restarted", data, relay_port)?;
         node.proc
             .wait_event("registered", Duration::from_secs(30))?;
         broker.wait_capacity(scene, 1)?;

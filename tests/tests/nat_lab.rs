@@ -245,19 +245,19 @@ fn uplink_outage_loses_the_session_and_the_node_comes_back() {
             home.router.set_uplink(scene, false)?;
             let down = Instant::now();
             let path = format!("/order/{client}/{}", login.order_id);
-            let state = loop {
+            let ended = loop {
                 let (status, body) = broker.get_from(scene, &laptop, &path)?;
                 assert_eq!(status, 200, "{body}");
-                if body["state"] != "RUNNING" {
-                    break body["state"].clone();
+                if body["finished"] == true {
+                    break body;
                 }
                 assert!(
                     down.elapsed() < Duration::from_secs(30),
-                    "session still RUNNING 30 s into the outage"
+                    "order still not finished 30 s into the outage: {body}"
                 );
                 std::thread::sleep(Duration::from_millis(200));
             };
-            assert_eq!(state, "NODE_LOST");
+            assert_eq!(ended["state"], "NODE_LOST", "{ended}");
             scene.note(&format!("NODE_LOST {:?} into the outage", down.elapsed()));
 
             // The outage lasts 60 s, long enough for the node's backoff to
@@ -301,7 +301,11 @@ fn session_survives_a_new_nat_mapping() {
             &laptop,
             &format!("/order/{client}/{}", login.order_id),
         )?;
-        assert_eq!(body["state"], "RUNNING", "{body}");
+        assert_eq!(
+            (&body["state"], &body["finished"]),
+            (&"CONNECTED".into(), &false.into()),
+            "{body}"
+        );
 
         // What happened: the node never re-registered, and the router now
         // maps its flow to the new address, so the relay followed the QUIC

@@ -26,6 +26,8 @@ pub enum UplinkError {
     Tls(String),
     #[error("connecting: {0}")]
     Connect(#[from] quinn::ConnectError),
+    #[error("no answer to the QUIC handshake from {addr}")]
+    HandshakeTimeout { addr: SocketAddr },
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("control stream write: {0}")]
@@ -41,6 +43,11 @@ pub enum UplinkError {
     #[error("relay did not answer hello in time")]
     HelloTimeout,
 }
+
+/// After this many unanswered QUIC handshakes in a row the node says that UDP is
+/// probably blocked. A relay that is down looks the same from here, but a home
+/// firewall that drops UDP is the common cause, and one the owner can fix.
+const BLOCKED_AFTER: u32 = 2;
 
 /// How to reach the relay.
 #[derive(Clone, Debug)]
@@ -65,12 +72,21 @@ impl Uplink {
     /// pending messages (session ends) and closes.
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<NodeMsg>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
+        let mut unanswered = 0u32;
         loop {
             let started = tokio::time::Instant::now();
             match self.connect_and_serve(&mut events, &stop).await {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost")
+                    tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost");
+                    if matches!(e, UplinkError::HandshakeTimeout { .. }) {
+                        unanswered += 1;
+                        if unanswered == BLOCKED_AFTER {
+                            self.report_blocked(unanswered);
+                        }
+                    } else {
+                        unanswered = 0;
+                    }
                 }
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -92,7 +108,10 @@ impl Uplink {
     ) -> Result<(), UplinkError> {
         let addr = resolve(&self.target.addr).await?;
         let endpoint = self.endpoint(addr)?;
-        let conn = endpoint.connect(addr, "jusy")?.await?;
+        let conn = endpoint.connect(addr, "jusy")?.await.map_err(|e| match e {
+            quinn::ConnectionError::TimedOut => UplinkError::HandshakeTimeout { addr },
+            e => e.into(),
+        })?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = NodeMsg::Hello {
             protocol: PROTOCOL_VERSION,
@@ -150,6 +169,23 @@ impl Uplink {
                 }
             }
         }
+    }
+
+    /// Tells the owner, once per streak, that QUIC cannot get out: an error
+    /// line for people and an `uplink_blocked` event for tools.
+    fn report_blocked(&self, attempts: u32) {
+        let hint = "no answer to QUIC over UDP: a firewall or router on the way \
+                    probably drops outgoing UDP; allow UDP to the relay's port";
+        tracing::error!(broker = %self.target.addr, attempts, "{hint}");
+        crate::announce(
+            "uplink_blocked",
+            serde_json::json!({
+                "broker": self.target.addr,
+                "transport": "QUIC/UDP",
+                "attempts": attempts,
+                "hint": hint,
+            }),
+        );
     }
 
     fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint, UplinkError> {

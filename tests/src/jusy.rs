@@ -1,6 +1,6 @@
-//! A jusy network on loopback, started the way an operator and a node owner
-//! start it: `jusy-broker client add`, `jusy-broker serve`, `jusy-node`. Orders
-//! go through the real `curl`.
+//! A jusy network started the way an operator and a node owner start it:
+//! `jusy-broker client add`, `jusy-broker serve`, `jusy-node`, each at a [`Site`]
+//! (loopback, or a host of a lab network). Orders go through the real `curl`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::process::{self, Proc, bin};
 use crate::scene::Scene;
+use crate::site::Site;
 
 /// How long a process may take to say it is ready.
 pub const READY: Duration = Duration::from_secs(30);
@@ -21,6 +22,7 @@ pub const READY: Duration = Duration::from_secs(30);
 pub struct Broker {
     pub proc: Proc,
     pub data_dir: PathBuf,
+    pub site: Site,
     pub api: SocketAddr,
     pub relay: SocketAddr,
     pub key: String,
@@ -56,7 +58,7 @@ impl Broker {
         data_dir: PathBuf,
         relay_port: u16,
     ) -> anyhow::Result<Self> {
-        Self::start_with(scene, name, data_dir, relay_port, &[])
+        Self::start_at(scene, name, &Site::local(), data_dir, relay_port, &[])
     }
 
     /// Like [`Broker::start`], with extra `serve` flags.
@@ -67,13 +69,30 @@ impl Broker {
         relay_port: u16,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(bin("jusy-broker")?);
+        Self::start_at(scene, name, &Site::local(), data_dir, relay_port, extra)
+    }
+
+    /// Starts `jusy-broker serve` at `site`, listening and announcing its
+    /// address; `relay_port` 0 lets the OS pick; `extra` are more `serve` flags.
+    pub fn start_at(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        data_dir: PathBuf,
+        relay_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let ip = site.ip.to_string();
+        let mut cmd = site.command(bin("jusy-broker")?);
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--api-listen", "127.0.0.1:0"])
-            .args(["--relay-listen", &format!("127.0.0.1:{relay_port}")])
-            .args(["--order-bind", "127.0.0.1", "--public-host", "127.0.0.1"])
+            .args(["--api-listen", &SocketAddr::new(site.ip, 0).to_string()])
+            .args([
+                "--relay-listen",
+                &SocketAddr::new(site.ip, relay_port).to_string(),
+            ])
+            .args(["--order-bind", &ip, "--public-host", &ip])
             .args(extra)
             .env("RUST_LOG", "info,jusy_broker=debug,quinn=warn");
         let mut proc = Proc::start(scene, name, cmd)?;
@@ -93,6 +112,7 @@ impl Broker {
                 .context("broker_key")?
                 .to_owned(),
             data_dir,
+            site: site.clone(),
             proc,
         })
     }
@@ -112,12 +132,19 @@ impl Broker {
         }
     }
 
-    /// `curl` GET of an API path: HTTP status and JSON body.
+    /// `curl` GET of an API path from the broker's own host: HTTP status and
+    /// JSON body.
     pub fn get(&self, scene: &Scene, path: &str) -> anyhow::Result<(u16, Value)> {
-        api_request(scene, self.api, "GET", path, &[], None)
+        self.get_from(scene, &self.site, path)
     }
 
-    /// Any `curl` request to the API: HTTP status and JSON body.
+    /// `curl` GET of an API path from `from`.
+    pub fn get_from(&self, scene: &Scene, from: &Site, path: &str) -> anyhow::Result<(u16, Value)> {
+        api_request(scene, from, self.api, "GET", path, &[], None)
+    }
+
+    /// Any `curl` request to the API from the broker's own host: HTTP status
+    /// and JSON body.
     pub fn request(
         &self,
         scene: &Scene,
@@ -126,25 +153,37 @@ impl Broker {
         headers: &[&str],
         body: Option<&[u8]>,
     ) -> anyhow::Result<(u16, Value)> {
-        api_request(scene, self.api, method, path, headers, body)
+        api_request(scene, &self.site, self.api, method, path, headers, body)
     }
 
     /// Orders a session the documented way: `GET /order/<client hash>`.
     pub fn order(&self, scene: &Scene, client: &str) -> anyhow::Result<(u16, Value)> {
         self.get(scene, &format!("/order/{client}"))
     }
+
+    /// Orders from a client's host, the way that client would.
+    pub fn order_from(
+        &self,
+        scene: &Scene,
+        from: &Site,
+        client: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.get_from(scene, from, &format!("/order/{client}"))
+    }
 }
 
-/// A `curl` request to the broker API at `api`: HTTP status and JSON body.
+/// A `curl` request from `from` to the broker API at `api`: HTTP status and
+/// JSON body.
 pub fn api_request(
     scene: &Scene,
+    from: &Site,
     api: SocketAddr,
     method: &str,
     path: &str,
     headers: &[&str],
     body: Option<&[u8]>,
 ) -> anyhow::Result<(u16, Value)> {
-    let mut cmd = Command::new("curl");
+    let mut cmd = from.command("curl");
     cmd.args([
         "-sS",
         "--max-time",
@@ -177,15 +216,42 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `jusy-node` against `broker` and waits until it has registered.
+    /// Starts `jusy-node` on this machine against `broker` and waits until it
+    /// has registered.
     pub fn start(
         scene: &Scene,
         name: &str,
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_at(scene, name, &Site::local(), broker, extra)
+    }
+
+    /// Starts `jusy-node` at `site` against `broker` and waits until it has
+    /// registered.
+    pub fn start_at(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut node = Self::spawn_at(scene, name, site, broker, extra)?;
+        node.proc.wait_event("registered", READY)?;
+        Ok(node)
+    }
+
+    /// Starts `jusy-node` at `site` without waiting for it to register (for
+    /// homes whose node cannot get out).
+    pub fn spawn_at(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let data_dir = scene.subdir(name)?;
-        let mut cmd = Command::new(bin("jusy-node")?);
+        let mut cmd = site.command(bin("jusy-node")?);
         cmd.arg("--broker")
             .arg(broker.relay.to_string())
             .args(["--broker-key", &broker.key])
@@ -193,8 +259,7 @@ impl Node {
             .arg(&data_dir)
             .args(extra)
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
-        let mut proc = Proc::start(scene, name, cmd)?;
-        proc.wait_event("registered", READY)?;
+        let proc = Proc::start(scene, name, cmd)?;
         Ok(Self { proc, data_dir })
     }
 

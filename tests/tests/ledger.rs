@@ -206,9 +206,15 @@ fn broker_killed_at_random_moments_loses_no_money() {
             s.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
                     let addr = *api.lock().unwrap();
-                    let Ok((200, body)) =
-                        api_request(scene, addr, "GET", &format!("/order/{client}"), &[], None)
-                    else {
+                    let Ok((200, body)) = api_request(
+                        scene,
+                        &jusy_tests::Site::local(),
+                        addr,
+                        "GET",
+                        &format!("/order/{client}"),
+                        &[],
+                        None,
+                    ) else {
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     };

@@ -74,8 +74,8 @@ impl Uplink {
         let mut backoff = Duration::from_millis(200);
         let mut unanswered = 0u32;
         loop {
-            let started = tokio::time::Instant::now();
-            match self.connect_and_serve(&mut events, &stop).await {
+            let mut registered = false;
+            match self.connect_and_serve(&mut events, &stop, &mut registered).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost");
@@ -89,7 +89,10 @@ impl Uplink {
                     }
                 }
             }
-            if started.elapsed() > Duration::from_secs(10) {
+            // A relay that registered us was reachable and willing: try it again
+            // soon (it may just have restarted). Only failures to get that far
+            // back off further and further.
+            if registered {
                 backoff = Duration::from_millis(200);
             }
             let wait = jitter(backoff);
@@ -105,6 +108,7 @@ impl Uplink {
         &self,
         events: &mut mpsc::UnboundedReceiver<NodeMsg>,
         stop: &CancellationToken,
+        registered: &mut bool,
     ) -> Result<(), UplinkError> {
         let addr = resolve(&self.target.addr).await?;
         let endpoint = self.endpoint(addr)?;
@@ -138,6 +142,7 @@ impl Uplink {
             BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
             other => return Err(UplinkError::Refused(format!("unexpected {other:?}"))),
         }
+        *registered = true;
         let node_id = PeerId::from_signing_key(&self.identity);
         tracing::info!(broker = %self.target.addr, %node_id, "registered with relay");
         crate::announce(

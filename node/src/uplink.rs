@@ -75,7 +75,10 @@ impl Uplink {
         let mut unanswered = 0u32;
         loop {
             let mut registered = false;
-            match self.connect_and_serve(&mut events, &stop, &mut registered).await {
+            match self
+                .connect_and_serve(&mut events, &stop, &mut registered)
+                .await
+            {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost");

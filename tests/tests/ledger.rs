@@ -156,6 +156,26 @@ fn orders_are_charged_refunded_and_paid_for() {
         ))?;
         assert_eq!(status, 404);
 
+        // Malformed hashes on every client and owner endpoint, and another
+        // client's order, which answers like a missing one.
+        for path in ["/order/xyz", "/order/xyz/abc", "/account/xyz", "/owner/xyz"] {
+            let (status, body) = broker.get(scene, path)?;
+            assert_eq!(
+                (status, &body["status"]),
+                (400, &"ERROR".into()),
+                "{path}: {body}"
+            );
+        }
+        let (status, _) = broker.request(scene, "PUT", "/account/xyz/keys", &[], Some(b""))?;
+        assert_eq!(status, 400);
+        let (status, other) = broker.request(scene, "POST", "/admin/clients", &[&auth], None)?;
+        assert_eq!(status, 201, "{other}");
+        let other = other["client_hash"].as_str().unwrap_or_default().to_owned();
+        let (status, body) = broker.get(scene, &format!("/order/{other}/{}", login.order_id))?;
+        assert_eq!(status, 404, "another client's order: {body}");
+        let (status, body) = broker.order(scene, &other)?;
+        assert_eq!(status, 402, "a new client has no funds: {body}");
+
         // The client's own key: validated, then accepted for the next order.
         let (own, own_pub) = keygen(&login.dir, "own", &["-t", "ed25519"])?;
         let (_, weak_pub) = keygen(&login.dir, "weak", &["-t", "rsa", "-b", "1024"])?;

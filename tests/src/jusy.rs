@@ -236,7 +236,21 @@ impl Node {
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut node = Self::spawn_at(scene, name, site, broker, extra)?;
+        Self::start_via(scene, name, site, broker, broker.relay, extra)
+    }
+
+    /// Like [`Node::start_at`], dialling `relay` instead of the broker's own
+    /// relay address (a relay reached through an impairer, say); the node
+    /// still pins `broker`'s key.
+    pub fn start_via(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        relay: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut node = Self::spawn_via(scene, name, site, broker, relay, extra)?;
         node.proc.wait_event("registered", READY)?;
         Ok(node)
     }
@@ -250,10 +264,21 @@ impl Node {
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::spawn_via(scene, name, site, broker, broker.relay, extra)
+    }
+
+    fn spawn_via(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        relay: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let data_dir = scene.subdir(name)?;
         let mut cmd = site.command(bin("jusy-node")?);
         cmd.arg("--broker")
-            .arg(broker.relay.to_string())
+            .arg(relay.to_string())
             .args(["--broker-key", &broker.key])
             .arg("--data-dir")
             .arg(&data_dir)

@@ -167,7 +167,15 @@ fn bulk_scp_over_a_slow_lossy_uplink() {
         random_file(&src, 32 << 20, 0x1a6)?;
         let want = sha256_file(&src)?;
         let started = Instant::now();
-        let out = login.scp(scene, &src.display().to_string(), ":data.bin")?;
+        // Loss-based congestion control (quinn's Cubic) is capped near 150 KB/s
+        // at 100 ms round trip and 1 % random loss, so a slow run takes about
+        // four minutes; some runs escape the cap and take seconds.
+        let out = login.scp_within(
+            scene,
+            &src.display().to_string(),
+            ":data.bin",
+            Duration::from_secs(330),
+        )?;
         assert_eq!(out.status, Some(0), "scp: {}", out.stderr);
         scene.note(&format!("32 MiB scp took {:?}", started.elapsed()));
         let out = login.ssh(scene, "sha256sum data.bin", None)?;

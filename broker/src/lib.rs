@@ -8,6 +8,7 @@
 //! * [`relay`] — node connections, slot registry, order-port splicing.
 //! * [`orders`] — the order book: claim, assign, open port, end.
 //! * [`api`] — HTTP routes and their JSON errors.
+//! * [`web`] — the web pages for clients, node owners and the operator.
 
 pub mod api;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod ledger;
 pub mod orders;
 pub mod relay;
 pub mod store;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -128,12 +130,15 @@ impl Broker {
         let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, relay_stop.clone()));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
         let orders = self.orders.clone();
-        let app = api::router(api::Api::new(
-            self.orders,
-            self.relay,
-            self.store.clone(),
+        let api = api::Api::new(self.orders, self.relay, self.store.clone(), &self.cfg);
+        let pages = web::Web::new(
+            api.clone(),
             &self.cfg,
-        ));
+            self.api_addr,
+            self.relay_addr,
+            self.key,
+        );
+        let app = api::router(api).merge(web::router(pages));
         let served = axum::serve(
             self.api_listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),

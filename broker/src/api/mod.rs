@@ -156,7 +156,7 @@ pub fn router(api: Api) -> Router {
         .route("/admin/orders", get(admin::orders))
         .route("/admin/audit", get(admin::audit))
         .route("/health", get(health))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .fallback(fallback)
         .method_not_allowed_fallback(|| async {
             ApiError(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -165,6 +165,14 @@ pub fn router(api: Api) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
+}
+
+/// An unknown path: a browser gets the 404 page, anything else JSON.
+async fn fallback(headers: axum::http::HeaderMap) -> Response {
+    if crate::web::wants_html(&headers) {
+        return crate::web::not_found();
+    }
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()).into_response()
 }
 
 async fn health(State(api): State<Api>) -> Response {

@@ -1,0 +1,311 @@
+//! The client's pages: balance and how to top up, their own SSH keys,
+//! "Order now" with a ready-to-paste `ssh` command, the order's key to
+//! download, and the order history with receipts and a CPU chart.
+
+use askama::Template;
+use axum::Form;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Redirect, Response};
+use jusy_common::ledger::{Account, AccountId};
+use serde::Deserialize;
+
+use super::session::{MadeOrder, Session, Who};
+use super::view::{Chart, HEIGHT, OrderRow, WIDTH, cpu, sat};
+use super::{Nav, Web, WebError, bad_form, render};
+use crate::api::client::validate_key;
+use crate::orders::OrderError;
+
+/// Keys a client may register, as the API allows.
+const MAX_KEYS: usize = 16;
+/// Orders shown in the history and the chart.
+const HISTORY: usize = 30;
+
+/// The logged-in client, or a redirect to the log-in page.
+fn client(web: &Web, headers: &HeaderMap) -> Result<(Session, String, AccountId), WebError> {
+    let session = web.sessions.find(headers).ok_or(WebError::Login)?;
+    match &session.who {
+        Who::Client { hash, id } => {
+            let (hash, id) = (hash.clone(), *id);
+            Ok((session, hash, id))
+        }
+        _ => Err(WebError::Login),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "client.html")]
+struct Dashboard {
+    nav: Option<Nav>,
+    csrf: String,
+    account_id: String,
+    balance: String,
+    price: String,
+    can_order: bool,
+    keys: Vec<String>,
+    orders: Vec<OrderRow>,
+    chart: Chart,
+    width: u32,
+    height: u32,
+    error: Option<String>,
+    key_text: String,
+}
+
+/// Renders the dashboard, with `error` shown above the form that failed.
+fn render_dashboard(
+    web: &Web,
+    session: &Session,
+    id: AccountId,
+    status: StatusCode,
+    error: Option<String>,
+    key_text: String,
+) -> Result<Response, WebError> {
+    let ledger = &web.api.orders.ledger;
+    let record = web
+        .api
+        .store
+        .account_by_id(crate::store::Role::Client, &id)?
+        .ok_or(WebError::Login)?;
+    let balance = ledger.balance(&Account::Client(id))?;
+    let mut orders = Vec::new();
+    for (oid, rec) in ledger
+        .orders()?
+        .into_iter()
+        .filter(|(_, r)| r.client == id)
+        .rev()
+        .take(HISTORY)
+    {
+        orders.push(OrderRow::new(oid, &rec, &ledger.receipts(oid)?));
+    }
+    let bars: Vec<(String, u64)> = orders
+        .iter()
+        .rev()
+        .map(|o| (format!("{} {}: {}", o.created, o.short_id, o.cpu), o.cpu_us))
+        .collect();
+    let page = Dashboard {
+        nav: Nav::of(session),
+        csrf: session.csrf.clone(),
+        account_id: id.to_string(),
+        balance: sat(balance),
+        price: sat(ledger.pricing.price_sat),
+        can_order: balance >= ledger.pricing.price_sat,
+        keys: record.ssh_keys,
+        chart: Chart::bars(&bars, cpu),
+        width: WIDTH,
+        height: HEIGHT,
+        orders,
+        error,
+        key_text,
+    };
+    Ok(render(status, &page))
+}
+
+pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Response, WebError> {
+    let (session, _, id) = client(&web, &headers)?;
+    render_dashboard(&web, &session, id, StatusCode::OK, None, String::new())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct KeyForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    key: String,
+}
+
+pub async fn add_key(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    form: Result<Form<KeyForm>, FormRejection>,
+) -> Result<Response, WebError> {
+    let Form(form) = form.map_err(bad_form)?;
+    let (session, _, id) = client(&web, &headers)?;
+    if !session.csrf_ok(&form.csrf) {
+        return Err(WebError::Csrf);
+    }
+    let refuse = |msg: String| {
+        render_dashboard(
+            &web,
+            &session,
+            id,
+            StatusCode::BAD_REQUEST,
+            Some(msg),
+            form.key.clone(),
+        )
+    };
+    let mut keys = web
+        .api
+        .store
+        .account_by_id(crate::store::Role::Client, &id)?
+        .map(|r| r.ssh_keys)
+        .unwrap_or_default();
+    let mut added = 0;
+    for line in form
+        .key
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match validate_key(line) {
+            Ok(key) if !keys.contains(&key) => {
+                keys.push(key);
+                added += 1;
+            }
+            Ok(_) => {}
+            Err(e) => return refuse(format!("This key was not added: {e}.")),
+        }
+    }
+    if added == 0 && keys.is_empty() {
+        return refuse("Paste an OpenSSH public key (ssh-ed25519 AAAA…).".into());
+    }
+    if keys.len() > MAX_KEYS {
+        return refuse(format!("At most {MAX_KEYS} keys; remove one first."));
+    }
+    web.api.store.set_client_keys(&id, keys)?;
+    Ok(Redirect::to("/client#keys").into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RemoveKeyForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    key: String,
+}
+
+pub async fn remove_key(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    form: Result<Form<RemoveKeyForm>, FormRejection>,
+) -> Result<Response, WebError> {
+    let Form(form) = form.map_err(bad_form)?;
+    let (session, _, id) = client(&web, &headers)?;
+    if !session.csrf_ok(&form.csrf) {
+        return Err(WebError::Csrf);
+    }
+    let store = &web.api.store;
+    let mut keys = store
+        .account_by_id(crate::store::Role::Client, &id)?
+        .map(|r| r.ssh_keys)
+        .unwrap_or_default();
+    keys.retain(|k| *k != form.key);
+    store.set_client_keys(&id, keys)?;
+    Ok(Redirect::to("/client#keys").into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct OrderForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+pub async fn order_now(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    form: Result<Form<OrderForm>, FormRejection>,
+) -> Result<Response, WebError> {
+    let Form(form) = form.map_err(bad_form)?;
+    let (session, hash, id) = client(&web, &headers)?;
+    if !session.csrf_ok(&form.csrf) {
+        return Err(WebError::Csrf);
+    }
+    let creds = match web.api.orders.create(&hash).await {
+        Ok(c) => c,
+        Err(e) => {
+            let (status, msg) = match &e {
+                OrderError::Insufficient { .. } => (StatusCode::PAYMENT_REQUIRED, e.to_string()),
+                OrderError::NoCapacity | OrderError::Node(_) | OrderError::Port(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                }
+                OrderError::UnknownClient => return Err(WebError::Login),
+                OrderError::Store(_) | OrderError::Ledger(_) | OrderError::Key => {
+                    tracing::error!(error = %e, "web order failed");
+                    return Err(WebError::Internal);
+                }
+            };
+            let msg = format!("No order was made (nothing was charged): {msg}.");
+            return render_dashboard(&web, &session, id, status, Some(msg), String::new());
+        }
+    };
+    let order_id = creds.order_id.clone();
+    web.sessions.add_order(
+        &session.token,
+        MadeOrder {
+            order_id: creds.order_id,
+            username: creds.username,
+            host: creds.host,
+            port: creds.port,
+            privkey: creds.privkey,
+            known_hosts: creds.known_hosts,
+        },
+    );
+    Ok(Redirect::to(&format!("/client/orders/{order_id}")).into_response())
+}
+
+#[derive(Template)]
+#[template(path = "order.html")]
+struct OrderPage {
+    nav: Option<Nav>,
+    order: MadeOrder,
+    key_file: String,
+    known_hosts_file: String,
+    command: String,
+}
+
+/// File names the page tells the client to save the key and host key under.
+fn files(order_id: &str) -> (String, String) {
+    let short: String = order_id.chars().take(8).collect();
+    (
+        format!("jusy-{short}.key"),
+        format!("jusy-{short}.known_hosts"),
+    )
+}
+
+/// An order made in this session: the `ssh` command, its files.
+pub async fn made_order(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+) -> Result<Response, WebError> {
+    let (session, _, _) = client(&web, &headers)?;
+    let order = session.order(&order_id).ok_or(WebError::NotFound)?.clone();
+    let (key_file, known_hosts_file) = files(&order.order_id);
+    let command = format!(
+        "ssh -i {key_file} -o UserKnownHostsFile={known_hosts_file} -p {} {}@{}",
+        order.port, order.username, order.host
+    );
+    let page = OrderPage {
+        nav: Nav::of(&session),
+        order,
+        key_file,
+        known_hosts_file,
+        command,
+    };
+    Ok(render(StatusCode::OK, &page))
+}
+
+/// The order's private key as a file download.
+pub async fn download_key(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+) -> Result<Response, WebError> {
+    let (session, _, _) = client(&web, &headers)?;
+    let order = session.order(&order_id).ok_or(WebError::NotFound)?;
+    let (key_file, _) = files(&order.order_id);
+    let disposition = HeaderValue::from_str(&format!("attachment; filename=\"{key_file}\""))
+        .map_err(|_| WebError::NotFound)?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        order.privkey.clone(),
+    )
+        .into_response())
+}

@@ -1,0 +1,122 @@
+//! The node owner's page: the command that runs a node for them, their nodes
+//! (online now or seen in orders) with sessions served and earnings, and a
+//! chart of earnings over time.
+
+use std::collections::BTreeMap;
+
+use askama::Template;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::HeaderMap;
+use axum::response::Response;
+use jusy_common::ledger::Account;
+
+use super::session::Who;
+use super::view::{Chart, HEIGHT, WIDTH, sat, short, utc};
+use super::{Nav, Web, WebError, render};
+
+/// One of the owner's nodes.
+#[derive(Debug, Default)]
+struct NodeRow {
+    id: String,
+    short_id: String,
+    online: bool,
+    free_slots: usize,
+    sessions: usize,
+    earned: u64,
+    earned_text: String,
+}
+
+/// One settled session that paid the owner.
+#[derive(Debug)]
+struct Payout {
+    when: String,
+    node: String,
+    amount: String,
+}
+
+#[derive(Template)]
+#[template(path = "owner.html")]
+struct Dashboard {
+    nav: Option<Nav>,
+    account_id: String,
+    command: String,
+    relay: String,
+    broker_key: String,
+    share: u32,
+    earnings: String,
+    sessions: usize,
+    nodes: Vec<NodeRow>,
+    payouts: Vec<Payout>,
+    chart: Chart,
+    width: u32,
+    height: u32,
+}
+
+pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Response, WebError> {
+    let session = web.sessions.find(&headers).ok_or(WebError::Login)?;
+    let Who::Owner { hash, id } = &session.who else {
+        return Err(WebError::Login);
+    };
+    let mut nodes: BTreeMap<String, NodeRow> = BTreeMap::new();
+    for link in web.api.relay.nodes() {
+        if link.owner == Some(*id) {
+            let row = nodes.entry(link.id.to_string()).or_default();
+            row.online = true;
+            row.free_slots = link.free_slots();
+        }
+    }
+    let ledger = &web.api.orders.ledger;
+    let mut payouts = Vec::new();
+    let mut paid = Vec::new();
+    let mut sessions = 0;
+    for (_, rec) in ledger
+        .orders()?
+        .iter()
+        .filter(|(_, r)| r.owner == Some(*id))
+    {
+        sessions += 1;
+        let row = nodes.entry(rec.node_id.clone()).or_default();
+        row.sessions += 1;
+        let earned = rec.order.settlement.map_or(0, |s| s.owner);
+        row.earned = row.earned.saturating_add(earned);
+        if earned > 0 {
+            paid.push(earned);
+            payouts.push(Payout {
+                when: utc(rec.created_ms),
+                node: short(&rec.node_id),
+                amount: sat(earned),
+            });
+        }
+    }
+    let nodes = nodes
+        .into_iter()
+        .map(|(node_id, row)| NodeRow {
+            short_id: short(&node_id),
+            earned_text: sat(row.earned),
+            id: node_id,
+            ..row
+        })
+        .collect();
+    payouts.reverse();
+    let command = format!(
+        "jusy-node --broker {} --broker-key {} --owner {hash}",
+        web.relay, web.broker_key
+    );
+    let page = Dashboard {
+        nav: Nav::of(&session),
+        account_id: id.to_string(),
+        command,
+        relay: web.relay.clone(),
+        broker_key: web.broker_key.clone(),
+        share: web.owner_share_ppm / 10_000,
+        earnings: sat(ledger.balance(&Account::Owner(*id))?),
+        sessions,
+        nodes,
+        payouts,
+        chart: Chart::cumulative(&paid, sat),
+        width: WIDTH,
+        height: HEIGHT,
+    };
+    Ok(render(StatusCode::OK, &page))
+}

@@ -6,6 +6,8 @@
 //! * [`scene`] — one test's directory, log files and failure report.
 //! * [`process`] — a started binary: event lines on stdout, stop on drop.
 //! * [`jusy`] — a broker and nodes started as a user would, orders through `curl`.
+//! * [`browser`] — headless chromium through chromedriver (WebDriver), for the
+//!   web pages.
 //! * [`client`] — OpenSSH `ssh`, `scp`, `sftp` and `rsync` against an order.
 //! * [`site`] — where a program runs: loopback or a lab host's namespace.
 //! * [`lab`] — a network of namespaced hosts: the internet, brokers, home
@@ -18,6 +20,7 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod browser;
 pub mod client;
 pub mod jusy;
 pub mod lab;

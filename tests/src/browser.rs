@@ -365,10 +365,28 @@ impl Browser {
         }
     }
 
-    /// Saves a PNG of the page as `<name>.png` in the scene directory (and in
-    /// `JUSY_SCREENSHOTS`, if set).
+    /// Saves a PNG of the whole page as `<name>.png` in the scene directory
+    /// (and in `JUSY_SCREENSHOTS`, if set). WebDriver shoots only the window,
+    /// so the window is stretched to the page's height for the shot.
     pub fn screenshot(&self, name: &str) -> anyhow::Result<PathBuf> {
-        let data = self.cmd("GET", "/screenshot", None)?;
+        let rect = self.cmd("GET", "/window/rect", None)?;
+        let (width, height) = (
+            rect["width"].as_u64().unwrap_or(1100),
+            rect["height"].as_u64().unwrap_or(900),
+        );
+        let page = self
+            .execute("return document.documentElement.scrollHeight")?
+            .as_u64()
+            .unwrap_or(height);
+        let full = json!({"width": width, "height": (page + 100).clamp(height, 5000)});
+        self.cmd("POST", "/window/rect", Some(full))?;
+        let data = self.cmd("GET", "/screenshot", None);
+        self.cmd(
+            "POST",
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )?;
+        let data = data?;
         let png = base64_decode(data.as_str().context("screenshot is not a string")?)?;
         let path = self.shots.join(format!("{name}.png"));
         std::fs::write(&path, &png)?;

@@ -241,7 +241,12 @@ impl IntoResponse for WebError {
             title: status.canonical_reason().unwrap_or("Error"),
             message: self.to_string(),
         };
-        render(status, &page)
+        let mut resp = render(status, &page);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
     }
 }
 

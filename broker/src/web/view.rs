@@ -146,6 +146,8 @@ pub const WIDTH: u32 = 600;
 pub const HEIGHT: u32 = 200;
 /// Room on the left for the axis label.
 const LEFT: u32 = 8;
+/// Widest bar, so that a few orders do not look like a solid block.
+const MAX_BAR: u32 = 40;
 
 /// One bar of a bar chart.
 #[derive(Debug, Clone)]
@@ -176,7 +178,7 @@ impl Chart {
     pub fn bars(values: &[(String, u64)], top: impl Fn(u64) -> String) -> Self {
         let max = values.iter().map(|(_, v)| *v).max().unwrap_or(0);
         let n = u32::try_from(values.len()).unwrap_or(u32::MAX).max(1);
-        let slot = (WIDTH - LEFT) / n;
+        let slot = ((WIDTH - LEFT) / n).min(MAX_BAR * 4 / 3);
         let w = (slot * 3 / 4).max(1);
         let bars = values
             .iter()

@@ -1,11 +1,13 @@
-//! Starting a session's processes: as the session user, in the user's home, with a
-//! clean environment, a new session id, `no_new_privs` and umask 077.
+//! Starting a session's processes: inside the session's cgroup from before any
+//! user code runs, as the session user, in the user's home, with a clean
+//! environment, a new session id, `no_new_privs` and umask 077.
 
 use std::path::Path;
 
 use tokio::process::Command;
 
-use super::user::SessionUser;
+use super::Sandbox;
+use super::cgroup::join_in_child;
 
 /// What a channel asked to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,12 +28,13 @@ pub fn env_allowed(name: &str) -> bool {
 /// Builds the command for `program`; `with_tty` makes the child take its stdin as
 /// controlling terminal.
 pub fn command(
-    user: &SessionUser,
+    sandbox: &Sandbox,
     program: &Program,
     env: &[(String, String)],
     with_tty: bool,
     sftp_server: &Path,
 ) -> Command {
+    let user = &sandbox.user;
     let mut cmd = match program {
         Program::Shell => {
             let mut c = Command::new(&user.shell);
@@ -63,9 +66,17 @@ pub fn command(
     if !user.shared_dev_user {
         cmd.uid(user.uid).gid(user.gid);
     }
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    let join = sandbox
+        .cgroup
+        .as_ref()
+        .map(|cg| cg.join_fds())
+        .unwrap_or_default();
+    // SAFETY: only async-signal-safe calls between fork and exec. The cgroup
+    // descriptors stay open while the sandbox lives, which outlasts this spawn.
     unsafe {
         cmd.pre_exec(move || {
+            // First, so that everything the process does is limited and metered.
+            join_in_child(&join)?;
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -46,18 +46,20 @@ pub struct SessionUser {
 }
 
 impl SessionUser {
-    /// Creates a fresh unprivileged user with a private home (mode 0700).
-    pub async fn create(homes: &Path) -> Result<Self, UserError> {
+    /// Creates a fresh unprivileged user (no password, no supplementary groups)
+    /// with a private home (mode 0700) when `create_home`; otherwise the home is
+    /// the caller's to make (a mounted disk).
+    pub async fn create(homes: &Path, create_home: bool) -> Result<Self, UserError> {
         let name = format!("{USER_PREFIX}{}", random_hex(4));
         let home = homes.join(&name);
         let shell = login_shell();
         let output = Command::new("useradd")
-            .args([
-                "--create-home",
-                "--user-group",
-                "--no-log-init",
-                "--home-dir",
-            ])
+            .arg(if create_home {
+                "--create-home"
+            } else {
+                "--no-create-home"
+            })
+            .args(["--user-group", "--no-log-init", "--home-dir"])
             .arg(&home)
             .arg("--shell")
             .arg(&shell)

@@ -160,8 +160,11 @@ pub async fn run(
 
     stop.cancelled().await;
     tracing::info!("shutting down: ending sessions with NODE_SHUTDOWN");
-    sessions.shutdown().await;
+    // No new slot may appear once teardown has started, so the filler (which
+    // finishes the slot it is preparing) is awaited first.
+    sessions.stop_preparing();
     let _ = filler.await;
+    sessions.shutdown().await;
     uplink_stop.cancel();
     let _ = uplink.await;
     Ok(())

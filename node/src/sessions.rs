@@ -358,6 +358,11 @@ impl Sessions {
         }
     }
 
+    /// Stops preparing slots and accepting orders (the first step of shutdown).
+    pub fn stop_preparing(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Ends every session with NODE_SHUTDOWN, removes the ready slots and the
     /// node-wide rules, and waits for all teardowns.
     pub async fn shutdown(&self) {

@@ -112,6 +112,8 @@ impl Broker {
 pub struct Node {
     pub proc: Proc,
     pub data_dir: PathBuf,
+    /// The node's identity (hex), from its `registered` event.
+    pub node_id: String,
 }
 
 impl Node {
@@ -132,8 +134,16 @@ impl Node {
             .args(extra)
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
         let mut proc = Proc::start(scene, name, cmd)?;
-        proc.wait_event("registered", READY)?;
-        Ok(Self { proc, data_dir })
+        let registered = proc.wait_event("registered", READY)?;
+        let node_id = registered["node_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Self {
+            proc,
+            data_dir,
+            node_id,
+        })
     }
 
     /// Waits for the node to report the end of an order's session (after its

@@ -7,6 +7,7 @@
 //! * [`process`] — a started binary: event lines on stdout, stop on drop.
 //! * [`jusy`] — a broker and nodes started as a user would, orders through `curl`.
 //! * [`client`] — OpenSSH `ssh`, `scp`, `sftp` and `rsync` against an order.
+//! * [`leftovers`] — what a node's sessions left on the machine, if anything.
 //!
 //! The binaries are taken from the Cargo target directory the tests were built
 //! in; build them first (`cargo build --workspace --bins`, as README's test
@@ -17,6 +18,7 @@
 
 pub mod client;
 pub mod jusy;
+pub mod leftovers;
 pub mod process;
 pub mod scene;
 

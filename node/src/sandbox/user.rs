@@ -126,15 +126,26 @@ impl SessionUser {
             return remove_dir(&self.home).await;
         }
         kill_all_of(self.uid).await;
-        let output = Command::new("userdel")
-            .args(["--remove", &self.name])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| UserError::Spawn {
-                cmd: "userdel",
-                source,
-            })?;
+        // userdel counts zombies as users of the account; a killed session's
+        // orphans stay zombies until init reaps them, which some inits do only
+        // every second or two. Exit code 8 (user busy) is worth a few retries.
+        let mut tries = 0;
+        let output = loop {
+            let output = Command::new("userdel")
+                .args(["--remove", &self.name])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|source| UserError::Spawn {
+                    cmd: "userdel",
+                    source,
+                })?;
+            if output.status.code() != Some(8) || tries >= 50 {
+                break output;
+            }
+            tries += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         // Exit code 6 means the user is already gone, 12 that the home could not be
         // removed (removed below); both leave no user behind.
         if !output.status.success() && !matches!(output.status.code(), Some(6 | 12)) {
@@ -224,9 +235,20 @@ fn pids_of(uid: u32) -> Vec<i32> {
     dir.filter_map(Result::ok)
         .filter_map(|e| {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            (e.metadata().ok()?.uid() == uid).then_some(pid)
+            (e.metadata().ok()?.uid() == uid && !is_zombie(pid)).then_some(pid)
         })
         .collect()
+}
+
+/// A zombie is dead already; only its parent (often init) can make it go away.
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, after_comm) = stat.rsplit_once(')')?;
+            after_comm.trim_start().chars().next()
+        })
+        == Some('Z')
 }
 
 fn login_shell() -> PathBuf {

@@ -63,9 +63,15 @@ impl Uplink {
     /// pending messages (session ends) and closes.
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<NodeMsg>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
+        // A message whose write failed when the connection broke: sent first
+        // after reconnecting, so no receipt goes missing from its chain.
+        let mut unsent = None;
         loop {
             let started = tokio::time::Instant::now();
-            match self.connect_and_serve(&mut events, &stop).await {
+            match self
+                .connect_and_serve(&mut events, &mut unsent, &stop)
+                .await
+            {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost")
@@ -86,6 +92,7 @@ impl Uplink {
     async fn connect_and_serve(
         &self,
         events: &mut mpsc::UnboundedReceiver<NodeMsg>,
+        unsent: &mut Option<NodeMsg>,
         stop: &CancellationToken,
     ) -> Result<(), UplinkError> {
         let addr = resolve(&self.target.addr).await?;
@@ -122,6 +129,9 @@ impl Uplink {
             "registered",
             serde_json::json!({"broker": self.target.addr, "node_id": node_id.to_string()}),
         );
+        if let Some(ev) = unsent.take() {
+            send_or_keep(&mut send, ev, unsent).await?;
+        }
         loop {
             tokio::select! {
                 incoming = conn.accept_bi() => {
@@ -134,7 +144,7 @@ impl Uplink {
                     BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
                     BrokerMsg::Welcome { .. } => {}
                 },
-                Some(ev) = events.recv() => send.write_all(&frame::encode(&ev)?).await?,
+                Some(ev) = events.recv() => send_or_keep(&mut send, ev, unsent).await?,
                 _ = stop.cancelled() => {
                     while let Ok(ev) = events.try_recv() {
                         send.write_all(&frame::encode(&ev)?).await?;
@@ -168,6 +178,20 @@ impl Uplink {
         endpoint.set_default_client_config(config);
         Ok(endpoint)
     }
+}
+
+/// Writes `ev`, or keeps it in `unsent` when the connection broke.
+async fn send_or_keep(
+    send: &mut quinn::SendStream,
+    ev: NodeMsg,
+    unsent: &mut Option<NodeMsg>,
+) -> Result<(), UplinkError> {
+    let bytes = frame::encode(&ev)?;
+    if let Err(e) = send.write_all(&bytes).await {
+        *unsent = Some(ev);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 async fn read_msg(

@@ -124,7 +124,17 @@ impl Node {
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let data_dir = scene.subdir(name)?;
+        Self::start_in(scene, name, scene.subdir(name)?, broker, extra)
+    }
+
+    /// Like [`Node::start`] with the node's data directory at `data_dir`.
+    pub fn start_in(
+        scene: &Scene,
+        name: &str,
+        data_dir: PathBuf,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("jusy-node")?);
         cmd.arg("--broker")
             .arg(broker.relay.to_string())

@@ -303,3 +303,48 @@ fn nothing_is_left_after_many_sessions_and_a_crash() {
         Ok(())
     });
 }
+
+#[test]
+fn tmp_is_private_and_on_the_session_disk() {
+    if !require_root("tmp_is_private_and_on_the_session_disk") {
+        return;
+    }
+    e2e("tmp_is_private", |scene| {
+        // Homes under /tmp (the scene's directory) would keep the shared /tmp,
+        // so this node keeps its data where a real node does, outside /tmp.
+        let data = std::path::PathBuf::from(format!(
+            "/var/lib/jusy-e2e-{}",
+            scene
+                .dir()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("x")
+        ));
+        let broker_data = scene.subdir("broker")?;
+        let client = Broker::add_client(scene, &broker_data)?;
+        let broker = Broker::start(scene, "broker", broker_data, 0)?;
+        let args = ["--ready-slots", "2", "--disk-mib", "64"];
+        let mut node = Node::start_in(scene, "node", data.clone(), &broker, &args)?;
+        broker.wait_capacity(scene, 2)?;
+        let one = order(scene, &broker, &client)?;
+        let two = order(scene, &broker, &client)?;
+        let marker = format!("jusy-marker-{}", one.order_id);
+        let out = one.ssh(
+            scene,
+            &format!(
+                "touch /tmp/{marker} /dev/shm/{marker} && \
+                 [ \"$(df -P /tmp | tail -1 | cut -d' ' -f1)\" = \"$(df -P ~ | tail -1 | cut -d' ' -f1)\" ] && \
+                 ls /tmp"
+            ),
+            None,
+        )?;
+        assert_eq!(out.text(), format!("{marker}\n"), "{}", out.stderr);
+        let out = two.ssh(scene, &format!("ls /tmp /dev/shm | grep -c {marker}"), None)?;
+        assert_eq!(out.text(), "0\n", "{}", out.stderr);
+        assert!(!std::path::Path::new("/tmp").join(&marker).exists());
+        assert!(node.proc.stop(Duration::from_secs(30))?);
+        assert!(leftovers::of_node(&node.node_id, &data).is_empty());
+        std::fs::remove_dir_all(&data)?;
+        Ok(())
+    });
+}

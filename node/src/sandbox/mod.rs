@@ -64,6 +64,18 @@ impl Sandbox {
     }
 }
 
+/// Makes the session's private `/tmp` and `/dev/shm` directories in its home,
+/// so they count against its disk.
+async fn private_dirs(user: &SessionUser) -> Result<(), SandboxError> {
+    for (dir, _) in process::PRIVATE_DIRS {
+        let path = user.home.join(dir);
+        user::create_private_dir(&path).await?;
+        std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+            .map_err(|source| user::UserError::Home { path, source })?;
+    }
+    Ok(())
+}
+
 /// The node-wide parts of the sandbox.
 #[derive(Debug)]
 pub struct Host {
@@ -154,6 +166,7 @@ impl Host {
                     Disk::create(image, u.home.clone(), self.limits.disk, u.uid, u.gid).await?,
                 );
             }
+            private_dirs(&sandbox.user).await?;
             net.add_user(sandbox.user.uid).await?;
             Ok::<_, SandboxError>(())
         }

@@ -8,6 +8,8 @@
 //!   normal outcome, not an error).
 //! * [`receipt`] — signed usage receipts: canonical bytes, signing, the hash
 //!   chain and its verifier.
+//! * [`speed`] — the deterministic single-core workload of the node speed test,
+//!   and how an answer is judged.
 //! * [`session`] — the lifecycle of one order's session on a node as a state machine
 //!   driven by `handle_*(now, input)` calls.
 //! * [`tls`] — rustls configurations that authenticate both QUIC peers by their
@@ -19,5 +21,6 @@ pub mod frame;
 pub mod identity;
 pub mod receipt;
 pub mod session;
+pub mod speed;
 pub mod tls;
 pub mod wire;

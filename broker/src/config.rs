@@ -24,6 +24,17 @@ pub struct Config {
     pub public_host: String,
     /// Seconds a client has to make its first connection to an order. Default 120.
     pub connect_window_secs: u32,
+    /// Price of one CPU-hour in satoshi. Default 20000.
+    pub price_sat: u64,
+    /// The node owner's share of proven CPU time, in parts per million. Default 800000 (80 %).
+    pub owner_share_ppm: u32,
+    /// Bearer token for the operator endpoints (`/admin/…`). Default: none, and
+    /// those endpoints answer 401.
+    pub operator_token: Option<String>,
+    /// Requests per second allowed per client address and per hash. Default 10.
+    pub rate_limit_per_sec: u32,
+    /// Requests allowed in a burst per client address and per hash. Default 30.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for Config {
@@ -36,6 +47,11 @@ impl Default for Config {
             order_ports: None,
             public_host: "127.0.0.1".to_owned(),
             connect_window_secs: 120,
+            price_sat: 20_000,
+            owner_share_ppm: 800_000,
+            operator_token: None,
+            rate_limit_per_sec: 10,
+            rate_limit_burst: 30,
         }
     }
 }
@@ -55,6 +71,12 @@ pub enum ConfigError {
     },
     #[error("order_ports range {0}-{1} is empty")]
     EmptyRange(u16, u16),
+    #[error("owner_share_ppm {0} is more than 1000000 (100 %)")]
+    Share(u32),
+    #[error("operator_token must be at least 16 characters")]
+    WeakToken,
+    #[error("rate limits must be at least 1")]
+    RateLimit,
 }
 
 impl Config {
@@ -72,9 +94,27 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        match self.order_ports {
-            Some((lo, hi)) if lo > hi || lo == 0 => Err(ConfigError::EmptyRange(lo, hi)),
-            _ => Ok(()),
+        if let Some((lo, hi)) = self.order_ports
+            && (lo > hi || lo == 0)
+        {
+            return Err(ConfigError::EmptyRange(lo, hi));
+        }
+        if self.owner_share_ppm > 1_000_000 {
+            return Err(ConfigError::Share(self.owner_share_ppm));
+        }
+        if self.operator_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::WeakToken);
+        }
+        if self.rate_limit_per_sec == 0 || self.rate_limit_burst == 0 {
+            return Err(ConfigError::RateLimit);
+        }
+        Ok(())
+    }
+
+    pub fn pricing(&self) -> jusy_common::order::Pricing {
+        jusy_common::order::Pricing {
+            price_sat: self.price_sat,
+            owner_share_ppm: self.owner_share_ppm,
         }
     }
 }

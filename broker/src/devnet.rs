@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use jusy_broker::Broker;
 use jusy_broker::config::Config;
-use jusy_broker::store::Store;
+use jusy_broker::ledger::Ledger;
+use jusy_broker::store::{Role, Store};
+use jusy_common::ledger::Account;
 
 /// Runs the local network until `stop` is cancelled.
 pub async fn run(
@@ -18,7 +20,6 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = Store::open(&data_dir.join("broker"))?;
-    let client = store.add_client()?;
     let cfg = Config {
         data_dir: data_dir.join("broker"),
         api_listen,
@@ -26,6 +27,10 @@ pub async fn run(
         order_bind: [127, 0, 0, 1].into(),
         ..Config::default()
     };
+    // A demo client with funds for ten orders, and an owner for the node.
+    let (client, client_id) = store.add_account(Role::Client)?;
+    Ledger::open(&store, cfg.pricing())?.deposit(Account::Client(client_id), 10 * cfg.price_sat)?;
+    let (owner, _) = store.add_account(Role::Owner)?;
     let broker = Broker::bind(cfg, store).await?;
     let api = broker.api_addr;
     let node_cfg = jusy_node::config::Config {
@@ -33,6 +38,7 @@ pub async fn run(
         broker_key: broker.key.to_string(),
         data_dir: data_dir.join("node"),
         ready_slots: Some(2),
+        owner: Some(owner),
         ..Default::default()
     };
     let relay = broker.relay.clone();

@@ -3,13 +3,15 @@
 //!
 //! # Layout
 //! * [`config`] — the TOML configuration and its defaults.
-//! * [`store`] — durable state in sled (identity, clients, orders).
+//! * [`store`] — durable state in sled: identity, accounts by keyed digest.
+//! * [`ledger`] — money and orders in sled transactions: charge, settle, audit.
 //! * [`relay`] — node connections, slot registry, order-port splicing.
 //! * [`orders`] — the order book: claim, assign, open port, end.
 //! * [`api`] — HTTP routes and their JSON errors.
 
 pub mod api;
 pub mod config;
+pub mod ledger;
 pub mod orders;
 pub mod relay;
 pub mod store;
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use config::Config;
+use ledger::Ledger;
 use orders::Orders;
 use relay::{Relay, RelayEvent};
 use store::Store;
@@ -33,6 +36,8 @@ pub enum BrokerError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Relay(#[from] relay::RelayError),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
     #[error("binding HTTP API {addr}: {source}")]
     BindApi {
         addr: SocketAddr,
@@ -54,6 +59,7 @@ pub struct Broker {
     endpoint: quinn::Endpoint,
     orders: Arc<Orders>,
     events: mpsc::UnboundedReceiver<RelayEvent>,
+    cfg: Config,
 }
 
 impl Broker {
@@ -79,9 +85,14 @@ impl Broker {
                 addr: cfg.api_listen,
                 source,
             })?;
+        let ledger = Ledger::open(&store, cfg.pricing())?;
+        let recovered = ledger.recover(store::now_ms())?;
+        if recovered > 0 {
+            tracing::warn!(recovered, "settled orders left unfinished by the last run");
+        }
         let (tx, events) = mpsc::unbounded_channel();
-        let relay = Relay::new(tx);
-        let orders = Orders::new(cfg, store.clone(), relay.clone());
+        let relay = Relay::new(tx, store.clone());
+        let orders = Orders::new(cfg.clone(), store.clone(), ledger, relay.clone());
         Ok(Self {
             api_addr,
             relay_addr,
@@ -92,6 +103,7 @@ impl Broker {
             endpoint,
             orders,
             events,
+            cfg,
         })
     }
 
@@ -111,17 +123,23 @@ impl Broker {
         tracing::info!(api = %self.api_addr, relay = %self.relay_addr, broker_key = %self.key, "broker running");
         let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, stop.clone()));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
-        let app = api::router(api::Api {
-            orders: self.orders,
-            relay: self.relay,
-            store: self.store.clone(),
-        });
-        let served = axum::serve(self.api_listener, app)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .await
-            .map_err(BrokerError::Serve);
+        let orders = self.orders.clone();
+        let app = api::router(api::Api::new(
+            self.orders,
+            self.relay,
+            self.store.clone(),
+            &self.cfg,
+        ));
+        let served = axum::serve(
+            self.api_listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await
+        .map_err(BrokerError::Serve);
         stop.cancel();
         let _ = relay_task.await;
+        orders.close_ports().await;
         follow.abort();
         self.store.flush()?;
         served

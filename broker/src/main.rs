@@ -1,18 +1,21 @@
 //! `jusy-broker`: parses the command line, loads the configuration, and runs the
 //! broker, a devnet, or an administrative command.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 mod devnet;
 
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 use jusy_broker::Broker;
 use jusy_broker::config::Config;
-use jusy_broker::store::Store;
+use jusy_broker::ledger::Ledger;
+use jusy_broker::store::{Role, Store};
+use jusy_common::ledger::{Account, AccountId};
 use tokio_util::sync::CancellationToken;
 
-/// The jusy broker: relay for nodes behind NAT, order ports, HTTP API.
+/// The jusy broker: relay for nodes behind NAT, order ports, HTTP API, ledger.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -20,35 +23,86 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Flags of `serve`; each overrides the configuration file.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML configuration file (see deploy/broker.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP API address.
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
+    /// QUIC (UDP) address nodes dial.
+    #[arg(long)]
+    relay_listen: Option<SocketAddr>,
+    /// Address order ports bind to.
+    #[arg(long)]
+    order_bind: Option<std::net::IpAddr>,
+    /// Host name clients are told to connect to.
+    #[arg(long)]
+    public_host: Option<String>,
+    /// Seconds a client has to connect to a new order.
+    #[arg(long)]
+    connect_window_secs: Option<u32>,
+    /// Price of one CPU-hour in satoshi.
+    #[arg(long)]
+    price_sat: Option<u64>,
+    /// Bearer token of the operator endpoints.
+    #[arg(long)]
+    operator_token: Option<String>,
+    /// Requests per second per address and per hash.
+    #[arg(long)]
+    rate_limit_per_sec: Option<u32>,
+    /// Burst of requests per address and per hash.
+    #[arg(long)]
+    rate_limit_burst: Option<u32>,
+}
+
+/// Where an offline command finds the database (the broker must be stopped).
+#[derive(Debug, Args)]
+struct DataDir {
+    #[arg(long, default_value = "/var/lib/jusy-broker")]
+    data_dir: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the broker.
-    Serve {
-        /// TOML configuration file (see deploy/broker.example.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// HTTP API address.
-        #[arg(long)]
-        api_listen: Option<SocketAddr>,
-        /// QUIC (UDP) address nodes dial.
-        #[arg(long)]
-        relay_listen: Option<SocketAddr>,
-        /// Address order ports bind to.
-        #[arg(long)]
-        order_bind: Option<std::net::IpAddr>,
-        /// Host name clients are told to connect to.
-        #[arg(long)]
-        public_host: Option<String>,
-        /// Seconds a client has to connect to a new order.
-        #[arg(long)]
-        connect_window_secs: Option<u32>,
-    },
-    /// Manage client accounts (with the broker stopped).
+    Serve(ServeArgs),
+    /// Client accounts (broker stopped).
     Client {
         #[command(subcommand)]
-        cmd: ClientCmd,
+        cmd: AccountCmd,
+    },
+    /// Node-owner accounts (broker stopped).
+    Owner {
+        #[command(subcommand)]
+        cmd: AccountCmd,
+    },
+    /// Credit a deposit to an account by its id (broker stopped).
+    Deposit {
+        #[command(flatten)]
+        db: DataDir,
+        #[arg(long)]
+        account_id: String,
+        /// `client` or `owner`.
+        #[arg(long, default_value = "client")]
+        role: String,
+        #[arg(long)]
+        amount_sat: u64,
+    },
+    /// Print every order as a JSON line (broker stopped).
+    Orders {
+        #[command(flatten)]
+        db: DataDir,
+    },
+    /// Check the books; prints the audit as JSON and fails if they do not
+    /// balance (broker stopped).
+    Audit {
+        #[command(flatten)]
+        db: DataDir,
     },
     /// Start a broker, a node and a demo client on this machine.
     Devnet {
@@ -62,12 +116,46 @@ enum Cmd {
 }
 
 #[derive(Debug, Subcommand)]
-enum ClientCmd {
-    /// Create a client account and print its hash.
+enum AccountCmd {
+    /// Create an account and print its secret hash (shown only this once).
     Add {
-        #[arg(long, default_value = "/var/lib/jusy-broker")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        db: DataDir,
+        /// Credit this many satoshi at once.
+        #[arg(long, default_value_t = 0)]
+        deposit: u64,
     },
+}
+
+fn load(args: ServeArgs) -> anyhow::Result<Config> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    macro_rules! take {
+        ($($field:ident),*) => { $(if let Some(v) = args.$field { cfg.$field = v; })* };
+    }
+    take!(
+        data_dir,
+        api_listen,
+        relay_listen,
+        order_bind,
+        public_host,
+        connect_window_secs,
+        price_sat
+    );
+    take!(rate_limit_per_sec, rate_limit_burst);
+    if args.operator_token.is_some() {
+        cfg.operator_token = args.operator_token;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn open(dir: &Path) -> anyhow::Result<(Store, Ledger)> {
+    let store = Store::open(dir)?;
+    let ledger = Ledger::open(&store, Config::default().pricing())?;
+    Ok((store, ledger))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,43 +166,14 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,quinn=warn,russh=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.cmd {
-        Cmd::Serve {
-            config,
-            data_dir,
-            api_listen,
-            relay_listen,
-            order_bind,
-            public_host,
-            connect_window_secs,
-        } => {
-            let mut cfg = match config {
-                Some(p) => Config::load(&p)?,
-                None => Config::default(),
-            };
-            if let Some(v) = data_dir {
-                cfg.data_dir = v;
-            }
-            if let Some(v) = api_listen {
-                cfg.api_listen = v;
-            }
-            if let Some(v) = relay_listen {
-                cfg.relay_listen = v;
-            }
-            if let Some(v) = order_bind {
-                cfg.order_bind = v;
-            }
-            if let Some(v) = public_host {
-                cfg.public_host = v;
-            }
-            if let Some(v) = connect_window_secs {
-                cfg.connect_window_secs = v;
-            }
-            cfg.validate()?;
+        Cmd::Serve(args) => {
+            let cfg = load(args)?;
             rt.block_on(async {
                 let store = Store::open(&cfg.data_dir)?;
                 let broker = Broker::bind(cfg, store).await?;
@@ -124,10 +183,45 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Cmd::Client {
-            cmd: ClientCmd::Add { data_dir },
+            cmd: AccountCmd::Add { db, deposit },
+        } => add_account(&db.data_dir, Role::Client, deposit),
+        Cmd::Owner {
+            cmd: AccountCmd::Add { db, deposit },
+        } => add_account(&db.data_dir, Role::Owner, deposit),
+        Cmd::Deposit {
+            db,
+            account_id,
+            role,
+            amount_sat,
         } => {
-            let store = Store::open(&data_dir)?;
-            println!("{}", store.add_client()?);
+            let (store, ledger) = open(&db.data_dir)?;
+            let id: AccountId = account_id
+                .parse()
+                .context("account id is 64 hex characters")?;
+            let (role, account) = match role.as_str() {
+                "client" => (Role::Client, Account::Client(id)),
+                "owner" => (Role::Owner, Account::Owner(id)),
+                other => anyhow::bail!("role is client or owner, not {other}"),
+            };
+            anyhow::ensure!(
+                store.account_by_id(role, &id)?.is_some(),
+                "no such {role:?} account"
+            );
+            println!("{}", ledger.deposit(account, amount_sat)?);
+            Ok(())
+        }
+        Cmd::Orders { db } => {
+            let (_, ledger) = open(&db.data_dir)?;
+            for (id, rec) in ledger.orders()? {
+                println!("{}", jusy_broker::api::client::order_json(id, &rec, &[]));
+            }
+            Ok(())
+        }
+        Cmd::Audit { db } => {
+            let (_, ledger) = open(&db.data_dir)?;
+            let audit = ledger.audit()?;
+            println!("{}", serde_json::to_string(&audit)?);
+            anyhow::ensure!(audit.ok, "the books do not balance: {:?}", audit.problems);
             Ok(())
         }
         Cmd::Devnet {
@@ -135,6 +229,20 @@ fn main() -> anyhow::Result<()> {
             api_listen,
         } => rt.block_on(async { devnet::run(data_dir, api_listen, stop_on_signal()).await }),
     }
+}
+
+fn add_account(dir: &Path, role: Role, deposit: u64) -> anyhow::Result<()> {
+    let (store, ledger) = open(dir)?;
+    let (hash, id) = store.add_account(role)?;
+    if deposit > 0 {
+        let account = match role {
+            Role::Client => Account::Client(id),
+            Role::Owner => Account::Owner(id),
+        };
+        ledger.deposit(account, deposit)?;
+    }
+    println!("{hash}");
+    Ok(())
 }
 
 /// A token cancelled by SIGINT or SIGTERM.

@@ -1,13 +1,19 @@
-//! The order book: turns a client's request into a claimed slot, a per-order
-//! key pair and an open order port; closes the port and records the reason when
-//! the session ends.
+//! The order book: turns a client's request into a charge, a claimed slot, a
+//! per-order key pair and an open order port; follows the order's connections,
+//! receipts and end, and settles it in the ledger.
+//!
+//! Crash safety: the charge and the order record are committed and flushed
+//! before the credentials leave; every later change of the order is a ledger
+//! transaction; on start-up [`Ledger::recover`] settles what a crash left open.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use jusy_common::identity::PeerId;
-use jusy_common::receipt::{ChainVerifier, SignedReceipt};
-use jusy_common::wire::{Assignment, EndReason, OrderId};
+use jusy_common::ledger::{self as books, Account, AccountId};
+use jusy_common::order::{Order, Settlement};
+use jusy_common::receipt::{Accepted, ChainVerifier, SignedReceipt};
+use jusy_common::wire::{Assignment, EndReason, OrderId, Slot};
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
 use russh::keys::ssh_key::private::Ed25519Keypair;
@@ -17,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::relay::{AssignError, Relay, RelayEvent, splice};
-use crate::store::{OrderRecord, Store, StoreError};
+use crate::ledger::{Ledger, LedgerError, OrderRecord};
+use crate::relay::{AssignError, NodeLink, Relay, RelayEvent, splice};
+use crate::store::{AccountRecord, Role, Store, StoreError, now_ms};
 
 /// Credentials for one order, as the documented client flow expects them.
 #[derive(Debug, Serialize)]
@@ -35,6 +42,8 @@ pub struct Credentials {
     /// A ready `known_hosts` line for `host`:`port`.
     pub known_hosts: String,
     pub node_id: String,
+    /// What was charged, in satoshi.
+    pub price_sat: u64,
 }
 
 /// Why an order could not be made.
@@ -42,6 +51,8 @@ pub struct Credentials {
 pub enum OrderError {
     #[error("unknown client hash")]
     UnknownClient,
+    #[error("insufficient funds: balance {balance} sat, an order costs {price} sat")]
+    Insufficient { balance: u64, price: u64 },
     #[error("no free capacity, try again shortly")]
     NoCapacity,
     #[error("node could not take the order: {0}")]
@@ -50,8 +61,24 @@ pub enum OrderError {
     Port(std::io::Error),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    #[error("ledger: {0}")]
+    Ledger(LedgerError),
     #[error("key generation failed")]
     Key,
+}
+
+impl From<LedgerError> for OrderError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::Money(books::LedgerError::Insufficient {
+                balance, amount, ..
+            }) => OrderError::Insufficient {
+                balance,
+                price: amount,
+            },
+            e => OrderError::Ledger(e),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -67,6 +94,7 @@ struct Live {
 pub struct Orders {
     cfg: Config,
     store: Store,
+    pub ledger: Ledger,
     relay: Arc<Relay>,
     live: Mutex<HashMap<OrderId, Live>>,
     ports: TaskTracker,
@@ -87,27 +115,58 @@ pub fn known_hosts_host(host: &str, port: u16) -> String {
     }
 }
 
+/// Runs blocking ledger work (sled transactions end in an fsync) without
+/// stalling other tasks on this worker.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
 impl Orders {
-    pub fn new(cfg: Config, store: Store, relay: Arc<Relay>) -> Arc<Self> {
+    pub fn new(cfg: Config, store: Store, ledger: Ledger, relay: Arc<Relay>) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             store,
+            ledger,
             relay,
             live: Mutex::default(),
             ports: TaskTracker::new(),
         })
     }
 
+    fn live(&self) -> MutexGuard<'_, HashMap<OrderId, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Makes an order for the client with this hash.
     pub async fn create(&self, client_hash: &str) -> Result<Credentials, OrderError> {
-        let client = self
+        let (client, account) = self
             .store
-            .client(client_hash)?
+            .account(Role::Client, client_hash)?
             .ok_or(OrderError::UnknownClient)?;
+        let price = self.ledger.pricing.price_sat;
+        // A cheap early answer; the charge itself is checked in its transaction.
+        let balance = self.ledger.balance(&Account::Client(client))?;
+        if balance < price {
+            return Err(OrderError::Insufficient { balance, price });
+        }
         let (link, slot) = self.relay.claim_slot().ok_or(OrderError::NoCapacity)?;
-        let listener = splice::bind(self.cfg.order_bind, self.cfg.order_ports)
-            .await
-            .map_err(OrderError::Port)?;
+        self.place(client, account, link, slot).await
+    }
+
+    async fn place(
+        &self,
+        client: AccountId,
+        account: AccountRecord,
+        link: Arc<NodeLink>,
+        slot: Slot,
+    ) -> Result<Credentials, OrderError> {
+        let listener = match splice::bind(self.cfg.order_bind, self.cfg.order_ports).await {
+            Ok(l) => l,
+            Err(e) => {
+                link.return_slot(slot);
+                return Err(OrderError::Port(e));
+            }
+        };
         let port = listener.local_addr().map_err(OrderError::Port)?.port();
         let key = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?));
         let privkey = key
@@ -116,28 +175,39 @@ impl Orders {
             .to_string();
         let pubkey = key.public_key().to_openssh().map_err(|_| OrderError::Key)?;
         let order_id = OrderId::from_random(random()?);
+        let host = self.cfg.public_host.clone();
+        let record = OrderRecord {
+            client,
+            owner: link.owner,
+            node_id: link.id.to_string(),
+            username: slot.username.clone(),
+            host: host.clone(),
+            port,
+            created_ms: now_ms(),
+            order: Order::new(now_ms(), self.ledger.pricing),
+        };
+        if let Err(e) = blocking(|| self.ledger.reserve(order_id, &record)) {
+            link.return_slot(slot);
+            return Err(e.into());
+        }
         let mut authorized_keys = vec![pubkey];
-        authorized_keys.extend(client.ssh_keys);
+        authorized_keys.extend(account.ssh_keys);
         let assignment = Assignment {
             order_id,
             slot_id: slot.slot_id,
             authorized_keys,
             connect_window_secs: self.cfg.connect_window_secs,
         };
-        self.relay.assign(&link, assignment).await?;
-        let record = OrderRecord {
-            client: Store::client_digest(client_hash),
-            node_id: link.id.to_string(),
-            username: slot.username.clone(),
-            port,
-            state: "RUNNING".into(),
-        };
-        if let Err(e) = self.store.put_order(&order_id.to_string(), &record) {
-            link.cancel(order_id);
+        if let Err(e) = self.relay.assign(&link, assignment).await {
+            // Never reached the client: a full refund.
+            blocking(|| {
+                self.ledger
+                    .update(order_id, |o| o.handle_end(now_ms(), EndReason::NodeFailed))
+            })?;
             return Err(e.into());
         }
         let closed = CancellationToken::new();
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        self.live().insert(
             order_id,
             Live {
                 node: link.id,
@@ -147,9 +217,13 @@ impl Orders {
             },
         );
         tracing::info!(%order_id, node_id = %link.id.short(), port, user = %slot.username, "order placed");
-        self.ports
-            .spawn(splice::serve(listener, link.clone(), order_id, closed));
-        let host = self.cfg.public_host.clone();
+        self.ports.spawn(splice::serve(
+            listener,
+            self.relay.clone(),
+            link.clone(),
+            order_id,
+            closed,
+        ));
         Ok(Credentials {
             status: "OK",
             username: slot.username,
@@ -160,90 +234,112 @@ impl Orders {
             privkey,
             host_key: link.host_key.clone(),
             node_id: link.id.to_string(),
+            price_sat: record.order.pricing.price_sat,
         })
-    }
-
-    /// The record of an order, if it belongs to this client.
-    pub fn get(
-        &self,
-        client_hash: &str,
-        order_id: &str,
-    ) -> Result<Option<OrderRecord>, StoreError> {
-        Ok(self
-            .store
-            .order(order_id)?
-            .filter(|r| r.client == Store::client_digest(client_hash)))
     }
 
     /// Applies relay events until the channel closes.
     pub async fn follow(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<RelayEvent>) {
         while let Some(ev) = events.recv().await {
-            match ev {
-                RelayEvent::Ended { order_id, reason } => self.end(order_id, reason),
-                RelayEvent::Receipt { node_id, bytes } => self.receipt(node_id, &bytes),
-                RelayEvent::NodeGone { node_id, link_id } => {
-                    let lost: Vec<OrderId> = self
-                        .live
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .filter(|(_, l)| l.node == node_id && l.link_id == link_id)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in lost {
-                        self.end(id, EndReason::NodeLost);
-                    }
-                }
-            }
+            blocking(|| self.apply(ev));
         }
     }
 
-    /// Checks a receipt against its order's chain; bad ones are logged and dropped.
-    fn receipt(&self, node_id: PeerId, bytes: &[u8]) {
+    fn apply(&self, ev: RelayEvent) {
+        let now = now_ms();
+        let result = match ev {
+            RelayEvent::Ended { order_id, reason } => self.end(order_id, reason).map(|_| ()),
+            RelayEvent::Receipt { node_id, bytes } => self.receipt(node_id, &bytes),
+            RelayEvent::ClientConnected { order_id } => self
+                .ledger
+                .update(order_id, |o| {
+                    o.handle_connect(now);
+                    None
+                })
+                .map(|_| ()),
+            RelayEvent::ClientDisconnected { order_id } => self
+                .ledger
+                .update(order_id, |o| {
+                    o.handle_disconnect(now);
+                    None
+                })
+                .map(|_| ()),
+            RelayEvent::NodeGone { node_id, link_id } => {
+                let lost: Vec<OrderId> = self
+                    .live()
+                    .iter()
+                    .filter(|(_, l)| l.node == node_id && l.link_id == link_id)
+                    .map(|(id, _)| *id)
+                    .collect();
+                lost.into_iter()
+                    .try_for_each(|id| self.end(id, EndReason::NodeLost).map(|_| ()))
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "ledger update failed");
+        }
+    }
+
+    /// Checks a receipt against its order's chain and stores it; bad ones are
+    /// logged with the reason and dropped.
+    fn receipt(&self, node_id: PeerId, bytes: &[u8]) -> Result<(), LedgerError> {
         let signed = match SignedReceipt::decode(bytes) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(node_id = %node_id.short(), error = %e, "receipt rejected");
-                return;
+                return Ok(());
             }
         };
         let r = *signed.receipt();
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(order) = live.get_mut(&r.order_id).filter(|l| l.node == node_id) else {
-            tracing::warn!(order_id = %r.order_id, node_id = %node_id.short(), "receipt for an order this node does not run");
-            return;
+        let accepted = {
+            let mut live = self.live();
+            let Some(order) = live.get_mut(&r.order_id).filter(|l| l.node == node_id) else {
+                tracing::warn!(order_id = %r.order_id, node_id = %node_id.short(), "receipt rejected: not an order this node runs");
+                return Ok(());
+            };
+            order.receipts.accept(&signed)
         };
-        match order.receipts.accept(&signed) {
-            Ok(accepted) => tracing::info!(
-                order_id = %r.order_id, seq = r.seq, cpu_us = r.cpu_us, peak_mem = r.peak_mem,
-                finish = r.finish.map(EndReason::code), ?accepted, "receipt"
-            ),
+        match accepted {
+            Ok(Accepted::New) => {
+                self.ledger
+                    .add_receipt(r.order_id, r.seq, signed.bytes(), r.cpu_us)?;
+                tracing::info!(
+                    order_id = %r.order_id, seq = r.seq, cpu_us = r.cpu_us, peak_mem = r.peak_mem,
+                    finish = r.finish.map(EndReason::code), "receipt"
+                );
+            }
+            Ok(Accepted::Duplicate) => {
+                tracing::debug!(order_id = %r.order_id, seq = r.seq, "duplicate receipt")
+            }
             Err(e) => tracing::warn!(order_id = %r.order_id, error = %e, "receipt rejected"),
+        }
+        Ok(())
+    }
+
+    /// Ends an order: closes its port and settles it.
+    fn end(&self, order_id: OrderId, reason: EndReason) -> Result<Option<Settlement>, LedgerError> {
+        if let Some(live) = self.live().remove(&order_id) {
+            live.closed.cancel();
+        }
+        let settled = self
+            .ledger
+            .update(order_id, |o| o.handle_end(now_ms(), reason));
+        match settled {
+            Err(LedgerError::UnknownOrder(_)) => {
+                tracing::warn!(%order_id, reason = reason.code(), "end of an unknown order ignored");
+                Ok(None)
+            }
+            other => other,
         }
     }
 
-    fn end(&self, order_id: OrderId, reason: EndReason) {
-        let Some(live) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&order_id)
-        else {
-            return;
-        };
-        live.closed.cancel();
-        let id = order_id.to_string();
-        match self.store.order(&id) {
-            Ok(Some(mut rec)) => {
-                rec.state = reason.code().to_owned();
-                if let Err(e) = self.store.put_order(&id, &rec) {
-                    tracing::error!(%order_id, error = %e, "cannot record order end");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::error!(%order_id, error = %e, "cannot read order"),
+    /// Closes every order port (shutdown).
+    pub async fn close_ports(&self) {
+        for (_, live) in self.live().drain() {
+            live.closed.cancel();
         }
-        tracing::info!(%order_id, reason = reason.code(), "order ended");
+        self.ports.close();
+        self.ports.wait().await;
     }
 }
 

@@ -1,12 +1,19 @@
-//! The broker's durable state in sled: its identity key, client accounts and
-//! order records. Client hashes are stored only as SHA-256 digests, so a copied
-//! database yields no usable hash.
+//! The broker's durable state in sled: its identity key, client and owner
+//! accounts, and the trees the ledger keeps money and orders in.
+//!
+//! Secret hashes (client and owner hashes) are never stored: accounts are keyed
+//! by an HMAC-SHA256 digest of the hash under a key kept in its own file
+//! (`digest.key`) beside the database, so a copied database yields no usable
+//! hash and cannot even be searched for one.
 
-use std::path::Path;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
+use hmac::{KeyInit, Mac};
+use jusy_common::ledger::AccountId;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// A database operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,51 +26,89 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("no randomness from the OS: {0}")]
     Random(String),
+    #[error("digest key {path}: {source}")]
+    DigestKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// A client account.
+/// Which kind of account a secret hash opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client,
+    Owner,
+}
+
+/// A client or node-owner account.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Client {
+pub struct AccountRecord {
     /// The client's own OpenSSH public keys, accepted besides each order's key.
+    #[serde(default)]
     pub ssh_keys: Vec<String>,
-}
-
-/// What the broker remembers of an order.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct OrderRecord {
-    pub client: String,
-    pub node_id: String,
-    pub username: String,
-    pub port: u16,
-    /// `RUNNING`, or the end reason code.
-    pub state: String,
+    pub created_ms: u64,
 }
 
 /// The database.
 #[derive(Clone, Debug)]
 pub struct Store {
-    db: sled::Db,
+    pub(crate) db: sled::Db,
+    digest_key: [u8; 32],
     clients: sled::Tree,
-    orders: sled::Tree,
+    owners: sled::Tree,
 }
 
-/// Client hashes are 64 hex characters (256 random bits).
+/// Secret hashes are 64 hex characters (256 random bits).
 pub fn valid_hash(hash: &str) -> bool {
     hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn digest(hash: &str) -> [u8; 32] {
-    Sha256::digest(hash.to_ascii_lowercase().as_bytes()).into()
-}
-
-fn random<const N: usize>() -> Result<[u8; N], StoreError> {
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], StoreError> {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).map_err(|e| StoreError::Random(e.to_string()))?;
     Ok(b)
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
+    let err = |source| StoreError::DigestKey {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => bytes
+            .try_into()
+            .map_err(|_| err(std::io::Error::other("not 32 bytes"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = random::<32>()?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(err)?;
+            f.write_all(&key).map_err(err)?;
+            f.sync_all().map_err(err)?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DigestKey {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let digest_key = load_or_create_key(&dir.join("digest.key"))?;
         let path = dir.join("db");
         let db = sled::open(&path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
@@ -71,7 +116,8 @@ impl Store {
         })?;
         Ok(Self {
             clients: db.open_tree("clients")?,
-            orders: db.open_tree("orders")?,
+            owners: db.open_tree("owners")?,
+            digest_key,
             db,
         })
     }
@@ -90,49 +136,72 @@ impl Store {
         Ok(SigningKey::from_bytes(&seed))
     }
 
-    /// Creates a client account; returns its hash (shown once, never stored).
-    pub fn add_client(&self) -> Result<String, StoreError> {
-        let hash = hex::encode(random::<32>()?);
-        self.clients
-            .insert(digest(&hash), serde_json::to_vec(&Client::default())?)?;
-        self.clients.flush()?;
-        Ok(hash)
+    /// The account id a secret hash opens (whether or not the account exists).
+    /// `None` for text that is not a hash.
+    pub fn account_id(&self, hash: &str) -> Option<AccountId> {
+        let mut secret = [0u8; 32];
+        hex::decode_to_slice(hash, &mut secret).ok()?;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.digest_key).ok()?;
+        mac.update(&secret);
+        Some(AccountId(mac.finalize().into_bytes().into()))
     }
 
-    pub fn client(&self, hash: &str) -> Result<Option<Client>, StoreError> {
-        if !valid_hash(hash) {
-            return Ok(None);
+    fn tree(&self, role: Role) -> &sled::Tree {
+        match role {
+            Role::Client => &self.clients,
+            Role::Owner => &self.owners,
         }
-        match self.clients.get(digest(hash))? {
+    }
+
+    /// Creates an account; returns its secret hash (shown once, never stored)
+    /// and its id.
+    pub fn add_account(&self, role: Role) -> Result<(String, AccountId), StoreError> {
+        let hash = hex::encode(random::<32>()?);
+        let id = self
+            .account_id(&hash)
+            .ok_or_else(|| StoreError::Random("digest of a fresh hash failed".into()))?;
+        let record = AccountRecord {
+            ssh_keys: Vec::new(),
+            created_ms: now_ms(),
+        };
+        self.tree(role).insert(id.0, serde_json::to_vec(&record)?)?;
+        self.tree(role).flush()?;
+        Ok((hash, id))
+    }
+
+    /// The account a secret hash opens, if there is one. The lookup is by a
+    /// keyed digest, so no comparison of secrets happens in this process.
+    pub fn account(
+        &self,
+        role: Role,
+        hash: &str,
+    ) -> Result<Option<(AccountId, AccountRecord)>, StoreError> {
+        let Some(id) = self.account_id(hash).filter(|_| valid_hash(hash)) else {
+            return Ok(None);
+        };
+        Ok(self.account_by_id(role, &id)?.map(|r| (id, r)))
+    }
+
+    pub fn account_by_id(
+        &self,
+        role: Role,
+        id: &AccountId,
+    ) -> Result<Option<AccountRecord>, StoreError> {
+        match self.tree(role).get(id.0)? {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
     }
 
     /// Replaces a client's own SSH keys; false if there is no such client.
-    pub fn set_client_keys(&self, hash: &str, keys: Vec<String>) -> Result<bool, StoreError> {
-        let Some(mut client) = self.client(hash)? else {
+    pub fn set_client_keys(&self, id: &AccountId, keys: Vec<String>) -> Result<bool, StoreError> {
+        let Some(mut record) = self.account_by_id(Role::Client, id)? else {
             return Ok(false);
         };
-        client.ssh_keys = keys;
-        self.clients
-            .insert(digest(hash), serde_json::to_vec(&client)?)?;
+        record.ssh_keys = keys;
+        self.clients.insert(id.0, serde_json::to_vec(&record)?)?;
         self.clients.flush()?;
         Ok(true)
-    }
-
-    /// Stores an order record durably before its credentials are handed out.
-    pub fn put_order(&self, id: &str, rec: &OrderRecord) -> Result<(), StoreError> {
-        self.orders.insert(id, serde_json::to_vec(rec)?)?;
-        self.orders.flush()?;
-        Ok(())
-    }
-
-    pub fn order(&self, id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        match self.orders.get(id)? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
     }
 
     /// Writes everything to disk.
@@ -140,40 +209,53 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
-
-    pub fn client_digest(hash: &str) -> String {
-        hex::encode(digest(hash))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> std::path::PathBuf {
+    fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("jusy-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
     }
 
     #[test]
-    fn clients_and_identity_survive_reopen() {
+    fn accounts_and_identity_survive_reopen() {
         let dir = tmp("reopen");
-        let (hash, id) = {
+        let (hash, id, key) = {
             let s = Store::open(&dir).expect("open");
-            (s.add_client().expect("add"), s.identity().expect("id"))
+            let (hash, id) = s.add_account(Role::Client).expect("add");
+            (hash, id, s.identity().expect("id"))
         };
         let s = Store::open(&dir).expect("reopen");
-        assert_eq!(s.identity().expect("id").to_bytes(), id.to_bytes());
-        assert_eq!(s.client(&hash).expect("get"), Some(Client::default()));
-        assert_eq!(s.client(&"0".repeat(64)).expect("get"), None);
-        assert_eq!(s.client("not-a-hash").expect("get"), None);
-        let raw: Vec<_> = s.clients.iter().keys().filter_map(Result::ok).collect();
+        assert_eq!(s.identity().expect("id").to_bytes(), key.to_bytes());
+        assert_eq!(
+            s.account(Role::Client, &hash).expect("get").map(|a| a.0),
+            Some(id)
+        );
+        assert_eq!(
+            s.account(Role::Owner, &hash).expect("get"),
+            None,
+            "roles are apart"
+        );
+        assert_eq!(s.account(Role::Client, &"0".repeat(64)).expect("get"), None);
+        assert_eq!(s.account(Role::Client, "not-a-hash").expect("get"), None);
+        drop(s);
+        // The database holds neither the hash nor its plain digest.
+        let mut raw = Vec::new();
+        for entry in std::fs::read_dir(dir.join("db")).expect("db dir") {
+            let path = entry.expect("entry").path();
+            if path.is_file() {
+                raw.extend(std::fs::read(path).expect("read"));
+            }
+        }
+        let secret = hex::decode(&hash).expect("hex");
         assert!(
-            raw.iter().all(|k| k.as_ref() != hash.as_bytes()),
+            !raw.windows(32).any(|w| w == secret.as_slice()),
             "hash stored in clear"
         );
-        drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

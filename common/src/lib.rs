@@ -6,6 +6,10 @@
 //!   header that opens every tunnelled client stream.
 //! * [`frame`] — length-prefixed framing of control messages ("need more bytes" is a
 //!   normal outcome, not an error).
+//! * [`order`] — an order's life on the broker (reserved → connected → finished
+//!   or cancelled) and how its price is paid out.
+//! * [`ledger`] — double-entry bookkeeping: accounts, entries, balances and the
+//!   invariant that money is neither made nor lost.
 //! * [`receipt`] — signed usage receipts: canonical bytes, signing, the hash
 //!   chain and its verifier.
 //! * [`speed`] — the deterministic single-core workload of the node speed test,
@@ -19,6 +23,8 @@
 
 pub mod frame;
 pub mod identity;
+pub mod ledger;
+pub mod order;
 pub mod receipt;
 pub mod session;
 pub mod speed;

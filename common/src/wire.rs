@@ -163,6 +163,9 @@ pub enum NodeMsg {
         cores: u32,
         /// Free-form node software version.
         agent: String,
+        /// The owner's secret hash, whose account earns for this node's
+        /// sessions; `None` for a node that earns nothing.
+        owner: Option<String>,
     },
     /// These slots are ready to be claimed.
     SlotsReady { slots: Vec<Slot> },

@@ -16,6 +16,9 @@ pub struct Config {
     pub broker: String,
     /// The relay broker's public key (64 hex characters), pinned in the handshake. Required.
     pub broker_key: String,
+    /// The owner hash whose account earns for this node's sessions. Default: none
+    /// (the node works but earns nothing).
+    pub owner: Option<String>,
     /// Where the node keeps its keys and session homes. Default `/var/lib/jusy-node`.
     pub data_dir: PathBuf,
     /// Sessions kept ready ahead of orders. Default ⌈1.3 × cores⌉.
@@ -52,6 +55,7 @@ impl Default for Config {
         Self {
             broker: String::new(),
             broker_key: String::new(),
+            owner: None,
             data_dir: PathBuf::from("/var/lib/jusy-node"),
             ready_slots: None,
             grace_secs: 5,

@@ -128,6 +128,9 @@ pub async fn run(
         .to_openssh()
         .map_err(|e| NodeError::HostKey(e.to_string()))?;
     tracing::info!(%node_id, "node identity");
+    if cfg.owner.is_none() {
+        tracing::warn!("no owner hash configured (--owner): this node's sessions earn nothing");
+    }
 
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let settings = Settings {
@@ -154,6 +157,7 @@ pub async fn run(
         },
         identity,
         host_key: host_key_line,
+        owner: cfg.owner.clone(),
         sessions: sessions.clone(),
     };
     let uplink = tokio::spawn(uplink.run(events_rx, uplink_stop.clone()));

@@ -20,6 +20,9 @@ struct Cli {
     /// The relay broker's public key (hex).
     #[arg(long)]
     broker_key: Option<String>,
+    /// Owner hash that earns for this node's sessions.
+    #[arg(long)]
+    owner: Option<String>,
     /// Data directory for keys and session homes.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,quinn=warn,russh=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut cfg = match &cli.config {
         Some(p) => Config::load(p)?,
@@ -74,6 +78,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.broker_key {
         cfg.broker_key = v;
+    }
+    if let Some(v) = cli.owner {
+        cfg.owner = Some(v);
     }
     if let Some(v) = cli.data_dir {
         cfg.data_dir = v;

@@ -26,6 +26,8 @@ pub enum UplinkError {
     Tls(String),
     #[error("connecting: {0}")]
     Connect(#[from] quinn::ConnectError),
+    #[error("no answer to the QUIC handshake from {addr}")]
+    HandshakeTimeout { addr: SocketAddr },
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("control stream write: {0}")]
@@ -42,6 +44,11 @@ pub enum UplinkError {
     HelloTimeout,
 }
 
+/// After this many unanswered QUIC handshakes in a row the node says that UDP is
+/// probably blocked. A relay that is down looks the same from here, but a home
+/// firewall that drops UDP is the common cause, and one the owner can fix.
+const BLOCKED_AFTER: u32 = 2;
+
 /// How to reach the relay.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -55,6 +62,8 @@ pub struct Uplink {
     pub target: Target,
     pub identity: ed25519_dalek::SigningKey,
     pub host_key: String,
+    /// The owner's hash, sent in the hello.
+    pub owner: Option<String>,
     pub sessions: Arc<Sessions>,
 }
 
@@ -63,21 +72,33 @@ impl Uplink {
     /// pending messages (session ends) and closes.
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<NodeMsg>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
+        let mut unanswered = 0u32;
         // A message whose write failed when the connection broke: sent first
         // after reconnecting, so no receipt goes missing from its chain.
         let mut unsent = None;
         loop {
-            let started = tokio::time::Instant::now();
+            let mut registered = false;
             match self
-                .connect_and_serve(&mut events, &mut unsent, &stop)
+                .connect_and_serve(&mut events, &mut unsent, &stop, &mut registered)
                 .await
             {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost")
+                    tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost");
+                    if matches!(e, UplinkError::HandshakeTimeout { .. }) {
+                        unanswered += 1;
+                        if unanswered == BLOCKED_AFTER {
+                            self.report_blocked(unanswered);
+                        }
+                    } else {
+                        unanswered = 0;
+                    }
                 }
             }
-            if started.elapsed() > Duration::from_secs(10) {
+            // A relay that registered us was reachable and willing: try it again
+            // soon (it may just have restarted). Only failures to get that far
+            // back off further and further.
+            if registered {
                 backoff = Duration::from_millis(200);
             }
             let wait = jitter(backoff);
@@ -94,16 +115,21 @@ impl Uplink {
         events: &mut mpsc::UnboundedReceiver<NodeMsg>,
         unsent: &mut Option<NodeMsg>,
         stop: &CancellationToken,
+        registered: &mut bool,
     ) -> Result<(), UplinkError> {
         let addr = resolve(&self.target.addr).await?;
         let endpoint = self.endpoint(addr)?;
-        let conn = endpoint.connect(addr, "jusy")?.await?;
+        let conn = endpoint.connect(addr, "jusy")?.await.map_err(|e| match e {
+            quinn::ConnectionError::TimedOut => UplinkError::HandshakeTimeout { addr },
+            e => e.into(),
+        })?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = NodeMsg::Hello {
             protocol: PROTOCOL_VERSION,
             host_key: self.host_key.clone(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             agent: format!("jusy-node/{}", env!("CARGO_PKG_VERSION")),
+            owner: self.owner.clone(),
         };
         send.write_all(&frame::encode(&hello)?).await?;
         let slots = NodeMsg::SlotsReady {
@@ -123,6 +149,7 @@ impl Uplink {
             BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
             other => return Err(UplinkError::Refused(format!("unexpected {other:?}"))),
         }
+        *registered = true;
         let node_id = PeerId::from_signing_key(&self.identity);
         tracing::info!(broker = %self.target.addr, %node_id, "registered with relay");
         crate::announce(
@@ -157,6 +184,23 @@ impl Uplink {
                 }
             }
         }
+    }
+
+    /// Tells the owner, once per streak, that QUIC cannot get out: an error
+    /// line for people and an `uplink_blocked` event for tools.
+    fn report_blocked(&self, attempts: u32) {
+        let hint = "no answer to QUIC over UDP: a firewall or router on the way \
+                    probably drops outgoing UDP; allow UDP to the relay's port";
+        tracing::error!(broker = %self.target.addr, attempts, "{hint}");
+        crate::announce(
+            "uplink_blocked",
+            serde_json::json!({
+                "broker": self.target.addr,
+                "transport": "QUIC/UDP",
+                "attempts": attempts,
+                "hint": hint,
+            }),
+        );
     }
 
     fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint, UplinkError> {

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::process::{self, Output};
 use crate::scene::Scene;
+use crate::site::Site;
 
 /// How long one client command may take.
 pub const COMMAND: Duration = Duration::from_secs(120);
@@ -19,6 +20,8 @@ pub const COMMAND: Duration = Duration::from_secs(120);
 /// Everything needed to log in to one order.
 #[derive(Debug, Clone)]
 pub struct Login {
+    /// Where the client's tools run.
+    pub site: Site,
     pub dir: PathBuf,
     pub user: String,
     pub host: String,
@@ -29,8 +32,14 @@ pub struct Login {
 }
 
 impl Login {
-    /// Saves the order's `privkey` and `known_hosts` line in a fresh directory.
+    /// Saves the order's `privkey` and `known_hosts` line in a fresh directory,
+    /// for tools run on this machine.
     pub fn from_order(scene: &Scene, order: &Value) -> anyhow::Result<Self> {
+        Self::from_order_at(scene, &Site::local(), order)
+    }
+
+    /// Like [`Login::from_order`], for tools run at `site`.
+    pub fn from_order_at(scene: &Scene, site: &Site, order: &Value) -> anyhow::Result<Self> {
         let field = |k: &str| {
             order[k]
                 .as_str()
@@ -44,6 +53,7 @@ impl Login {
         let known_hosts = dir.join("known_hosts");
         std::fs::write(&known_hosts, format!("{}\n", field("known_hosts")?))?;
         Ok(Self {
+            site: site.clone(),
             user: field("username")?.to_owned(),
             host: field("host")?.to_owned(),
             port: u16::try_from(order["port"].as_u64().context("order has no port")?)?,
@@ -83,7 +93,7 @@ impl Login {
 
     /// Like [`Login::ssh_command`], logging in as `user`.
     pub fn ssh_command_as(&self, key: &Path, user: &str, extra: &[&str]) -> Command {
-        let mut cmd = Command::new("ssh");
+        let mut cmd = self.site.command("ssh");
         cmd.env_remove("SSH_AUTH_SOCK")
             .args(self.options(key))
             .args(extra)
@@ -104,7 +114,7 @@ impl Login {
             Some(path) => format!("{}@{}:{path}", self.user, self.host),
             None => p.to_owned(),
         };
-        let mut cmd = Command::new("scp");
+        let mut cmd = self.site.command("scp");
         cmd.env_remove("SSH_AUTH_SOCK")
             .args(self.options(&self.key))
             .args(["-P", &self.port.to_string(), &remote(from), &remote(to)]);
@@ -115,7 +125,7 @@ impl Login {
     pub fn sftp(&self, scene: &Scene, batch: &str) -> anyhow::Result<Output> {
         let batch_file = self.dir.join("sftp.batch");
         std::fs::write(&batch_file, batch)?;
-        let mut cmd = Command::new("sftp");
+        let mut cmd = self.site.command("sftp");
         cmd.env_remove("SSH_AUTH_SOCK")
             .args(self.options(&self.key))
             .args(["-P", &self.port.to_string(), "-b"])
@@ -131,7 +141,7 @@ impl Login {
             None => p.to_owned(),
         };
         let ssh = format!("ssh -p {} {}", self.port, self.options(&self.key).join(" "));
-        let mut cmd = Command::new("rsync");
+        let mut cmd = self.site.command("rsync");
         cmd.env_remove("SSH_AUTH_SOCK")
             .args(["-a", "-e", &ssh, &remote(from), &remote(to)]);
         process::run(scene, cmd, None, COMMAND)
@@ -141,9 +151,17 @@ impl Login {
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
     use sha2::{Digest, Sha256};
+    use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
+            break;
+        };
+        h.update(chunk);
+    }
     Ok(hex::encode(h.finalize()))
 }
 

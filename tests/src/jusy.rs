@@ -1,6 +1,6 @@
-//! A jusy network on loopback, started the way an operator and a node owner
-//! start it: `jusy-broker client add`, `jusy-broker serve`, `jusy-node`. Orders
-//! go through the real `curl`.
+//! A jusy network started the way an operator and a node owner start it:
+//! `jusy-broker client add`, `jusy-broker serve`, `jusy-node`, each at a [`Site`]
+//! (loopback, or a host of a lab network). Orders go through the real `curl`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::process::{self, Proc, bin};
 use crate::scene::Scene;
+use crate::site::Site;
 
 /// How long a process may take to say it is ready.
 pub const READY: Duration = Duration::from_secs(30);
@@ -21,19 +22,32 @@ pub const READY: Duration = Duration::from_secs(30);
 pub struct Broker {
     pub proc: Proc,
     pub data_dir: PathBuf,
+    pub site: Site,
     pub api: SocketAddr,
     pub relay: SocketAddr,
     pub key: String,
 }
 
 impl Broker {
-    /// Creates a client account in the broker's database (the broker must not
-    /// be running on it) and returns its hash.
+    /// Creates a client account with funds for 50 orders at the default price
+    /// in the broker's database (the broker must not be running on it) and
+    /// returns its hash.
     pub fn add_client(scene: &Scene, data_dir: &std::path::Path) -> anyhow::Result<String> {
+        Self::add_account(scene, data_dir, "client", 1_000_000)
+    }
+
+    /// Creates a client or owner account with `deposit` satoshi.
+    pub fn add_account(
+        scene: &Scene,
+        data_dir: &std::path::Path,
+        role: &str,
+        deposit: u64,
+    ) -> anyhow::Result<String> {
         let mut cmd = Command::new(bin("jusy-broker")?);
-        cmd.args(["client", "add", "--data-dir"]).arg(data_dir);
+        cmd.args([role, "add", "--deposit", &deposit.to_string(), "--data-dir"])
+            .arg(data_dir);
         let out = process::run(scene, cmd, None, READY)?;
-        anyhow::ensure!(out.status == Some(0), "client add failed: {}", out.stderr);
+        anyhow::ensure!(out.status == Some(0), "{role} add failed: {}", out.stderr);
         Ok(out.text().trim().to_owned())
     }
 
@@ -44,13 +58,42 @@ impl Broker {
         data_dir: PathBuf,
         relay_port: u16,
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(bin("jusy-broker")?);
+        Self::start_at(scene, name, &Site::local(), data_dir, relay_port, &[])
+    }
+
+    /// Like [`Broker::start`], with extra `serve` flags.
+    pub fn start_with(
+        scene: &Scene,
+        name: &str,
+        data_dir: PathBuf,
+        relay_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_at(scene, name, &Site::local(), data_dir, relay_port, extra)
+    }
+
+    /// Starts `jusy-broker serve` at `site`, listening and announcing its
+    /// address; `relay_port` 0 lets the OS pick; `extra` are more `serve` flags.
+    pub fn start_at(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        data_dir: PathBuf,
+        relay_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let ip = site.ip.to_string();
+        let mut cmd = site.command(bin("jusy-broker")?);
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--api-listen", "127.0.0.1:0"])
-            .args(["--relay-listen", &format!("127.0.0.1:{relay_port}")])
-            .args(["--order-bind", "127.0.0.1", "--public-host", "127.0.0.1"])
+            .args(["--api-listen", &SocketAddr::new(site.ip, 0).to_string()])
+            .args([
+                "--relay-listen",
+                &SocketAddr::new(site.ip, relay_port).to_string(),
+            ])
+            .args(["--order-bind", &ip, "--public-host", &ip])
+            .args(extra)
             .env("RUST_LOG", "info,jusy_broker=debug,quinn=warn");
         let mut proc = Proc::start(scene, name, cmd)?;
         let ready = proc.wait_event("ready", READY)?;
@@ -69,6 +112,7 @@ impl Broker {
                 .context("broker_key")?
                 .to_owned(),
             data_dir,
+            site: site.clone(),
             proc,
         })
     }
@@ -88,23 +132,80 @@ impl Broker {
         }
     }
 
-    /// `curl` GET of an API path: HTTP status and JSON body.
+    /// `curl` GET of an API path from the broker's own host: HTTP status and
+    /// JSON body.
     pub fn get(&self, scene: &Scene, path: &str) -> anyhow::Result<(u16, Value)> {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
-            .arg(format!("http://{}{path}", self.api));
-        let out = process::run(scene, cmd, None, Duration::from_secs(30))?;
-        anyhow::ensure!(out.status == Some(0), "curl failed: {}", out.stderr);
-        let text = out.text();
-        let (body, code) = text.rsplit_once('\n').context("no status line from curl")?;
-        let body = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
-        Ok((code.trim().parse()?, body))
+        self.get_from(scene, &self.site, path)
+    }
+
+    /// `curl` GET of an API path from `from`.
+    pub fn get_from(&self, scene: &Scene, from: &Site, path: &str) -> anyhow::Result<(u16, Value)> {
+        api_request(scene, from, self.api, "GET", path, &[], None)
+    }
+
+    /// Any `curl` request to the API from the broker's own host: HTTP status
+    /// and JSON body.
+    pub fn request(
+        &self,
+        scene: &Scene,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<(u16, Value)> {
+        api_request(scene, &self.site, self.api, method, path, headers, body)
     }
 
     /// Orders a session the documented way: `GET /order/<client hash>`.
     pub fn order(&self, scene: &Scene, client: &str) -> anyhow::Result<(u16, Value)> {
         self.get(scene, &format!("/order/{client}"))
     }
+
+    /// Orders from a client's host, the way that client would.
+    pub fn order_from(
+        &self,
+        scene: &Scene,
+        from: &Site,
+        client: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.get_from(scene, from, &format!("/order/{client}"))
+    }
+}
+
+/// A `curl` request from `from` to the broker API at `api`: HTTP status and
+/// JSON body.
+pub fn api_request(
+    scene: &Scene,
+    from: &Site,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut cmd = from.command("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if body.is_some() {
+        cmd.args(["--data-binary", "@-"]);
+    }
+    cmd.arg(format!("http://{api}{path}"));
+    let out = process::run(scene, cmd, body, Duration::from_secs(30))?;
+    anyhow::ensure!(out.status == Some(0), "curl failed: {}", out.stderr);
+    let text = out.text();
+    let (body, code) = text.rsplit_once('\n').context("no status line from curl")?;
+    let body = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+    Ok((code.trim().parse()?, body))
 }
 
 /// A running node.
@@ -117,14 +218,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `jusy-node` against `broker` and waits until it has registered.
+    /// Starts `jusy-node` on this machine against `broker` and waits until it
+    /// has registered.
     pub fn start(
         scene: &Scene,
         name: &str,
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        Self::start_in(scene, name, scene.subdir(name)?, broker, extra)
+        Self::start_at(scene, name, &Site::local(), broker, extra)
     }
 
     /// Like [`Node::start`] with the node's data directory at `data_dir`.
@@ -135,7 +237,57 @@ impl Node {
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(bin("jusy-node")?);
+        let mut node = Self::spawn_in(scene, name, &Site::local(), data_dir, broker, extra)?;
+        node.wait_registered()?;
+        Ok(node)
+    }
+
+    /// Starts `jusy-node` at `site` against `broker` and waits until it has
+    /// registered.
+    pub fn start_at(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut node = Self::spawn_at(scene, name, site, broker, extra)?;
+        node.wait_registered()?;
+        Ok(node)
+    }
+
+    /// Waits for the node's `registered` event and notes its identity.
+    pub fn wait_registered(&mut self) -> anyhow::Result<()> {
+        let registered = self.proc.wait_event("registered", READY)?;
+        registered["node_id"]
+            .as_str()
+            .unwrap_or_default()
+            .clone_into(&mut self.node_id);
+        Ok(())
+    }
+
+    /// Starts `jusy-node` at `site` without waiting for it to register (for
+    /// homes whose node cannot get out).
+    pub fn spawn_at(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_in(scene, name, site, scene.subdir(name)?, broker, extra)
+    }
+
+    /// Like [`Node::spawn_at`] with the node's data directory at `data_dir`.
+    pub fn spawn_in(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        data_dir: PathBuf,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = site.command(bin("jusy-node")?);
         cmd.arg("--broker")
             .arg(broker.relay.to_string())
             .args(["--broker-key", &broker.key])
@@ -143,16 +295,11 @@ impl Node {
             .arg(&data_dir)
             .args(extra)
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
-        let mut proc = Proc::start(scene, name, cmd)?;
-        let registered = proc.wait_event("registered", READY)?;
-        let node_id = registered["node_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let proc = Proc::start(scene, name, cmd)?;
         Ok(Self {
             proc,
             data_dir,
-            node_id,
+            node_id: String::new(),
         })
     }
 

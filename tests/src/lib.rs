@@ -7,6 +7,9 @@
 //! * [`process`] — a started binary: event lines on stdout, stop on drop.
 //! * [`jusy`] — a broker and nodes started as a user would, orders through `curl`.
 //! * [`client`] — OpenSSH `ssh`, `scp`, `sftp` and `rsync` against an order.
+//! * [`site`] — where a program runs: loopback or a lab host's namespace.
+//! * [`lab`] — a network of namespaced hosts: the internet, brokers, home
+//!   routers that NAT, carrier-grade NAT, and clients.
 //! * [`leftovers`] — what a node's sessions left on the machine, if anything.
 //!
 //! The binaries are taken from the Cargo target directory the tests were built
@@ -18,13 +21,17 @@
 
 pub mod client;
 pub mod jusy;
+pub mod lab;
 pub mod leftovers;
 pub mod process;
 pub mod scene;
+pub mod site;
 
 pub use client::Login;
 pub use jusy::{Broker, Node};
+pub use lab::Lab;
 pub use scene::{Scene, e2e};
+pub use site::Site;
 
 /// True when the test may create Linux users (root). Otherwise says why it skips;
 /// under CI (`CI` set) skipping is not allowed and the test fails instead.
@@ -33,10 +40,16 @@ pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
+    skip(test, "needs root to create per-session Linux users");
+    false
+}
+
+/// Says why `test` skips. Under CI (`CI` set) skipping is not allowed: the test
+/// fails instead, so a machine that cannot run it is noticed.
+pub fn skip(test: &str, why: &str) {
     assert!(
         std::env::var_os("CI").is_none(),
-        "{test}: needs root (creates session users) and CI must run it"
+        "{test}: {why}, and CI must run it"
     );
-    eprintln!("SKIPPED {test}: needs root to create per-session Linux users");
-    false
+    eprintln!("SKIPPED {test}: {why}");
 }

@@ -100,6 +100,9 @@ pub fn e2e(name: &str, test: impl FnOnce(&Scene) -> anyhow::Result<()>) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&scene)));
     match outcome {
         Ok(Ok(())) => {
+            if std::env::var_os("JUSY_E2E_LOGS").is_some() {
+                scene.report();
+            }
             let _ = std::fs::remove_dir_all(&scene.dir);
         }
         Ok(Err(e)) => {

@@ -118,6 +118,21 @@ fn bad_input_is_refused_clearly() {
         let (status, body) = broker.order(scene, "not-a-hash")?;
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["status"], "ERROR");
+        let (status, body) = broker.get(scene, &format!("/order/{client}/{}", "00".repeat(12)))?;
+        assert_eq!((status, &body["status"]), (404, &"ERROR".into()), "{body}");
+        // Hammering one hash is rate limited, with a JSON answer.
+        let fake = "cd".repeat(32);
+        let statuses: Vec<u16> = (0..40)
+            .map(|_| {
+                broker
+                    .get(scene, &format!("/account/{fake}"))
+                    .map(|(s, _)| s)
+            })
+            .collect::<Result<_, _>>()?;
+        assert!(
+            statuses.contains(&401) && statuses.contains(&429),
+            "{statuses:?}"
+        );
         let (status, body) = broker.get(scene, "/no/such/thing")?;
         assert_eq!((status, &body["status"]), (404, &"ERROR".into()));
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use jusy_common::identity::PeerId;
 use jusy_common::wire::{ALPN, Assignment, EndReason, OrderId, Slot};
 use quinn::crypto::rustls::QuicServerConfig;
+use sha2::Digest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +30,10 @@ pub enum RelayEvent {
     },
     /// A node sent a usage receipt (not verified yet).
     Receipt { node_id: PeerId, bytes: Vec<u8> },
+    /// A client opened a TCP connection to an order port.
+    ClientConnected { order_id: OrderId },
+    /// A client's TCP connection to an order port closed.
+    ClientDisconnected { order_id: OrderId },
     /// A node's connection is gone; its sessions are lost.
     NodeGone { node_id: PeerId, link_id: u64 },
 }
@@ -60,9 +65,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Random connection ids that carry no per-process signature: quinn's default
+/// ids are checked against a key that changes with every start, so packets of a
+/// previous life's connections would be dropped instead of answered with the
+/// stateless reset that makes nodes reconnect at once.
+#[derive(Debug)]
+struct PlainCids;
+
+impl quinn::ConnectionIdGenerator for PlainCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        // Without OS randomness nothing else works either; a weak id only
+        // costs a spurious reset.
+        let _ = getrandom::fill(&mut id);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 /// Attached nodes.
 #[derive(Debug)]
 pub struct Relay {
+    /// Looks up the owner accounts nodes name in their hello.
+    store: crate::store::Store,
     nodes: Mutex<HashMap<PeerId, Arc<NodeLink>>>,
     events: mpsc::UnboundedSender<RelayEvent>,
     next_link: std::sync::atomic::AtomicU64,
@@ -83,8 +115,9 @@ pub fn transport_config() -> quinn::TransportConfig {
 }
 
 impl Relay {
-    pub fn new(events: mpsc::UnboundedSender<RelayEvent>) -> Arc<Self> {
+    pub fn new(events: mpsc::UnboundedSender<RelayEvent>, store: crate::store::Store) -> Arc<Self> {
         Arc::new(Self {
+            store,
             nodes: Mutex::default(),
             events,
             next_link: 1.into(),
@@ -93,6 +126,11 @@ impl Relay {
     }
 
     /// Binds the QUIC endpoint nodes dial.
+    ///
+    /// The stateless-reset key is derived from the broker's identity, so a
+    /// restarted broker answers packets of its previous life's connections with
+    /// resets the nodes recognise: they reconnect at once instead of waiting for
+    /// their idle timeout.
     pub fn bind(
         identity: &ed25519_dalek::SigningKey,
         addr: SocketAddr,
@@ -102,7 +140,21 @@ impl Relay {
         let quic = QuicServerConfig::try_from(tls).map_err(|e| RelayError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
-        quinn::Endpoint::server(config, addr).map_err(|source| RelayError::Bind { addr, source })
+        let derive = |purpose: &[u8]| {
+            let mut h = sha2::Sha256::new();
+            h.update(purpose);
+            h.update(identity.to_bytes());
+            <[u8; 32]>::from(h.finalize())
+        };
+        let reset_key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"jusy relay reset key\0"));
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(|| Box::new(PlainCids));
+        let bind = |source| RelayError::Bind { addr, source };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
+        quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)
     }
 
     /// Accepts node connections until `stop` is cancelled.
@@ -176,8 +228,9 @@ impl Relay {
         Some((link, slot))
     }
 
-    pub fn node(&self, id: &PeerId) -> Option<Arc<NodeLink>> {
-        lock(&self.nodes).get(id).cloned()
+    /// Every attached node.
+    pub fn nodes(&self) -> Vec<Arc<NodeLink>> {
+        lock(&self.nodes).values().cloned().collect()
     }
 
     /// Number of attached nodes and their free slots.

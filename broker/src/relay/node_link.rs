@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use jusy_common::frame::{self, Decoder};
 use jusy_common::identity::PeerId;
+use jusy_common::ledger::AccountId;
 use jusy_common::wire::{Assignment, BrokerMsg, NodeMsg, OrderId, PROTOCOL_VERSION, Slot};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AssignError, Relay, RelayEvent, lock};
+use crate::store::Role;
 
 type Answer = oneshot::Sender<Result<(), AssignError>>;
 
@@ -21,6 +23,8 @@ pub struct NodeLink {
     /// Distinguishes reconnections of the same node.
     pub link_id: u64,
     pub host_key: String,
+    /// The account that earns for this node's sessions.
+    pub owner: Option<AccountId>,
     pub conn: quinn::Connection,
     to_node: mpsc::UnboundedSender<BrokerMsg>,
     slots: Mutex<Vec<Slot>>,
@@ -44,6 +48,11 @@ impl NodeLink {
     pub(super) fn take_slot(&self) -> Option<Slot> {
         let mut slots = lock(&self.slots);
         (!slots.is_empty()).then(|| slots.remove(0))
+    }
+
+    /// Gives back a slot claimed for an order that was never sent to the node.
+    pub fn return_slot(&self, slot: Slot) {
+        lock(&self.slots).push(slot);
     }
 
     pub(super) fn assign(
@@ -107,6 +116,17 @@ async fn read_msg(
     }
 }
 
+/// Tells the node why it is refused, and returns that as the link's error.
+async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
+    if let Ok(frame) = frame::encode(&BrokerMsg::Error {
+        error: error.clone(),
+    }) {
+        let _ = send.write_all(&frame).await;
+    }
+    let _ = send.finish();
+    LinkError::Protocol(error)
+}
+
 /// Serves one node connection until it ends.
 pub(super) async fn run(relay: Arc<Relay>, conn: quinn::Connection, node_id: PeerId, link_id: u64) {
     match serve(&relay, &conn, node_id, link_id).await {
@@ -138,6 +158,7 @@ async fn serve(
         host_key,
         cores,
         agent,
+        owner,
     } = hello
     else {
         return Err(LinkError::Protocol("first message is not hello".into()));
@@ -145,18 +166,22 @@ async fn serve(
     if protocol != PROTOCOL_VERSION {
         let error =
             format!("protocol {protocol} not supported; this relay speaks {PROTOCOL_VERSION}");
-        send.write_all(&frame::encode(&BrokerMsg::Error {
-            error: error.clone(),
-        })?)
-        .await?;
-        let _ = send.finish();
-        return Err(LinkError::Protocol(error));
+        return Err(refuse(&mut send, error).await);
     }
+    let owner = match owner {
+        None => None,
+        Some(hash) => match relay.store.account(Role::Owner, &hash) {
+            Ok(Some((id, _))) => Some(id),
+            Ok(None) => return Err(refuse(&mut send, "unknown owner hash".into()).await),
+            Err(e) => return Err(refuse(&mut send, format!("broker storage error: {e}")).await),
+        },
+    };
     let (to_node, mut outbox) = mpsc::unbounded_channel();
     let link = Arc::new(NodeLink {
         id: node_id,
         link_id,
         host_key,
+        owner,
         conn: conn.clone(),
         to_node,
         slots: Mutex::default(),

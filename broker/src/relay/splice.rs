@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::NodeLink;
+use super::{NodeLink, Relay, RelayEvent};
 
 /// Per-direction copy buffer: large enough to keep a fast stream busy.
 const COPY_BUF: usize = 256 * 1024;
@@ -45,6 +45,7 @@ pub async fn bind(ip: IpAddr, range: Option<(u16, u16)>) -> io::Result<TcpListen
 /// Accepts client connections on an order port until `closed` is cancelled.
 pub async fn serve(
     listener: TcpListener,
+    relay: Arc<Relay>,
     link: Arc<NodeLink>,
     order_id: OrderId,
     closed: CancellationToken,
@@ -63,10 +64,12 @@ pub async fn serve(
             }
         };
         let link = link.clone();
+        let relay = relay.clone();
         let closed = closed.clone();
         let span = tracing::info_span!("client", %order_id, %peer);
         conns.spawn(
             async move {
+                relay.event(RelayEvent::ClientConnected { order_id });
                 tokio::select! {
                     res = splice(tcp, &link, order_id) => match res {
                         Ok((up, down)) => tracing::debug!(up, down, "client connection closed"),
@@ -74,6 +77,7 @@ pub async fn serve(
                     },
                     _ = closed.cancelled() => {}
                 }
+                relay.event(RelayEvent::ClientDisconnected { order_id });
             }
             .instrument(span),
         );

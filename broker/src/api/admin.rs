@@ -1,0 +1,136 @@
+//! Operator endpoints, behind `Authorization: Bearer <operator_token>`:
+//! creating accounts, crediting deposits, listing orders, auditing the books.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use jusy_common::ledger::{Account, AccountId};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::client::order_json;
+use super::{Api, ApiError};
+use crate::store::Role;
+
+/// Checks the bearer token in constant time (no early exit on the first
+/// differing byte).
+fn authorize(api: &Api, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
+    api.limit(peer, None)?;
+    let denied = || ApiError(StatusCode::UNAUTHORIZED, "operator token required".into());
+    let expected = api.operator_token.as_deref().ok_or_else(denied)?;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(denied)?;
+    let same_len = given.len() == expected.len();
+    let diff = given
+        .bytes()
+        .zip(expected.bytes())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if same_len && diff == 0 {
+        Ok(())
+    } else {
+        Err(denied())
+    }
+}
+
+fn created(role: Role, hash: String, id: AccountId) -> Response {
+    let key = match role {
+        Role::Client => "client_hash",
+        Role::Owner => "owner_hash",
+    };
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({"status": "OK", key: hash, "account_id": id.to_string()})),
+    )
+        .into_response()
+}
+
+pub async fn add_client(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let (hash, id) = api.store.add_account(Role::Client)?;
+    Ok(created(Role::Client, hash, id))
+}
+
+pub async fn add_owner(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let (hash, id) = api.store.add_account(Role::Owner)?;
+    Ok(created(Role::Owner, hash, id))
+}
+
+/// A deposit credited by the operator.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deposit {
+    pub account_id: String,
+    pub role: Role,
+    pub amount_sat: u64,
+}
+
+pub async fn deposit(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<axum::Json<Deposit>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let axum::Json(d) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let bad = |m: &str| ApiError(StatusCode::BAD_REQUEST, m.into());
+    let id: AccountId = d
+        .account_id
+        .parse()
+        .map_err(|_| bad("account_id is 64 hex characters"))?;
+    if d.amount_sat == 0 {
+        return Err(bad("amount_sat must be positive"));
+    }
+    if api.store.account_by_id(d.role, &id)?.is_none() {
+        return Err(ApiError(StatusCode::NOT_FOUND, "no such account".into()));
+    }
+    let account = match d.role {
+        Role::Client => Account::Client(id),
+        Role::Owner => Account::Owner(id),
+    };
+    let balance = tokio::task::block_in_place(|| api.orders.ledger.deposit(account, d.amount_sat))
+        .map_err(|e| match e {
+            crate::ledger::LedgerError::Money(m) => ApiError(StatusCode::CONFLICT, m.to_string()),
+            e => e.into(),
+        })?;
+    Ok(axum::Json(json!({"status": "OK", "balance_sat": balance})).into_response())
+}
+
+pub async fn orders(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let ledger = &api.orders.ledger;
+    let list: Vec<_> = ledger
+        .orders()?
+        .iter()
+        .map(|(id, rec)| order_json(*id, rec, &[]))
+        .collect();
+    Ok(axum::Json(json!({"status": "OK", "orders": list})).into_response())
+}
+
+pub async fn audit(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let audit = tokio::task::block_in_place(|| api.orders.ledger.audit())?;
+    Ok(axum::Json(json!({"status": "OK", "audit": audit})).into_response())
+}

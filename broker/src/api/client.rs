@@ -1,0 +1,224 @@
+//! Client endpoints: ordering (`GET /order/<hash>`, exactly as the original
+//! service documented it), an order's state with its receipts and amounts, the
+//! account, and the client's own SSH keys.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::StringRejection;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use jusy_common::ledger::Account;
+use jusy_common::order::OrderState;
+use jusy_common::wire::OrderId;
+use russh::keys::ssh_key::public::KeyData;
+use serde_json::json;
+
+use super::{Api, ApiError, check_hash};
+use crate::ledger::OrderRecord;
+use crate::store::Role;
+
+/// Most SSH keys a client may register.
+const MAX_KEYS: usize = 16;
+/// Smallest RSA modulus accepted, in bits.
+const MIN_RSA_BITS: usize = 2048;
+
+fn unknown_client() -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, "unknown client hash".into())
+}
+
+pub async fn order(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    api.limit(peer, Some(&hash))?;
+    check_hash(&hash)?;
+    let creds = api.orders.create(&hash).await?;
+    Ok(axum::Json(creds).into_response())
+}
+
+/// An order as its client sees it.
+pub fn order_json(id: OrderId, rec: &OrderRecord, receipts: &[Vec<u8>]) -> serde_json::Value {
+    let o = &rec.order;
+    let (finished, cancelled, reason) = match o.state {
+        OrderState::Finished(r) => (true, false, Some(r.code())),
+        OrderState::Cancelled(r) => (true, true, Some(r.code())),
+        OrderState::Reserved | OrderState::Connected => (false, false, None),
+    };
+    json!({
+        "status": "OK",
+        "order_id": id.to_string(),
+        "state": o.state.code(),
+        "finished": finished,
+        "cancelled": cancelled,
+        "reason": reason,
+        "username": rec.username,
+        "host": rec.host,
+        "port": rec.port,
+        "node_id": rec.node_id,
+        "created_ms": rec.created_ms,
+        "first_connect_ms": o.first_connect_ms,
+        "price_sat": o.pricing.price_sat,
+        "proven_cpu_us": o.proven_cpu_us,
+        "settlement": o.settlement,
+        "receipts": receipts.iter().map(hex::encode).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn order_status(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((hash, order_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    api.limit(peer, Some(&hash))?;
+    check_hash(&hash)?;
+    let (client, _) = api
+        .store
+        .account(Role::Client, &hash)?
+        .ok_or_else(unknown_client)?;
+    let not_found = || ApiError(StatusCode::NOT_FOUND, "no such order".into());
+    let id: OrderId = order_id.parse().map_err(|_| not_found())?;
+    // Another client's order answers exactly like a missing one.
+    let rec = api
+        .orders
+        .ledger
+        .order(id)?
+        .filter(|r| r.client == client)
+        .ok_or_else(not_found)?;
+    let receipts = api.orders.ledger.receipts(id)?;
+    Ok(axum::Json(order_json(id, &rec, &receipts)).into_response())
+}
+
+pub async fn account(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    api.limit(peer, Some(&hash))?;
+    check_hash(&hash)?;
+    let (id, record) = api
+        .store
+        .account(Role::Client, &hash)?
+        .ok_or_else(unknown_client)?;
+    let ledger = &api.orders.ledger;
+    let orders: Vec<_> = ledger
+        .orders()?
+        .into_iter()
+        .filter(|(_, r)| r.client == id)
+        .rev()
+        .take(20)
+        .map(|(oid, r)| {
+            json!({
+                "order_id": oid.to_string(),
+                "state": r.order.state.code(),
+                "created_ms": r.created_ms,
+                "proven_cpu_us": r.order.proven_cpu_us,
+                "settlement": r.order.settlement,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "status": "OK",
+        "account_id": id.to_string(),
+        "balance_sat": ledger.balance(&Account::Client(id))?,
+        "price_sat": ledger.pricing.price_sat,
+        "ssh_keys": record.ssh_keys,
+        "orders": orders,
+    }))
+    .into_response())
+}
+
+/// Checks one OpenSSH public key line and returns it in canonical form.
+pub fn validate_key(line: &str) -> Result<String, String> {
+    let key = russh::keys::PublicKey::from_openssh(line)
+        .map_err(|e| format!("not an OpenSSH public key: {e}"))?;
+    match key.key_data() {
+        KeyData::Ed25519(_) | KeyData::Ecdsa(_) => {}
+        KeyData::Rsa(rsa) => {
+            let n = rsa.n().as_positive_bytes().unwrap_or_default();
+            let bits = n
+                .first()
+                .map_or(0, |b| (n.len() - 1) * 8 + (8 - b.leading_zeros() as usize));
+            if bits < MIN_RSA_BITS {
+                return Err(format!(
+                    "RSA key of {bits} bits; at least {MIN_RSA_BITS} are needed"
+                ));
+            }
+        }
+        other => {
+            return Err(format!(
+                "{} keys are not accepted; use ed25519, ecdsa or rsa",
+                other.algorithm()
+            ));
+        }
+    }
+    key.to_openssh().map_err(|e| e.to_string())
+}
+
+/// Replaces the client's own SSH public keys (one per line).
+pub async fn set_keys(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(hash): Path<String>,
+    body: Result<String, StringRejection>,
+) -> Result<Response, ApiError> {
+    api.limit(peer, Some(&hash))?;
+    check_hash(&hash)?;
+    let (id, _) = api
+        .store
+        .account(Role::Client, &hash)?
+        .ok_or_else(unknown_client)?;
+    let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let mut keys = Vec::new();
+    for line in body
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let key = validate_key(line).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    if keys.len() > MAX_KEYS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_KEYS} keys"),
+        ));
+    }
+    api.store.set_client_keys(&id, keys.clone())?;
+    Ok(axum::Json(json!({"status": "OK", "ssh_keys": keys})).into_response())
+}
+
+/// Removes all of the client's own SSH public keys.
+pub async fn clear_keys(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    api.limit(peer, Some(&hash))?;
+    check_hash(&hash)?;
+    let (id, _) = api
+        .store
+        .account(Role::Client, &hash)?
+        .ok_or_else(unknown_client)?;
+    api.store.set_client_keys(&id, Vec::new())?;
+    Ok(axum::Json(json!({"status": "OK", "ssh_keys": []})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_validated() {
+        let ed = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPPrN1XOn9607vMwg1FUoLwL1i/+3TtvR4loDRGehsQ4 me@host";
+        assert!(validate_key(ed).is_ok());
+        assert!(validate_key("ssh-ed25519 garbage").is_err());
+        assert!(validate_key("hello").is_err());
+        // A 1024-bit RSA key.
+        let weak = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDKqcmzqUE6pmZrOY1NNzDZKSkWrI3yIbNXotpL0q4mKLGpAyNN/BkhNvs28ovAMMH6ZpZm79kdNJrfQHrlJ+UzOnBtNvYS6URMHdrHS5C1ud1bqKe0p/JoxOFmxEEJg1Hgq5+/WqT/xjCjIbuu0x6LdYMnBeBLefzd0Pnkx9n+Ew==";
+        assert!(matches!(validate_key(weak), Err(e) if e.contains("1024 bits")));
+    }
+}

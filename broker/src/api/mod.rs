@@ -1,0 +1,173 @@
+//! The HTTP API: ordering as the original service documented it, order and
+//! account views for clients and node owners, and operator endpoints. Every
+//! answer is JSON; every error is `{"status":"ERROR","error":…}` with a fitting
+//! HTTP status, and no error shows internals.
+//!
+//! * [`client`] — `/order/…` and `/account/…`.
+//! * [`owner`] — `/owner/…`.
+//! * [`admin`] — `/admin/…`, behind the operator's bearer token.
+//! * [`limit`] — per-address and per-hash rate limits.
+
+pub mod admin;
+pub mod client;
+pub mod limit;
+pub mod owner;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::ledger::LedgerError;
+use crate::orders::{OrderError, Orders};
+use crate::relay::Relay;
+use crate::store::{Store, StoreError, valid_hash};
+use limit::RateLimiter;
+
+/// Largest request body accepted (SSH key lists, deposits).
+const MAX_BODY: usize = 64 * 1024;
+
+/// Shared state of the handlers.
+#[derive(Clone, Debug)]
+pub struct Api {
+    pub orders: Arc<Orders>,
+    pub relay: Arc<Relay>,
+    pub store: Store,
+    limiter: Arc<RateLimiter>,
+    operator_token: Option<String>,
+}
+
+impl Api {
+    pub fn new(
+        orders: Arc<Orders>,
+        relay: Arc<Relay>,
+        store: Store,
+        cfg: &crate::config::Config,
+    ) -> Self {
+        Self {
+            orders,
+            relay,
+            store,
+            limiter: Arc::new(RateLimiter::new(
+                cfg.rate_limit_per_sec,
+                cfg.rate_limit_burst,
+            )),
+            operator_token: cfg.operator_token.clone(),
+        }
+    }
+
+    /// Charges one request to the caller's address and, if given, to a hash.
+    fn limit(&self, peer: SocketAddr, hash: Option<&str>) -> Result<(), ApiError> {
+        let by_addr = self.limiter.allow(&format!("addr {}", peer.ip()));
+        let by_hash = hash.is_none_or(|h| {
+            self.limiter
+                .allow(&format!("hash {}", h.to_ascii_lowercase()))
+        });
+        if by_addr && by_hash {
+            Ok(())
+        } else {
+            Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests, slow down".into(),
+            ))
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            axum::Json(json!({"status": "ERROR", "error": self.1})),
+        )
+            .into_response()
+    }
+}
+
+fn internal(what: &str, e: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "{what}");
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("{what}, try again later"),
+    )
+}
+
+impl From<OrderError> for ApiError {
+    fn from(e: OrderError) -> Self {
+        let status = match &e {
+            OrderError::UnknownClient => StatusCode::UNAUTHORIZED,
+            OrderError::Insufficient { .. } => StatusCode::PAYMENT_REQUIRED,
+            OrderError::NoCapacity | OrderError::Node(_) | OrderError::Port(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            OrderError::Store(_) | OrderError::Ledger(_) | OrderError::Key => {
+                return internal("order failed", &e);
+            }
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        internal("storage error", &e)
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        internal("ledger error", &e)
+    }
+}
+
+fn check_hash(hash: &str) -> Result<(), ApiError> {
+    if valid_hash(hash) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a hash is 64 hex characters".into(),
+        ))
+    }
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/order/{hash}", get(client::order))
+        .route("/order/{hash}/{order_id}", get(client::order_status))
+        .route("/account/{hash}", get(client::account))
+        .route(
+            "/account/{hash}/keys",
+            axum::routing::put(client::set_keys).delete(client::clear_keys),
+        )
+        .route("/owner/{hash}", get(owner::owner))
+        .route("/admin/clients", post(admin::add_client))
+        .route("/admin/owners", post(admin::add_owner))
+        .route("/admin/deposits", post(admin::deposit))
+        .route("/admin/orders", get(admin::orders))
+        .route("/admin/audit", get(admin::audit))
+        .route("/health", get(health))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed here".into(),
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(api)
+}
+
+async fn health(State(api): State<Api>) -> Response {
+    let (nodes, free_slots) = api.relay.capacity();
+    axum::Json(json!({"status": "OK", "nodes": nodes, "free_slots": free_slots})).into_response()
+}

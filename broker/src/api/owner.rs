@@ -1,0 +1,46 @@
+//! Node-owner endpoint: their nodes attached now, and their earnings.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use jusy_common::ledger::Account;
+use serde_json::json;
+
+use super::{Api, ApiError, check_hash};
+use crate::store::Role;
+
+pub async fn owner(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    api.limit(peer, Some(&hash))?;
+    check_hash(&hash)?;
+    let (id, _) = api
+        .store
+        .account(Role::Owner, &hash)?
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown owner hash".into()))?;
+    let nodes: Vec<_> = api
+        .relay
+        .nodes()
+        .into_iter()
+        .filter(|n| n.owner == Some(id))
+        .map(|n| json!({"node_id": n.id.to_string(), "online": true, "free_slots": n.free_slots()}))
+        .collect();
+    let ledger = &api.orders.ledger;
+    let served = ledger
+        .orders()?
+        .iter()
+        .filter(|(_, r)| r.owner == Some(id))
+        .count();
+    Ok(axum::Json(json!({
+        "status": "OK",
+        "account_id": id.to_string(),
+        "earnings_sat": ledger.balance(&Account::Owner(id))?,
+        "sessions_served": served,
+        "nodes": nodes,
+    }))
+    .into_response())
+}

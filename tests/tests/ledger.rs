@@ -1,0 +1,324 @@
+//! Money through the real binaries: charges, refunds, 402s, deposits through the
+//! operator API, clients' own SSH keys, and a broker killed at random moments
+//! that loses no money.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jusy_tests::jusy::api_request;
+use jusy_tests::process::{self, bin};
+use jusy_tests::{Broker, Login, Node, Scene, e2e};
+use serde_json::Value;
+
+const PRICE: u64 = 20_000;
+const TOKEN: &str = "operator-token-for-tests-0123456789";
+
+/// Waits until the broker has settled an order.
+fn wait_settled(
+    scene: &Scene,
+    broker: &Broker,
+    client: &str,
+    order_id: &str,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = broker.get(scene, &format!("/order/{client}/{order_id}"))?;
+        anyhow::ensure!(status == 200, "order status {status}: {body}");
+        if body["finished"] == true {
+            return Ok(body);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "order never settled: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn keygen(
+    dir: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let path = dir.join(name);
+    let ok = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-N", "", "-f"])
+        .arg(&path)
+        .args(args)
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "ssh-keygen failed");
+    let public = std::fs::read_to_string(path.with_extension("pub"))?;
+    Ok((path, public))
+}
+
+#[test]
+fn orders_are_charged_refunded_and_paid_for() {
+    e2e("orders_are_charged_refunded_and_paid_for", |scene| {
+        let data = scene.subdir("broker")?;
+        let owner = Broker::add_account(scene, &data, "owner", 0)?;
+        let client = Broker::add_account(scene, &data, "client", 2 * PRICE)?;
+        let broker = Broker::start_with(scene, "broker", data, 0, &["--operator-token", TOKEN])?;
+        let mut node = Node::start(
+            scene,
+            "node",
+            &broker,
+            &["--owner", &owner, "--ready-slots", "2", "--grace-secs", "1"],
+        )?;
+        broker.wait_capacity(scene, 2)?;
+
+        // An order closed within 20 s of connecting is refunded in full.
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["price_sat"], PRICE);
+        let login = Login::from_order(scene, &body)?;
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        assert_eq!(account["balance_sat"], PRICE, "{account}");
+        assert_eq!(login.ssh(scene, "echo hi", None)?.text(), "hi\n");
+        node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+        let settled = wait_settled(scene, &broker, &client, &login.order_id)?;
+        assert_eq!(settled["cancelled"], true, "{settled}");
+        assert_eq!(settled["settlement"]["refund"], PRICE, "{settled}");
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        assert_eq!(account["balance_sat"], 2 * PRICE, "{account}");
+        assert_eq!(account["orders"][0]["order_id"], login.order_id.as_str());
+
+        // Two orders spend the balance; the third is refused with 402.
+        broker.wait_capacity(scene, 2)?;
+        for _ in 0..2 {
+            let (status, body) = broker.order(scene, &client)?;
+            assert_eq!(status, 200, "{body}");
+        }
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 402, "{body}");
+        assert_eq!(body["status"], "ERROR");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("insufficient"),
+            "{body}"
+        );
+
+        // The owner sees their node.
+        let (status, body) = broker.get(scene, &format!("/owner/{owner}"))?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["nodes"].as_array().map(Vec::len), Some(1), "{body}");
+        let (status, _) = broker.get(scene, &format!("/owner/{client}"))?;
+        assert_eq!(status, 401, "a client hash is not an owner hash");
+
+        // Operator endpoints need the token; deposits are validated.
+        let auth = format!("Authorization: Bearer {TOKEN}");
+        let json = "Content-Type: application/json";
+        let (status, body) = broker.get(scene, "/admin/audit")?;
+        assert_eq!((status, &body["status"]), (401, &"ERROR".into()));
+        let (status, body) = broker.request(
+            scene,
+            "GET",
+            "/admin/audit",
+            &["Authorization: Bearer wrong"],
+            None,
+        )?;
+        assert_eq!(status, 401, "{body}");
+        let (status, body) = broker.request(scene, "GET", "/admin/audit", &[&auth], None)?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["audit"]["ok"], true, "{body}");
+        let account_id = account["account_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let deposit = |body: &str| {
+            broker.request(
+                scene,
+                "POST",
+                "/admin/deposits",
+                &[&auth, json],
+                Some(body.as_bytes()),
+            )
+        };
+        let (status, body) = deposit(&format!(
+            r#"{{"account_id":"{account_id}","role":"client","amount_sat":{PRICE}}}"#
+        ))?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["balance_sat"], PRICE);
+        let (status, body) = deposit("{not json")?;
+        assert!((400..500).contains(&status), "{body}");
+        assert_eq!(body["status"], "ERROR");
+        let (status, _) = deposit(&format!(
+            r#"{{"account_id":"{account_id}","role":"client","amount_sat":0}}"#
+        ))?;
+        assert_eq!(status, 400);
+        let (status, _) = deposit(&format!(
+            r#"{{"account_id":"{}","role":"client","amount_sat":5}}"#,
+            "ab".repeat(32)
+        ))?;
+        assert_eq!(status, 404);
+
+        // Malformed hashes on every client and owner endpoint, and another
+        // client's order, which answers like a missing one.
+        for path in ["/order/xyz", "/order/xyz/abc", "/account/xyz", "/owner/xyz"] {
+            let (status, body) = broker.get(scene, path)?;
+            assert_eq!(
+                (status, &body["status"]),
+                (400, &"ERROR".into()),
+                "{path}: {body}"
+            );
+        }
+        let (status, _) = broker.request(scene, "PUT", "/account/xyz/keys", &[], Some(b""))?;
+        assert_eq!(status, 400);
+        let (status, other) = broker.request(scene, "POST", "/admin/clients", &[&auth], None)?;
+        assert_eq!(status, 201, "{other}");
+        let other = other["client_hash"].as_str().unwrap_or_default().to_owned();
+        let (status, body) = broker.get(scene, &format!("/order/{other}/{}", login.order_id))?;
+        assert_eq!(status, 404, "another client's order: {body}");
+        let (status, body) = broker.order(scene, &other)?;
+        assert_eq!(status, 402, "a new client has no funds: {body}");
+
+        // The client's own key: validated, then accepted for the next order.
+        let (own, own_pub) = keygen(&login.dir, "own", &["-t", "ed25519"])?;
+        let (_, weak_pub) = keygen(&login.dir, "weak", &["-t", "rsa", "-b", "1024"])?;
+        let keys = format!("/account/{client}/keys");
+        let (status, body) = broker.request(scene, "PUT", &keys, &[], Some(b"ssh-ed25519 junk"))?;
+        assert_eq!((status, &body["status"]), (400, &"ERROR".into()), "{body}");
+        let (status, body) = broker.request(scene, "PUT", &keys, &[], Some(weak_pub.as_bytes()))?;
+        assert_eq!(status, 400, "{body}");
+        let huge = vec![b'a'; 200 * 1024];
+        let (status, body) = broker.request(scene, "PUT", &keys, &[], Some(&huge))?;
+        assert_eq!((status, &body["status"]), (413, &"ERROR".into()), "{body}");
+        let (status, body) = broker.request(scene, "PUT", &keys, &[], Some(own_pub.as_bytes()))?;
+        assert_eq!(status, 200, "{body}");
+        broker.wait_capacity(scene, 1)?;
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{body}");
+        let mine = Login::from_order(scene, &body)?;
+        let mut cmd = mine.ssh_command(&own, &[]);
+        cmd.arg("echo own key");
+        let out = process::run(scene, cmd, None, Duration::from_secs(60))?;
+        assert_eq!(out.text(), "own key\n", "{}", out.stderr);
+        Ok(())
+    });
+}
+
+#[test]
+fn broker_killed_at_random_moments_loses_no_money() {
+    e2e("broker_killed_at_random_moments_loses_no_money", |scene| {
+        const KILLS: usize = 50;
+        let data = scene.subdir("broker")?;
+        let owner = Broker::add_account(scene, &data, "owner", 0)?;
+        let client = Broker::add_account(scene, &data, "client", 1_000 * PRICE)?;
+        let flags = ["--rate-limit-per-sec", "1000", "--rate-limit-burst", "1000"];
+        let mut broker = Broker::start_with(scene, "broker-0", data.clone(), 0, &flags)?;
+        let relay_port = broker.relay.port();
+        let _node = Node::start(
+            scene,
+            "node",
+            &broker,
+            &["--owner", &owner, "--ready-slots", "3", "--grace-secs", "1"],
+        )?;
+        let api = Arc::new(Mutex::new(broker.api));
+        let delivered = Mutex::new(HashSet::new());
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            // A client that orders and logs in as fast as it can, remembering
+            // every order whose credentials reached it.
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let addr = *api.lock().unwrap();
+                    let Ok((200, body)) = api_request(
+                        scene,
+                        &jusy_tests::Site::local(),
+                        addr,
+                        "GET",
+                        &format!("/order/{client}"),
+                        &[],
+                        None,
+                    ) else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    delivered
+                        .lock()
+                        .unwrap()
+                        .insert(body["order_id"].as_str().unwrap_or_default().to_owned());
+                    if let Ok(login) = Login::from_order(scene, &body) {
+                        let _ = login.ssh(scene, "echo hi", None);
+                    }
+                }
+            });
+            let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+            for round in 1..=KILLS {
+                broker.wait_capacity(scene, 1)?;
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Chaos timing, not a wait for readiness: kill at a random moment.
+                std::thread::sleep(Duration::from_millis(seed % 1_200));
+                broker.proc.kill()?;
+                broker = Broker::start_with(
+                    scene,
+                    &format!("broker-{round}"),
+                    data.clone(),
+                    relay_port,
+                    &flags,
+                )?;
+                *api.lock().unwrap() = broker.api;
+            }
+            stop.store(true, Ordering::Relaxed);
+            Ok(())
+        })?;
+        broker.wait_capacity(scene, 1)?;
+        assert!(
+            broker.proc.stop(Duration::from_secs(20))?,
+            "broker did not stop cleanly"
+        );
+
+        let mut audit_cmd = std::process::Command::new(bin("jusy-broker")?);
+        audit_cmd.arg("audit").arg("--data-dir").arg(&data);
+        let out = process::run(scene, audit_cmd, None, Duration::from_secs(60))?;
+        let audit: Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(out.status, Some(0), "audit failed: {audit}");
+        assert_eq!(audit["ok"], true, "{audit}");
+
+        let mut orders_cmd = std::process::Command::new(bin("jusy-broker")?);
+        orders_cmd.arg("orders").arg("--data-dir").arg(&data);
+        let out = process::run(scene, orders_cmd, None, Duration::from_secs(60))?;
+        let orders: HashMap<String, Value> = out
+            .text()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .map(|v| (v["order_id"].as_str().unwrap_or_default().to_owned(), v))
+            })
+            .collect::<Result<_, _>>()?;
+        let delivered = delivered.into_inner().unwrap();
+        assert!(
+            delivered.len() >= KILLS / 2,
+            "only {} orders were delivered",
+            delivered.len()
+        );
+        for (id, order) in &orders {
+            assert_eq!(
+                order["finished"], true,
+                "order {id} left unsettled: {order}"
+            );
+            if !delivered.contains(id) {
+                assert_eq!(
+                    order["settlement"]["refund"], PRICE,
+                    "undelivered order {id} kept money: {order}"
+                );
+            }
+        }
+        for id in &delivered {
+            assert!(
+                orders.contains_key(id),
+                "delivered order {id} has no record"
+            );
+        }
+        for o in audit["orders"].as_array().into_iter().flatten() {
+            assert_eq!(o["charges"], 1, "{o}");
+        }
+        Ok(())
+    });
+}

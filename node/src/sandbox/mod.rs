@@ -8,6 +8,7 @@
 //! directories) and makes, tears down and sweeps per-session [`Sandbox`]es.
 
 pub mod cgroup;
+pub mod cgroupfs;
 pub mod disk;
 pub mod netfilter;
 pub mod process;
@@ -15,7 +16,7 @@ pub mod user;
 
 use std::path::PathBuf;
 
-use cgroup::{CgroupLimits, Counters, Layout, NodeCgroups, SessionCgroup};
+use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
 use netfilter::{Netfilter, Policy};
 use user::SessionUser;
@@ -96,7 +97,8 @@ impl Host {
         limits: SandboxLimits,
         policy: Policy,
     ) -> Result<Self, SandboxError> {
-        let cgroups = NodeCgroups::new(Layout::detect()?, tag)?;
+        let mount_dir = images.with_file_name("cgroup");
+        let cgroups = NodeCgroups::new(cgroupfs::layout(&mount_dir).await?, tag)?;
         tracing::info!(layout = ?cgroups.layout(), "cgroups");
         let net = Netfilter::new(tag, policy);
         // Order matters: processes die with their cgroups first, so that disks

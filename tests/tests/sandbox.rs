@@ -59,6 +59,11 @@ fn ends_with(node: &mut Node, login: &Login, mut ssh: Child) -> anyhow::Result<S
 /// Collects an order's receipts up to the final one, checks them as a chain and
 /// returns the final receipt's CPU time in seconds.
 fn final_cpu_secs(node: &mut Node, login: &Login) -> anyhow::Result<f64> {
+    Ok(final_receipt(node, login)?.0 as f64 / 1e6)
+}
+
+/// Like [`final_cpu_secs`]: the final receipt's CPU µs and the chain's length.
+fn final_receipt(node: &mut Node, login: &Login) -> anyhow::Result<(u64, usize)> {
     let order_id: OrderId = login.order_id.parse()?;
     let node_id: PeerId = node.node_id.parse()?;
     let mut verifier = ChainVerifier::new(order_id, node_id);
@@ -86,7 +91,34 @@ fn final_cpu_secs(node: &mut Node, login: &Login) -> anyhow::Result<f64> {
         assert!(fresh.accept(first).is_ok());
     }
     let last = chain.last().map(|r| *r.receipt()).expect("a final receipt");
-    Ok(last.cpu_us as f64 / 1e6)
+    Ok((last.cpu_us, chain.len()))
+}
+
+/// Waits until the broker has finished `login`'s order and checks that it
+/// verified every receipt of the chain and the CPU time they prove.
+fn broker_proved(
+    scene: &Scene,
+    broker: &Broker,
+    client: &str,
+    login: &Login,
+    (cpu_us, receipts): (u64, usize),
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + END;
+    let path = format!("/order/{client}/{}", login.order_id);
+    loop {
+        let (status, body) = broker.get(scene, &path)?;
+        anyhow::ensure!(status == 200, "{status}: {body}");
+        let got = body["receipts"].as_array().map_or(0, Vec::len);
+        if body["finished"] == true && got == receipts {
+            assert_eq!(body["proven_cpu_us"].as_u64(), Some(cpu_us), "{body}");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "broker holds {got} of {receipts} receipts: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Burns `secs` of CPU in one process, measured by the process itself.
@@ -199,7 +231,9 @@ fn cpu_is_metered_from_the_cgroup_and_receipts_chain() {
         let second = spawn_ssh(&two, &format!("{b} & {b} & wait; sleep 3", b = burn(5)))?;
         for (login, mut ssh, expected) in [(&one, first, 5.0), (&two, second, 10.0)] {
             assert!(ssh.wait()?.success());
-            let cpu = final_cpu_secs(&mut node, login)?;
+            let last = final_receipt(&mut node, login)?;
+            let cpu = last.0 as f64 / 1e6;
+            scene.note(&format!("burnt {expected} s, metered {cpu} s"));
             assert!(
                 (cpu - expected).abs() <= expected * 0.02,
                 "metered {cpu} s, burnt {expected} s"
@@ -208,6 +242,7 @@ fn cpu_is_metered_from_the_cgroup_and_receipts_chain() {
                 node.wait_session_end(&login.order_id, END)?,
                 "CLIENT_CLOSED"
             );
+            broker_proved(scene, &broker, &client, login, last)?;
         }
         Ok(())
     });

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use crate::sandbox::SandboxLimits;
 use crate::sandbox::cgroup::CgroupLimits;
 use crate::sandbox::netfilter::{Cidr, Policy};
+use crate::sandbox::user::DEFAULT_IDS;
 
 /// Everything a node needs to run. Every field has a default except the broker.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -27,6 +28,10 @@ pub struct Config {
     pub grace_secs: u64,
     /// Wall-clock limit of a session in seconds from its first connection. Default 10800 (3 h).
     pub wall_secs: u64,
+    /// Lowest uid (and gid) of session users. Default 610000.
+    pub uid_min: u32,
+    /// Highest uid (and gid) of session users. Default 619999.
+    pub uid_max: u32,
     /// CPU seconds a session may use across all its processes. Default 3600.
     pub cpu_budget_secs: u64,
     /// Seconds between two signed usage receipts of a running session. Default 10.
@@ -60,6 +65,8 @@ impl Default for Config {
             ready_slots: None,
             grace_secs: 5,
             wall_secs: 3 * 3600,
+            uid_min: DEFAULT_IDS.0,
+            uid_max: DEFAULT_IDS.1,
             cpu_budget_secs: 3600,
             receipt_secs: 10,
             memory_mib: 2048,

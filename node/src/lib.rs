@@ -118,6 +118,7 @@ pub async fn run(
             cfg.data_dir.join("disks"),
             &tag,
             cfg.sandbox_limits(),
+            (cfg.uid_min, cfg.uid_max),
             cfg.net_policy(),
         )
         .await?

@@ -40,6 +40,8 @@ pub enum SandboxError {
     Disk(#[from] disk::DiskError),
     #[error(transparent)]
     Net(#[from] netfilter::NetError),
+    #[error("session uid range {0}..={1} is empty or reaches below 1000 (people's accounts)")]
+    Ids(u32, u32),
 }
 
 /// One session's isolation: its user, cgroup and disk.
@@ -83,6 +85,7 @@ pub struct Host {
     homes: PathBuf,
     images: PathBuf,
     limits: SandboxLimits,
+    ids: user::IdRange,
     /// None in development mode: the node is not root and isolates nothing.
     isolation: Option<(NodeCgroups, Netfilter)>,
 }
@@ -95,8 +98,12 @@ impl Host {
         images: PathBuf,
         tag: &str,
         limits: SandboxLimits,
+        ids: user::IdRange,
         policy: Policy,
     ) -> Result<Self, SandboxError> {
+        if ids.0 > ids.1 || ids.0 < 1000 {
+            return Err(SandboxError::Ids(ids.0, ids.1));
+        }
         let mount_dir = images.with_file_name("cgroup");
         let cgroups = NodeCgroups::new(cgroupfs::layout(&mount_dir).await?, tag)?;
         tracing::info!(layout = ?cgroups.layout(), "cgroups");
@@ -105,7 +112,7 @@ impl Host {
         // can be unmounted and users deleted.
         let cgs = cgroups.sweep().await;
         let images_swept = disk::sweep(&homes, &images).await;
-        let users = user::sweep(&homes).await;
+        let users = user::sweep(&homes, ids).await;
         if cgs + images_swept + users > 0 {
             tracing::info!(
                 cgroups = cgs,
@@ -125,6 +132,7 @@ impl Host {
             homes,
             images,
             limits,
+            ids,
             isolation: Some((cgroups, net)),
         })
     }
@@ -138,6 +146,7 @@ impl Host {
                 cgroup: CgroupLimits { memory: 0, pids: 0 },
                 disk: 0,
             },
+            ids: user::DEFAULT_IDS,
             isolation: None,
         }
     }
@@ -153,7 +162,7 @@ impl Host {
             });
         };
         let with_disk = self.limits.disk > 0;
-        let user = SessionUser::create(&self.homes, !with_disk).await?;
+        let user = SessionUser::create(&self.homes, !with_disk, self.ids).await?;
         let mut sandbox = Sandbox {
             user,
             cgroup: None,

@@ -9,8 +9,12 @@ use tokio::process::Command;
 
 /// Every session user's login name starts with this.
 pub const USER_PREFIX: &str = "jsu";
-/// Session users get uids and gids from this range, far from people's accounts.
-const ID_RANGE: (u32, u32) = (610_000, 619_999);
+/// Session users get uids and gids from this range by default, far from
+/// people's accounts.
+pub const DEFAULT_IDS: IdRange = (610_000, 619_999);
+
+/// The lowest and highest uid (and gid) of session users.
+pub type IdRange = (u32, u32);
 
 /// Creating or removing a session user failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +53,7 @@ impl SessionUser {
     /// Creates a fresh unprivileged user (no password, no supplementary groups)
     /// with a private home (mode 0700) when `create_home`; otherwise the home is
     /// the caller's to make (a mounted disk).
-    pub async fn create(homes: &Path, create_home: bool) -> Result<Self, UserError> {
+    pub async fn create(homes: &Path, create_home: bool, ids: IdRange) -> Result<Self, UserError> {
         let name = format!("{USER_PREFIX}{}", random_hex(4));
         let home = homes.join(&name);
         let shell = login_shell();
@@ -63,10 +67,10 @@ impl SessionUser {
             .arg(&home)
             .arg("--shell")
             .arg(&shell)
-            .args(["-K", &format!("UID_MIN={}", ID_RANGE.0)])
-            .args(["-K", &format!("UID_MAX={}", ID_RANGE.1)])
-            .args(["-K", &format!("GID_MIN={}", ID_RANGE.0)])
-            .args(["-K", &format!("GID_MAX={}", ID_RANGE.1)])
+            .args(["-K", &format!("UID_MIN={}", ids.0)])
+            .args(["-K", &format!("UID_MAX={}", ids.1)])
+            .args(["-K", &format!("GID_MIN={}", ids.0)])
+            .args(["-K", &format!("GID_MAX={}", ids.1)])
             .args(["-K", "UMASK=077", "--comment", "jusy session"])
             .arg(&name)
             .stdin(Stdio::null())
@@ -162,12 +166,12 @@ impl SessionUser {
 /// Removes session users left behind by a crash of the node that owns `homes`;
 /// returns how many. Users of other nodes on the same machine (other homes) are
 /// left alone.
-pub async fn sweep(homes: &Path) -> usize {
+pub async fn sweep(homes: &Path, ids: IdRange) -> usize {
     let passwd = tokio::fs::read_to_string("/etc/passwd")
         .await
         .unwrap_or_default();
     let mut removed = 0;
-    for (name, uid, gid) in session_users(&passwd, homes) {
+    for (name, uid, gid) in session_users(&passwd, homes, ids) {
         let user = SessionUser {
             home: homes.join(&name),
             name,
@@ -295,7 +299,7 @@ fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
 }
 
 /// Session users (by prefix and uid range) whose home is directly under `homes`.
-fn session_users(passwd: &str, homes: &Path) -> Vec<(String, u32, u32)> {
+fn session_users(passwd: &str, homes: &Path, ids: IdRange) -> Vec<(String, u32, u32)> {
     passwd
         .lines()
         .filter_map(|line| {
@@ -307,7 +311,7 @@ fn session_users(passwd: &str, homes: &Path) -> Vec<(String, u32, u32)> {
             let _gecos = f.next()?;
             let home = Path::new(f.next()?);
             let ours = name.starts_with(USER_PREFIX)
-                && (ID_RANGE.0..=ID_RANGE.1).contains(&uid)
+                && (ids.0..=ids.1).contains(&uid)
                 && home == homes.join(name);
             ours.then(|| (name.to_owned(), uid, gid))
         })
@@ -332,7 +336,7 @@ mod tests {
 
     #[test]
     fn sweep_only_takes_our_users_in_our_range_and_homes() {
-        let users = session_users(PASSWD, Path::new("/h"));
+        let users = session_users(PASSWD, Path::new("/h"), DEFAULT_IDS);
         assert_eq!(users, vec![("jsuab12cd34".to_owned(), 610_001, 610_001)]);
     }
 }

@@ -63,7 +63,9 @@ pub async fn run(
     println!("{ready}");
     println!(
         "\njusy devnet is up: a broker on http://{api} and a node with ready sessions.\n\n\
-         Order a shell and log in:\n\n  \
+         Order a shell and log in with the jusy CLI:\n\n  \
+         cargo run --release --bin jusy -- order http://{api} {client} --ssh\n\n\
+         or by hand, as any client can:\n\n  \
          curl -s http://{api}/order/{client} > order.json\n  \
          python3 -c 'import json;o=json.load(open(\"order.json\"));open(\"key\",\"w\").write(o[\"privkey\"]);open(\"known_hosts\",\"w\").write(o[\"known_hosts\"]+\"\\n\");print(o[\"username\"],o[\"port\"])'\n  \
          chmod 600 key\n  \

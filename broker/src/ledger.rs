@@ -485,7 +485,10 @@ mod tests {
             Err(LedgerError::Money(books::LedgerError::Insufficient { .. }))
         ));
         ledger
-            .update(id, |o| o.handle_connect(1_000).then_some(()).and(None))
+            .update(id, |o| {
+                o.handle_connect(1_000);
+                None
+            })
             .expect("connect");
         ledger
             .add_receipt(id, 0, b"r", jusy_common::order::CPU_HOUR_US / 2)
@@ -525,7 +528,8 @@ mod tests {
             .expect("reserve");
         ledger
             .update(OrderId([2; 12]), |o| {
-                o.handle_connect(1).then_some(()).and(None)
+                o.handle_connect(1);
+                None
             })
             .expect("connect");
         drop((store, ledger));

@@ -118,10 +118,14 @@ impl Broker {
         .to_string()
     }
 
-    /// Serves until `stop` is cancelled.
+    /// Serves until `stop` is cancelled. Then, in this order: the API stops
+    /// taking requests; every live order is ended as cancelled by the broker
+    /// and settled (the nodes did nothing wrong); the relay closes its node
+    /// connections; the database is flushed.
     pub async fn run(self, stop: CancellationToken) -> Result<(), BrokerError> {
         tracing::info!(api = %self.api_addr, relay = %self.relay_addr, broker_key = %self.key, "broker running");
-        let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, stop.clone()));
+        let relay_stop = CancellationToken::new();
+        let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, relay_stop.clone()));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
         let orders = self.orders.clone();
         let app = api::router(api::Api::new(
@@ -138,8 +142,9 @@ impl Broker {
         .await
         .map_err(BrokerError::Serve);
         stop.cancel();
+        orders.cancel_all().await;
+        relay_stop.cancel();
         let _ = relay_task.await;
-        orders.close_ports().await;
         follow.abort();
         self.store.flush()?;
         served

@@ -333,10 +333,18 @@ impl Orders {
         }
     }
 
-    /// Closes every order port (shutdown).
-    pub async fn close_ports(&self) {
-        for (_, live) in self.live().drain() {
-            live.closed.cancel();
+    /// Ends every live order as cancelled by the broker (shutdown): settles
+    /// it, tells its node, and closes its port.
+    pub async fn cancel_all(&self) {
+        let live: Vec<(OrderId, PeerId)> =
+            self.live().iter().map(|(id, l)| (*id, l.node)).collect();
+        for (order_id, node) in live {
+            if let Some(link) = self.relay.nodes().into_iter().find(|n| n.id == node) {
+                link.cancel(order_id);
+            }
+            if let Err(e) = blocking(|| self.end(order_id, EndReason::Cancelled)) {
+                tracing::error!(%order_id, error = %e, "settling at shutdown failed; recovery settles it at the next start");
+            }
         }
         self.ports.close();
         self.ports.wait().await;

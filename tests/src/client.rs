@@ -110,6 +110,17 @@ impl Login {
 
     /// `scp` between `from` and `to`, where a remote path is written `:path`.
     pub fn scp(&self, scene: &Scene, from: &str, to: &str) -> anyhow::Result<Output> {
+        self.scp_within(scene, from, to, COMMAND)
+    }
+
+    /// Like [`Login::scp`], allowed to take up to `timeout`.
+    pub fn scp_within(
+        &self,
+        scene: &Scene,
+        from: &str,
+        to: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
         let remote = |p: &str| match p.strip_prefix(':') {
             Some(path) => format!("{}@{}:{path}", self.user, self.host),
             None => p.to_owned(),
@@ -118,7 +129,7 @@ impl Login {
         cmd.env_remove("SSH_AUTH_SOCK")
             .args(self.options(&self.key))
             .args(["-P", &self.port.to_string(), &remote(from), &remote(to)]);
-        process::run(scene, cmd, None, COMMAND)
+        process::run(scene, cmd, None, timeout)
     }
 
     /// Runs an `sftp` batch of commands.

@@ -237,7 +237,15 @@ impl Node {
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut node = Self::spawn_in(scene, name, &Site::local(), data_dir, broker, extra)?;
+        let mut node = Self::spawn_in(
+            scene,
+            name,
+            &Site::local(),
+            data_dir,
+            broker,
+            broker.relay,
+            extra,
+        )?;
         node.wait_registered()?;
         Ok(node)
     }
@@ -251,7 +259,21 @@ impl Node {
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut node = Self::spawn_at(scene, name, site, broker, extra)?;
+        Self::start_via(scene, name, site, broker, broker.relay, extra)
+    }
+
+    /// Like [`Node::start_at`], dialling `relay` instead of the broker's own
+    /// relay address (a relay reached through an impairer, say); the node
+    /// still pins `broker`'s key.
+    pub fn start_via(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        relay: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut node = Self::spawn_via(scene, name, site, broker, relay, extra)?;
         node.wait_registered()?;
         Ok(node)
     }
@@ -275,21 +297,33 @@ impl Node {
         broker: &Broker,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        Self::spawn_in(scene, name, site, scene.subdir(name)?, broker, extra)
+        Self::spawn_via(scene, name, site, broker, broker.relay, extra)
     }
 
-    /// Like [`Node::spawn_at`] with the node's data directory at `data_dir`.
-    pub fn spawn_in(
+    fn spawn_via(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        broker: &Broker,
+        relay: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_in(scene, name, site, scene.subdir(name)?, broker, relay, extra)
+    }
+
+    /// Like [`Node::spawn_via`] with the node's data directory at `data_dir`.
+    fn spawn_in(
         scene: &Scene,
         name: &str,
         site: &Site,
         data_dir: PathBuf,
         broker: &Broker,
+        relay: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let mut cmd = site.command(bin("jusy-node")?);
         cmd.arg("--broker")
-            .arg(broker.relay.to_string())
+            .arg(relay.to_string())
             .args(["--broker-key", &broker.key])
             .arg("--data-dir")
             .arg(&data_dir)

@@ -401,3 +401,36 @@ fn node_reconnects_after_broker_restart() {
         Ok(())
     })
 }
+
+#[test]
+fn jusy_cli_orders_logs_in_and_verifies_receipts() {
+    e2e("jusy_cli_orders_logs_in_and_verifies_receipts", |scene| {
+        let (broker, _node, client) = network(scene, 1)?;
+        let url = format!("http://{}", broker.api);
+        let dir = scene.subdir("orders")?;
+        let mut cmd = std::process::Command::new(jusy_tests::process::bin("jusy")?);
+        cmd.args(["order", &url, &client, "--ssh", "--dir"])
+            .arg(&dir)
+            .args(["--", "-o", "BatchMode=yes", "echo from-cli"]);
+        let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
+        assert_eq!(out.text(), "from-cli\n", "{}", out.stderr);
+        let order_id = std::fs::read_dir(&dir)?
+            .next()
+            .and_then(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut status = std::process::Command::new(jusy_tests::process::bin("jusy")?);
+        status.args(["status", &url, &client, &order_id]);
+        let out = jusy_tests::process::run(scene, status, None, Duration::from_secs(60))?;
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(json["order_id"], order_id.as_str());
+
+        let mut bad = std::process::Command::new(jusy_tests::process::bin("jusy")?);
+        bad.args(["order", &url, &"ab".repeat(32)]);
+        let out = jusy_tests::process::run(scene, bad, None, Duration::from_secs(60))?;
+        assert_ne!(out.status, Some(0));
+        assert!(out.stderr.contains("unknown client hash"), "{}", out.stderr);
+        Ok(())
+    })
+}

@@ -14,7 +14,8 @@
 //!
 //! # Layout
 //! * [`netns`] — namespaces, veth links, addresses, code inside a namespace.
-//! * [`router`] — NAT routers with nftables, and the faults tests inject.
+//! * [`router`] — NAT routers with nftables, and the faults tests inject
+//!   (a slow, lossy uplink through `tc netem` or the `jusy-impair` binary).
 //! * [`sweep`] — removal of this lab and of labs left by dead tests.
 
 pub mod netns;
@@ -27,7 +28,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::Context;
 
 pub use netns::{End, in_netns};
-pub use router::Router;
+pub use router::{ImpairedUplink, Impairment, Router};
 
 use crate::scene::Scene;
 use crate::site::Site;
@@ -52,6 +53,8 @@ pub struct Home {
 impl Home {
     /// The home LAN, the same in every home.
     pub const LAN: &str = "192.168.1.0/24";
+    /// The home router's LAN address.
+    pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
 }
 
 /// A network of namespaces, removed when dropped.
@@ -202,6 +205,7 @@ impl<'s> Lab<'s> {
                 upstream: port,
                 wan_ip: cg_ip,
                 wan_prefix: 15,
+                lan_ip: Ipv4Addr::new(100, 64, net, 1),
             };
             let router = Router {
                 ns: rt.clone(),
@@ -209,6 +213,7 @@ impl<'s> Lab<'s> {
                 upstream: cg_lan,
                 wan_ip: Ipv4Addr::new(100, 64, net, 2),
                 wan_prefix: 24,
+                lan_ip: Home::GATEWAY,
             };
             (router, Some(carrier))
         } else {
@@ -219,6 +224,7 @@ impl<'s> Lab<'s> {
                 upstream: port,
                 wan_ip: ip,
                 wan_prefix: 15,
+                lan_ip: Home::GATEWAY,
             };
             (router, None)
         };
@@ -232,11 +238,19 @@ impl<'s> Lab<'s> {
             ifname: "eth0".into(),
         };
         netns::veth(self.scene, &lan, &eth0)?;
-        netns::address(self.scene, &lan, "192.168.1.1/24")?;
+        netns::address(self.scene, &lan, &format!("{}/24", Home::GATEWAY))?;
         netns::address(self.scene, &eth0, "192.168.1.2/24")?;
         netns::ip(
             self.scene,
-            &["-n", &host, "route", "add", "default", "via", "192.168.1.1"],
+            &[
+                "-n",
+                &host,
+                "route",
+                "add",
+                "default",
+                "via",
+                &Home::GATEWAY.to_string(),
+            ],
         )?;
         router::configure(self.scene, &rt, opts.block_udp)?;
         Ok(Home {
@@ -265,31 +279,6 @@ impl<'s> Lab<'s> {
                 &gateway.to_string(),
             ],
         )
-    }
-
-    /// Why `tc netem` cannot run here, if it cannot (a kernel without
-    /// `sch_netem`); tried on the internet namespace's loopback.
-    pub fn netem_missing(&self) -> Option<String> {
-        let add = netns::exec(
-            self.scene,
-            &self.internet,
-            &[
-                "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-            ],
-            None,
-        );
-        match add {
-            Ok(_) => {
-                let _ = netns::exec(
-                    self.scene,
-                    &self.internet,
-                    &["tc", "qdisc", "del", "dev", "lo", "root"],
-                    None,
-                );
-                None
-            }
-            Err(e) => Some(format!("tc netem is not available: {e:#}")),
-        }
     }
 }
 

@@ -1,12 +1,18 @@
 //! Home and carrier routers: forwarding on, nftables masquerade out of the WAN
 //! side, nothing accepted inbound but replies (no port forwarding), optionally
 //! all UDP dropped; and the faults tests inject: links down, NAT state flushed,
-//! a new public address, delay and loss with `tc netem`.
+//! a new public address, delay and loss on the uplink (`tc netem`, or the
+//! userspace `jusy-impair` where the kernel has no netem).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use anyhow::Context;
+
+use crate::jusy::READY;
 use crate::lab::netns::{self, End};
+use crate::process::{Proc, bin};
 use crate::scene::Scene;
+use crate::site::Site;
 
 /// A NAT router: its WAN side and the far end of its uplink.
 #[derive(Debug, Clone)]
@@ -19,6 +25,30 @@ pub struct Router {
     /// The router's current public (or carrier-side) address.
     pub wan_ip: Ipv4Addr,
     pub wan_prefix: u8,
+    /// The router's address on its LAN side (the gateway of the hosts behind it).
+    pub lan_ip: Ipv4Addr,
+}
+
+/// A slow, lossy uplink: the same fixed delay and loss rate in each direction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Impairment {
+    pub delay_ms: u32,
+    pub loss_pct: f64,
+    /// Seeds the userspace impairer's losses, so a run can be replayed
+    /// (netem draws its own).
+    pub seed: u64,
+}
+
+/// An impaired uplink as the home's node must use it.
+#[derive(Debug)]
+pub struct ImpairedUplink {
+    /// What the node dials to reach the relay: the relay itself under netem,
+    /// the impairer on the router's LAN side otherwise.
+    pub relay: SocketAddr,
+    /// How the link is impaired, for the test's notes.
+    pub how: String,
+    /// The userspace impairer, stopped when this is dropped.
+    pub impairer: Option<Proc>,
 }
 
 /// The router's whole nftables ruleset. One table per namespace, so it goes
@@ -118,8 +148,54 @@ impl Router {
         Ok(())
     }
 
-    /// Delays and drops packets both ways on the uplink with `tc netem`.
-    pub fn impair_uplink(&self, scene: &Scene, delay_ms: u32, loss_pct: f64) -> anyhow::Result<()> {
+    /// Impairs the way from this router's LAN to `relay` (a QUIC relay), both
+    /// ways. With `tc netem` the WAN link itself gets the delay and loss, for
+    /// all traffic. On kernels without netem, `jusy-impair` runs in the
+    /// router's namespace on its LAN address, forwarding UDP to `relay` with
+    /// the delay and loss; a node that dials [`ImpairedUplink::relay`] then
+    /// sends all its QUIC traffic through it (it still pins the relay's key,
+    /// so nothing else changes for it). The impairer's upstream packets leave
+    /// from the router's WAN address, as the NATed ones would.
+    pub fn impair_uplink(
+        &self,
+        scene: &Scene,
+        relay: SocketAddr,
+        imp: Impairment,
+    ) -> anyhow::Result<ImpairedUplink> {
+        let Some(why) = self.netem_missing(scene) else {
+            self.netem(scene, imp)?;
+            return Ok(ImpairedUplink {
+                relay,
+                how: format!("tc netem on {}'s WAN link: {imp:?}", self.ns),
+                impairer: None,
+            });
+        };
+        let site = Site {
+            netns: Some(self.ns.clone()),
+            ip: IpAddr::V4(self.lan_ip),
+        };
+        let mut cmd = site.command(bin("jusy-impair")?);
+        cmd.args(["--listen", &SocketAddr::new(site.ip, 0).to_string()])
+            .args(["--upstream", &relay.to_string()])
+            .args(["--delay-ms", &imp.delay_ms.to_string()])
+            .args(["--loss-pct", &imp.loss_pct.to_string()])
+            .args(["--seed", &imp.seed.to_string()]);
+        let mut proc = Proc::start(scene, &format!("impair-{}", self.ns), cmd)?;
+        let ready = proc.wait_event("ready", READY)?;
+        let listen = ready["listen"]
+            .as_str()
+            .context("impairer's ready line has no listen address")?
+            .parse()
+            .context("impairer's listen address")?;
+        Ok(ImpairedUplink {
+            relay: listen,
+            how: format!("jusy-impair at {listen} in {} ({why}): {imp:?}", self.ns),
+            impairer: Some(proc),
+        })
+    }
+
+    /// Delays and drops packets both ways on the WAN link with `tc netem`.
+    fn netem(&self, scene: &Scene, imp: Impairment) -> anyhow::Result<()> {
         for end in [&self.wan, &self.upstream] {
             netns::exec(
                 scene,
@@ -133,13 +209,30 @@ impl Router {
                     "root",
                     "netem",
                     "delay",
-                    &format!("{delay_ms}ms"),
+                    &format!("{}ms", imp.delay_ms),
                     "loss",
-                    &format!("{loss_pct}%"),
+                    &format!("{}%", imp.loss_pct),
                 ],
                 None,
             )?;
         }
         Ok(())
+    }
+
+    /// Why `tc netem` cannot run here, if it cannot (a kernel without
+    /// `sch_netem`); tried on the router's loopback.
+    fn netem_missing(&self, scene: &Scene) -> Option<String> {
+        let lo = |args: &[&str]| {
+            let mut cmd = vec!["tc", "qdisc"];
+            cmd.extend_from_slice(args);
+            netns::exec(scene, &self.ns, &cmd, None)
+        };
+        match lo(&["add", "dev", "lo", "root", "netem", "delay", "1ms"]) {
+            Ok(_) => {
+                let _ = lo(&["del", "dev", "lo", "root"]);
+                None
+            }
+            Err(e) => Some(format!("tc netem is not available: {e:#}")),
+        }
     }
 }

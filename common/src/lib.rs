@@ -12,6 +12,8 @@
 //!   invariant that money is neither made nor lost.
 //! * [`receipt`] — signed usage receipts: canonical bytes, signing, the hash
 //!   chain and its verifier.
+//! * [`speed`] — the deterministic single-core workload of the node speed test,
+//!   and how an answer is judged.
 //! * [`session`] — the lifecycle of one order's session on a node as a state machine
 //!   driven by `handle_*(now, input)` calls.
 //! * [`tls`] — rustls configurations that authenticate both QUIC peers by their
@@ -25,5 +27,6 @@ pub mod ledger;
 pub mod order;
 pub mod receipt;
 pub mod session;
+pub mod speed;
 pub mod tls;
 pub mod wire;

@@ -1,8 +1,8 @@
 //! The lifecycle of one order's session on a node, as a state machine.
 //!
-//! The driver feeds it connection events and clock ticks (`now` is always passed
-//! in) and acts on the [`EndReason`] it returns; [`Session::deadline`] says when the
-//! next tick is due.
+//! The driver feeds it connection events, clock ticks and the kernel's usage
+//! counters (`now` is always passed in) and acts on the [`EndReason`] it returns;
+//! [`Session::deadline`] says when the next tick is due.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,23 @@ pub struct Limits {
     pub grace: Duration,
     /// Wall-clock limit from the first connection.
     pub wall: Duration,
+    /// CPU time the session may use across all its processes.
+    pub cpu_budget: Duration,
+}
+
+/// What the kernel counted for a session since it was prepared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time of all the session's processes, exited ones included.
+    pub cpu_us: u64,
+    /// Highest memory use, in bytes.
+    pub peak_mem: u64,
+    /// Processes killed for exceeding the memory limit.
+    pub oom_kills: u64,
+    /// Forks refused at the process limit.
+    pub forks_refused: u64,
+    /// The session's disk is full.
+    pub disk_full: bool,
 }
 
 impl Default for Limits {
@@ -26,6 +43,7 @@ impl Default for Limits {
             connect_window: Duration::from_secs(120),
             grace: Duration::from_secs(5),
             wall: Duration::from_secs(3 * 3600),
+            cpu_budget: Duration::from_secs(3600),
         }
     }
 }
@@ -52,7 +70,11 @@ enum State {
 pub struct Session {
     limits: Limits,
     state: State,
+    started: Instant,
     first_connect: Option<Instant>,
+    /// The highest counters seen; they only go up, as receipts require.
+    cpu_us: u64,
+    peak_mem: u64,
 }
 
 impl Session {
@@ -60,7 +82,10 @@ impl Session {
         Self {
             limits,
             state: State::Waiting { since: now },
+            started: now,
             first_connect: None,
+            cpu_us: 0,
+            peak_mem: 0,
         }
     }
 
@@ -110,6 +135,53 @@ impl Session {
         };
         self.state = State::Ended(reason);
         Some(reason)
+    }
+
+    /// Takes the kernel's latest counters; returns the reason when a limit ends
+    /// the session now. Hitting the memory, process or disk limit is reported
+    /// before a used-up CPU budget: it is what the session did wrong.
+    pub fn handle_usage(&mut self, now: Instant, usage: Usage) -> Option<EndReason> {
+        self.cpu_us = self.cpu_us.max(usage.cpu_us);
+        self.peak_mem = self.peak_mem.max(usage.peak_mem);
+        if matches!(self.state, State::Ended(_)) {
+            return None;
+        }
+        let budget_us = u64::try_from(self.limits.cpu_budget.as_micros()).unwrap_or(u64::MAX);
+        let reason = if usage.oom_kills > 0 {
+            EndReason::MemoryLimit
+        } else if usage.forks_refused > 0 {
+            EndReason::ProcessLimit
+        } else if usage.disk_full {
+            EndReason::DiskLimit
+        } else if self.cpu_us >= budget_us {
+            EndReason::CpuDone
+        } else {
+            return self.handle_tick(now);
+        };
+        self.state = State::Ended(reason);
+        Some(reason)
+    }
+
+    /// CPU time used so far, in microseconds (never decreasing).
+    pub fn cpu_us(&self) -> u64 {
+        self.cpu_us
+    }
+
+    /// Highest memory use so far, in bytes.
+    pub fn peak_mem(&self) -> u64 {
+        self.peak_mem
+    }
+
+    /// Wall time since the session was assigned.
+    pub fn wall(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    /// CPU time left before the budget is used up.
+    pub fn cpu_left(&self) -> Duration {
+        self.limits
+            .cpu_budget
+            .saturating_sub(Duration::from_micros(self.cpu_us))
     }
 
     /// Ends the session from outside (cancel, shutdown); returns the reason if it
@@ -166,6 +238,7 @@ mod tests {
             connect_window: Duration::from_secs(10),
             grace: Duration::from_secs(5),
             wall: Duration::from_secs(100),
+            cpu_budget: Duration::from_secs(20),
         }
     }
 
@@ -221,5 +294,77 @@ mod tests {
         );
         assert_eq!(s.handle_end(EndReason::NodeShutdown), None);
         assert_eq!(s.deadline(), None);
+    }
+
+    #[test]
+    fn cpu_budget_ends_with_done_and_counters_never_go_down() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        assert!(s.handle_connect(secs(t0, 1)));
+        let used = |cpu_s: u64| Usage {
+            cpu_us: cpu_s * 1_000_000,
+            peak_mem: 1000,
+            ..Usage::default()
+        };
+        assert_eq!(s.handle_usage(secs(t0, 2), used(19)), None);
+        assert_eq!(s.cpu_left(), Duration::from_secs(1));
+        // A stale, lower reading does not move the counter back.
+        assert_eq!(s.handle_usage(secs(t0, 3), used(5)), None);
+        assert_eq!(s.cpu_us(), 19_000_000);
+        assert_eq!(
+            s.handle_usage(secs(t0, 4), used(20)),
+            Some(EndReason::CpuDone)
+        );
+        assert_eq!(s.ended(), Some(EndReason::CpuDone));
+        // Counting continues after the end (for the final receipt), the reason does not change.
+        assert_eq!(s.handle_usage(secs(t0, 5), used(21)), None);
+        assert_eq!(s.cpu_us(), 21_000_000);
+        assert_eq!(s.wall(secs(t0, 5)), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kernel_limit_events_end_with_their_codes() {
+        let t0 = Instant::now();
+        let cases = [
+            (
+                Usage {
+                    oom_kills: 1,
+                    forks_refused: 3,
+                    ..Usage::default()
+                },
+                EndReason::MemoryLimit,
+            ),
+            (
+                Usage {
+                    forks_refused: 1,
+                    ..Usage::default()
+                },
+                EndReason::ProcessLimit,
+            ),
+            (
+                Usage {
+                    disk_full: true,
+                    cpu_us: u64::MAX,
+                    ..Usage::default()
+                },
+                EndReason::DiskLimit,
+            ),
+        ];
+        for (usage, reason) in cases {
+            let mut s = Session::new(t0, limits());
+            assert!(s.handle_connect(secs(t0, 1)));
+            assert_eq!(s.handle_usage(secs(t0, 2), usage), Some(reason));
+        }
+    }
+
+    #[test]
+    fn usage_also_advances_the_clock() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        assert!(s.handle_connect(secs(t0, 1)));
+        assert_eq!(
+            s.handle_usage(secs(t0, 101), Usage::default()),
+            Some(EndReason::WallClock)
+        );
     }
 }

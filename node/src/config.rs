@@ -4,6 +4,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::sandbox::SandboxLimits;
+use crate::sandbox::cgroup::CgroupLimits;
+use crate::sandbox::netfilter::{Cidr, Policy};
+use crate::sandbox::user::DEFAULT_IDS;
+
 /// Everything a node needs to run. Every field has a default except the broker.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -23,6 +28,28 @@ pub struct Config {
     pub grace_secs: u64,
     /// Wall-clock limit of a session in seconds from its first connection. Default 10800 (3 h).
     pub wall_secs: u64,
+    /// Lowest uid (and gid) of session users. Default 610000.
+    pub uid_min: u32,
+    /// Highest uid (and gid) of session users. Default 619999.
+    pub uid_max: u32,
+    /// CPU seconds a session may use across all its processes. Default 3600.
+    pub cpu_budget_secs: u64,
+    /// Seconds between two signed usage receipts of a running session. Default 10.
+    pub receipt_secs: u64,
+    /// Memory limit of a session in MiB, swap not allowed. Default 2048.
+    pub memory_mib: u64,
+    /// Processes (and threads) a session may have at once. Default 50.
+    pub max_processes: u32,
+    /// Size of a session's home disk image in MiB; 0 keeps homes on the node's
+    /// own disk without a limit. Default 5120.
+    pub disk_mib: u64,
+    /// Let sessions reach private, link-local and loopback addresses (still TCP
+    /// port 22 only). Default false: the owner's LAN and the node's own services
+    /// are out of reach.
+    pub net_allow_private: bool,
+    /// Address ranges (`addr/len`) exempt from the private-address refusal, TCP
+    /// port 22 only. Default none.
+    pub net_allow: Vec<Cidr>,
     /// OpenSSH `sftp-server` to run for the sftp subsystem. Default: the first that
     /// exists of the usual Debian, Fedora and Arch paths.
     pub sftp_server: Option<PathBuf>,
@@ -38,6 +65,15 @@ impl Default for Config {
             ready_slots: None,
             grace_secs: 5,
             wall_secs: 3 * 3600,
+            uid_min: DEFAULT_IDS.0,
+            uid_max: DEFAULT_IDS.1,
+            cpu_budget_secs: 3600,
+            receipt_secs: 10,
+            memory_mib: 2048,
+            max_processes: 50,
+            disk_mib: 5120,
+            net_allow_private: false,
+            net_allow: Vec::new(),
             sftp_server: None,
         }
     }
@@ -77,6 +113,23 @@ impl Config {
         })
     }
 
+    pub fn sandbox_limits(&self) -> SandboxLimits {
+        SandboxLimits {
+            cgroup: CgroupLimits {
+                memory: self.memory_mib.saturating_mul(1 << 20),
+                pids: self.max_processes,
+            },
+            disk: self.disk_mib.saturating_mul(1 << 20),
+        }
+    }
+
+    pub fn net_policy(&self) -> Policy {
+        Policy {
+            allow_private: self.net_allow_private,
+            allow: self.net_allow.clone(),
+        }
+    }
+
     pub fn sftp_server(&self) -> PathBuf {
         self.sftp_server.clone().unwrap_or_else(|| {
             [
@@ -103,10 +156,19 @@ mod tests {
         let cfg = Config::load(&path).expect("deploy/node.example.toml must load");
         assert_eq!(cfg.grace_secs, 5);
         assert!(!cfg.broker.is_empty());
+        assert_eq!(cfg.sandbox_limits().cgroup.pids, 50);
+        assert_eq!(cfg.net_allow.len(), 0);
     }
 
     #[test]
     fn unknown_fields_are_rejected() {
         assert!(toml::from_str::<Config>("brokr = \"x\"").is_err());
+    }
+
+    #[test]
+    fn network_exemptions_are_parsed_addresses() {
+        let cfg: Result<Config, _> = toml::from_str("net_allow = [\"127.0.0.2/32\", \"fd00::/8\"]");
+        assert_eq!(cfg.map(|c| c.net_allow.len()).ok(), Some(2));
+        assert!(toml::from_str::<Config>("net_allow = [\"10.0.0.0/8 accept\"]").is_err());
     }
 }

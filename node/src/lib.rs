@@ -8,23 +8,27 @@
 //!   streams, reconnects.
 //! * [`sessions`] — ready slots and running sessions (claim, drive, tear down).
 //! * [`ssh`] — the embedded SSH server (auth, channels, ptys).
-//! * [`sandbox`] — session users and how their processes are started.
+//! * [`receipts`] — signing each session's usage receipts.
+//! * [`sandbox`] — what isolates a session: user, cgroup, disk, network rules,
+//!   and how its processes are started.
 
 pub mod config;
 pub mod keys;
+pub mod receipts;
 pub mod sandbox;
 pub mod sessions;
 pub mod ssh;
 pub mod uplink;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jusy_common::identity::PeerId;
 use tokio_util::sync::CancellationToken;
 
 use config::Config;
-use sandbox::user;
+use sandbox::{Host, SandboxError};
 use sessions::{Sessions, Settings};
 use uplink::{Target, Uplink};
 
@@ -36,8 +40,8 @@ pub enum NodeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    User(#[from] user::UserError),
+    #[error("session sandbox: {0}")]
+    Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Key(#[from] keys::KeyFileError),
     #[error("host key: {0}")]
@@ -101,19 +105,30 @@ pub async fn run(
             .await
             .map_err(io)?;
     }
-    if !dev_mode {
-        let swept = user::sweep(&homes).await;
-        if swept > 0 {
-            tracing::info!(swept, "removed session users left by an earlier run");
-        }
-    }
     let identity = keys::load_or_create_identity(&cfg.data_dir)?;
+    let node_id = PeerId::from_signing_key(&identity);
+    let host = if dev_mode {
+        Host::dev(homes)
+    } else {
+        // Names this node's cgroups and nftables table, so that two nodes on one
+        // machine (each with its own data directory and key) never collide.
+        let tag = node_id.to_string().chars().take(12).collect::<String>();
+        Host::start(
+            homes,
+            cfg.data_dir.join("disks"),
+            &tag,
+            cfg.sandbox_limits(),
+            (cfg.uid_min, cfg.uid_max),
+            cfg.net_policy(),
+        )
+        .await?
+    };
     let host_key = keys::load_or_create_host_key(&cfg.data_dir)?;
     let host_key_line = host_key
         .public_key()
         .to_openssh()
         .map_err(|e| NodeError::HostKey(e.to_string()))?;
-    tracing::info!(node_id = %PeerId::from_signing_key(&identity), "node identity");
+    tracing::info!(%node_id, "node identity");
     if cfg.owner.is_none() {
         tracing::warn!("no owner hash configured (--owner): this node's sessions earn nothing");
     }
@@ -121,13 +136,19 @@ pub async fn run(
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let settings = Settings {
         ready_slots: cfg.ready_slots(),
-        homes,
         grace: Duration::from_secs(cfg.grace_secs),
         wall: Duration::from_secs(cfg.wall_secs),
+        cpu_budget: Duration::from_secs(cfg.cpu_budget_secs),
+        receipt_every: Duration::from_secs(cfg.receipt_secs.max(1)),
         sftp_server: cfg.sftp_server(),
-        dev_mode,
     };
-    let sessions = Sessions::new(settings, ssh::config(host_key), events_tx);
+    let sessions = Sessions::new(
+        settings,
+        host,
+        Arc::new(identity.clone()),
+        ssh::config(host_key),
+        events_tx,
+    );
     let filler = tokio::spawn(sessions.clone().keep_slots_ready());
     let uplink_stop = CancellationToken::new();
     let uplink = Uplink {
@@ -144,8 +165,11 @@ pub async fn run(
 
     stop.cancelled().await;
     tracing::info!("shutting down: ending sessions with NODE_SHUTDOWN");
-    sessions.shutdown().await;
+    // No new slot may appear once teardown has started, so the filler (which
+    // finishes the slot it is preparing) is awaited first.
+    sessions.stop_preparing();
     let _ = filler.await;
+    sessions.shutdown().await;
     uplink_stop.cancel();
     let _ = uplink.await;
     Ok(())

@@ -32,6 +32,31 @@ struct Cli {
     /// Seconds a session survives after its last connection closes.
     #[arg(long)]
     grace_secs: Option<u64>,
+    /// Wall-clock limit of a session in seconds from its first connection.
+    #[arg(long)]
+    wall_secs: Option<u64>,
+    /// CPU seconds a session may use across all its processes.
+    #[arg(long)]
+    cpu_budget_secs: Option<u64>,
+    /// Seconds between two signed usage receipts of a running session.
+    #[arg(long)]
+    receipt_secs: Option<u64>,
+    /// Memory limit of a session in MiB (no swap).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Processes a session may have at once.
+    #[arg(long)]
+    max_processes: Option<u32>,
+    /// Size of a session's home disk in MiB (0: no separate disk).
+    #[arg(long)]
+    disk_mib: Option<u64>,
+    /// Let sessions reach private, link-local and loopback addresses (port 22 only).
+    #[arg(long)]
+    net_allow_private: bool,
+    /// An address range (`addr/len`) sessions may reach on port 22 although it is
+    /// private; repeatable.
+    #[arg(long)]
+    net_allow: Vec<jusy_node::sandbox::netfilter::Cidr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +91,26 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = cli.grace_secs {
         cfg.grace_secs = v;
     }
+    if let Some(v) = cli.wall_secs {
+        cfg.wall_secs = v;
+    }
+    if let Some(v) = cli.cpu_budget_secs {
+        cfg.cpu_budget_secs = v;
+    }
+    if let Some(v) = cli.receipt_secs {
+        cfg.receipt_secs = v;
+    }
+    if let Some(v) = cli.memory_mib {
+        cfg.memory_mib = v;
+    }
+    if let Some(v) = cli.max_processes {
+        cfg.max_processes = v;
+    }
+    if let Some(v) = cli.disk_mib {
+        cfg.disk_mib = v;
+    }
+    cfg.net_allow_private |= cli.net_allow_private;
+    cfg.net_allow.extend(cli.net_allow);
     anyhow::ensure!(
         !cfg.broker.is_empty(),
         "no broker address: pass --broker or set `broker` in the config"

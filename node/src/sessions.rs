@@ -1,6 +1,7 @@
 //! Ready slots and running sessions: claims a slot for an order, drives each
-//! session's state machine, serves tunnelled client streams, and tears a session
-//! down (processes, user, home) when it ends.
+//! session's state machine with the clock and the kernel's usage counters, signs
+//! its receipts, serves tunnelled client streams, and tears a session down
+//! (processes, cgroup, disk, user, rules) when it ends.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use jusy_common::session::{Limits, Session};
+use ed25519_dalek::SigningKey;
+use jusy_common::session::{Limits, Session, Usage};
 use jusy_common::wire::{
     Assignment, EndReason, NodeMsg, OrderId, STREAM_HEADER_LEN, Slot, StreamHeader,
 };
@@ -19,20 +21,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::sandbox::user::SessionUser;
+use crate::receipts::Receipts;
+use crate::sandbox::{Host, Sandbox};
 use crate::ssh::channel::ChannelCtx;
 use crate::ssh::{self, Access};
+
+/// How often the kernel's counters are read while a session runs: limit events
+/// and the CPU budget are noticed within this time.
+const SAMPLE: Duration = Duration::from_millis(200);
 
 /// Settings the session manager needs.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub ready_slots: usize,
-    pub homes: PathBuf,
     pub grace: Duration,
     pub wall: Duration,
+    pub cpu_budget: Duration,
+    /// Time between two receipts of a running session.
+    pub receipt_every: Duration,
     pub sftp_server: PathBuf,
-    /// The node runs without root: sessions share the node's user (development only).
-    pub dev_mode: bool,
 }
 
 /// One order's running session.
@@ -41,6 +48,7 @@ struct Running {
     order_id: OrderId,
     access: Arc<Access>,
     machine: Mutex<Session>,
+    receipts: Mutex<Receipts>,
     wake: Notify,
     /// Cancelled when the session ends: closes every client connection.
     closed: CancellationToken,
@@ -50,8 +58,10 @@ struct Running {
 #[derive(Debug)]
 pub struct Sessions {
     settings: Settings,
+    host: Host,
+    identity: Arc<SigningKey>,
     ssh_config: Arc<russh::server::Config>,
-    ready: Mutex<HashMap<u64, SessionUser>>,
+    ready: Mutex<HashMap<u64, Sandbox>>,
     running: Mutex<HashMap<OrderId, Arc<Running>>>,
     next_slot: AtomicU64,
     refill: Notify,
@@ -70,11 +80,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Sessions {
     pub fn new(
         settings: Settings,
+        host: Host,
+        identity: Arc<SigningKey>,
         ssh_config: Arc<russh::server::Config>,
         events: mpsc::UnboundedSender<NodeMsg>,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            host,
+            identity,
             ssh_config,
             ready: Mutex::default(),
             running: Mutex::default(),
@@ -90,9 +104,9 @@ impl Sessions {
     pub fn ready_slots(&self) -> Vec<Slot> {
         let mut slots: Vec<Slot> = lock(&self.ready)
             .iter()
-            .map(|(&slot_id, u)| Slot {
+            .map(|(&slot_id, s)| Slot {
                 slot_id,
-                username: u.name.clone(),
+                username: s.user.name.clone(),
             })
             .collect();
         slots.sort_by_key(|s| s.slot_id);
@@ -105,24 +119,20 @@ impl Sessions {
             while lock(&self.ready).len() < self.settings.ready_slots
                 && !self.shutdown.is_cancelled()
             {
-                let user = if self.settings.dev_mode {
-                    SessionUser::create_dev(&self.settings.homes).await
-                } else {
-                    SessionUser::create(&self.settings.homes).await
-                };
-                match user {
-                    Ok(user) => {
+                match self.host.prepare().await {
+                    Ok(sandbox) => {
+                        let name = sandbox.user.name.clone();
                         let slot_id = self.next_slot.fetch_add(1, Ordering::Relaxed);
                         let slot = Slot {
                             slot_id,
-                            username: user.name.clone(),
+                            username: name.clone(),
                         };
-                        tracing::info!(slot_id, user = %user.name, "slot ready");
+                        tracing::info!(slot_id, user = %name, "slot ready");
                         crate::announce(
                             "slot_ready",
-                            serde_json::json!({"slot_id": slot_id, "user": user.name}),
+                            serde_json::json!({"slot_id": slot_id, "user": name}),
                         );
-                        lock(&self.ready).insert(slot_id, user);
+                        lock(&self.ready).insert(slot_id, sandbox);
                         let _ = self.events.send(NodeMsg::SlotsReady { slots: vec![slot] });
                     }
                     Err(e) => {
@@ -173,7 +183,7 @@ impl Sessions {
         if keys.is_empty() {
             return Err("no authorized key".into());
         }
-        let user = lock(&self.ready)
+        let sandbox = lock(&self.ready)
             .remove(&a.slot_id)
             .ok_or_else(|| format!("slot {} is not ready", a.slot_id))?;
         self.refill.notify_one();
@@ -181,22 +191,28 @@ impl Sessions {
             connect_window: Duration::from_secs(a.connect_window_secs.into()),
             grace: self.settings.grace,
             wall: self.settings.wall,
+            cpu_budget: self.settings.cpu_budget,
         };
         let running = Arc::new(Running {
             order_id: a.order_id,
             access: Arc::new(Access {
                 ctx: Arc::new(ChannelCtx {
-                    user,
+                    sandbox,
                     sftp_server: self.settings.sftp_server.clone(),
                 }),
                 keys,
             }),
             machine: Mutex::new(Session::new(Instant::now().into_std(), limits)),
+            receipts: Mutex::new(Receipts::new(
+                a.order_id,
+                self.identity.clone(),
+                self.events.clone(),
+            )),
             wake: Notify::new(),
             closed: CancellationToken::new(),
         });
         lock(&self.running).insert(a.order_id, running.clone());
-        let span = tracing::info_span!("session", order_id = %a.order_id, user = %running.access.ctx.user.name);
+        let span = tracing::info_span!("session", order_id = %a.order_id, user = %running.access.ctx.sandbox.user.name);
         tracing::info!(parent: &span, "order accepted");
         self.tasks
             .spawn(self.clone().drive(running).instrument(span));
@@ -213,46 +229,91 @@ impl Sessions {
 
     /// Runs a session until its state machine says it is over, then tears it down.
     async fn drive(self: Arc<Self>, r: Arc<Running>) {
+        let sandbox = &r.access.ctx.sandbox;
+        let mut next_sample = Instant::now();
+        let mut next_receipt = Instant::now() + self.settings.receipt_every;
         let reason = loop {
+            let now = Instant::now();
+            if now >= next_sample {
+                self.sample(&r);
+                next_sample = now + self.sample_period(&r);
+            }
+            if now >= next_receipt {
+                lock(&r.receipts).emit(&lock(&r.machine), now.into_std(), None);
+                next_receipt = now + self.settings.receipt_every;
+            }
             let deadline = {
                 let mut m = lock(&r.machine);
-                if let Some(reason) = m
-                    .ended()
-                    .or_else(|| m.handle_tick(Instant::now().into_std()))
-                {
+                if let Some(reason) = m.ended().or_else(|| m.handle_tick(now.into_std())) {
                     break reason;
                 }
                 m.deadline()
             };
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let wake_at = deadline
+                .map(Instant::from_std)
+                .unwrap_or(next_sample)
+                .min(next_sample)
+                .min(next_receipt);
             tokio::select! {
-                _ = sleep => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
                 _ = r.wake.notified() => {}
             }
         };
         tracing::info!(reason = reason.code(), "session ended");
         r.closed.cancel();
-        if let Err(e) = r.access.ctx.user.remove().await {
-            tracing::error!(error = %e, "session teardown failed");
+        // Stop every process first, so the final counters are final.
+        if let Some(cg) = &sandbox.cgroup
+            && let Err(e) = cg.kill().await
+        {
+            tracing::error!(error = %e, "killing a session's processes failed");
         }
+        self.sample(&r);
+        lock(&r.receipts).emit(&lock(&r.machine), Instant::now().into_std(), Some(reason));
+        self.host.teardown(sandbox).await;
         lock(&self.running).remove(&r.order_id);
         crate::announce(
             "session_ended",
             serde_json::json!({
                 "order_id": r.order_id.to_string(),
                 "reason": reason.code(),
-                "user": r.access.ctx.user.name,
+                "user": sandbox.user.name,
+                "cpu_us": lock(&r.machine).cpu_us(),
             }),
         );
         let _ = self.events.send(NodeMsg::Ended {
             order_id: r.order_id,
             reason,
         });
+    }
+
+    /// Feeds the kernel's counters to the session's state machine.
+    fn sample(&self, r: &Running) {
+        let sandbox = &r.access.ctx.sandbox;
+        let counters = match sandbox.counters() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a session's counters");
+                return;
+            }
+        };
+        let usage = Usage {
+            cpu_us: counters.cpu_us,
+            peak_mem: counters.peak_mem,
+            oom_kills: counters.oom_kills,
+            forks_refused: counters.forks_refused,
+            disk_full: sandbox.disk_full(),
+        };
+        if let Some(reason) = lock(&r.machine).handle_usage(Instant::now().into_std(), usage) {
+            tracing::info!(reason = reason.code(), ?usage, "session limit reached");
+        }
+    }
+
+    /// Samples sooner when the CPU budget could run out before the next regular
+    /// sample, so a session overshoots its budget by little.
+    fn sample_period(&self, r: &Running) -> Duration {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let left = lock(&r.machine).cpu_left() / u32::try_from(cores).unwrap_or(1);
+        left.clamp(Duration::from_millis(10), SAMPLE)
     }
 
     /// Serves one tunnelled client stream: reads the header, then runs SSH on it.
@@ -297,8 +358,13 @@ impl Sessions {
         }
     }
 
-    /// Ends every session with NODE_SHUTDOWN, removes the ready users, and waits
-    /// for all teardowns.
+    /// Stops preparing slots and accepting orders (the first step of shutdown).
+    pub fn stop_preparing(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Ends every session with NODE_SHUTDOWN, removes the ready slots and the
+    /// node-wide rules, and waits for all teardowns.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
         let running: Vec<_> = lock(&self.running).values().cloned().collect();
@@ -308,12 +374,11 @@ impl Sessions {
         }
         self.tasks.close();
         self.tasks.wait().await;
-        let ready: Vec<_> = lock(&self.ready).drain().map(|(_, u)| u).collect();
-        for user in ready {
-            if let Err(e) = user.remove().await {
-                tracing::error!(error = %e, "removing a ready slot failed");
-            }
+        let ready: Vec<_> = lock(&self.ready).drain().map(|(_, s)| s).collect();
+        for sandbox in ready {
+            self.host.teardown(&sandbox).await;
         }
+        self.host.stop().await;
     }
 }
 

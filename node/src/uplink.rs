@@ -73,10 +73,13 @@ impl Uplink {
     pub async fn run(self, mut events: mpsc::UnboundedReceiver<NodeMsg>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
         let mut unanswered = 0u32;
+        // A message whose write failed when the connection broke: sent first
+        // after reconnecting, so no receipt goes missing from its chain.
+        let mut unsent = None;
         loop {
             let mut registered = false;
             match self
-                .connect_and_serve(&mut events, &stop, &mut registered)
+                .connect_and_serve(&mut events, &mut unsent, &stop, &mut registered)
                 .await
             {
                 Ok(()) => return,
@@ -110,6 +113,7 @@ impl Uplink {
     async fn connect_and_serve(
         &self,
         events: &mut mpsc::UnboundedReceiver<NodeMsg>,
+        unsent: &mut Option<NodeMsg>,
         stop: &CancellationToken,
         registered: &mut bool,
     ) -> Result<(), UplinkError> {
@@ -152,6 +156,9 @@ impl Uplink {
             "registered",
             serde_json::json!({"broker": self.target.addr, "node_id": node_id.to_string()}),
         );
+        if let Some(ev) = unsent.take() {
+            send_or_keep(&mut send, ev, unsent).await?;
+        }
         loop {
             tokio::select! {
                 incoming = conn.accept_bi() => {
@@ -164,7 +171,7 @@ impl Uplink {
                     BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
                     BrokerMsg::Welcome { .. } => {}
                 },
-                Some(ev) = events.recv() => send.write_all(&frame::encode(&ev)?).await?,
+                Some(ev) = events.recv() => send_or_keep(&mut send, ev, unsent).await?,
                 _ = stop.cancelled() => {
                     while let Ok(ev) = events.try_recv() {
                         send.write_all(&frame::encode(&ev)?).await?;
@@ -215,6 +222,20 @@ impl Uplink {
         endpoint.set_default_client_config(config);
         Ok(endpoint)
     }
+}
+
+/// Writes `ev`, or keeps it in `unsent` when the connection broke.
+async fn send_or_keep(
+    send: &mut quinn::SendStream,
+    ev: NodeMsg,
+    unsent: &mut Option<NodeMsg>,
+) -> Result<(), UplinkError> {
+    let bytes = frame::encode(&ev)?;
+    if let Err(e) = send.write_all(&bytes).await {
+        *unsent = Some(ev);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 async fn read_msg(

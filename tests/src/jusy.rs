@@ -213,6 +213,8 @@ pub fn api_request(
 pub struct Node {
     pub proc: Proc,
     pub data_dir: PathBuf,
+    /// The node's identity (hex), from its `registered` event.
+    pub node_id: String,
 }
 
 impl Node {
@@ -225,6 +227,27 @@ impl Node {
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         Self::start_at(scene, name, &Site::local(), broker, extra)
+    }
+
+    /// Like [`Node::start`] with the node's data directory at `data_dir`.
+    pub fn start_in(
+        scene: &Scene,
+        name: &str,
+        data_dir: PathBuf,
+        broker: &Broker,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut node = Self::spawn_in(
+            scene,
+            name,
+            &Site::local(),
+            data_dir,
+            broker,
+            broker.relay,
+            extra,
+        )?;
+        node.wait_registered()?;
+        Ok(node)
     }
 
     /// Starts `jusy-node` at `site` against `broker` and waits until it has
@@ -251,8 +274,18 @@ impl Node {
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let mut node = Self::spawn_via(scene, name, site, broker, relay, extra)?;
-        node.proc.wait_event("registered", READY)?;
+        node.wait_registered()?;
         Ok(node)
+    }
+
+    /// Waits for the node's `registered` event and notes its identity.
+    pub fn wait_registered(&mut self) -> anyhow::Result<()> {
+        let registered = self.proc.wait_event("registered", READY)?;
+        registered["node_id"]
+            .as_str()
+            .unwrap_or_default()
+            .clone_into(&mut self.node_id);
+        Ok(())
     }
 
     /// Starts `jusy-node` at `site` without waiting for it to register (for
@@ -275,7 +308,19 @@ impl Node {
         relay: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let data_dir = scene.subdir(name)?;
+        Self::spawn_in(scene, name, site, scene.subdir(name)?, broker, relay, extra)
+    }
+
+    /// Like [`Node::spawn_via`] with the node's data directory at `data_dir`.
+    fn spawn_in(
+        scene: &Scene,
+        name: &str,
+        site: &Site,
+        data_dir: PathBuf,
+        broker: &Broker,
+        relay: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut cmd = site.command(bin("jusy-node")?);
         cmd.arg("--broker")
             .arg(relay.to_string())
@@ -285,7 +330,11 @@ impl Node {
             .args(extra)
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
         let proc = Proc::start(scene, name, cmd)?;
-        Ok(Self { proc, data_dir })
+        Ok(Self {
+            proc,
+            data_dir,
+            node_id: String::new(),
+        })
     }
 
     /// Waits for the node to report the end of an order's session (after its

@@ -12,6 +12,7 @@
 //! * [`site`] — where a program runs: loopback or a lab host's namespace.
 //! * [`lab`] — a network of namespaced hosts: the internet, brokers, home
 //!   routers that NAT, carrier-grade NAT, and clients.
+//! * [`leftovers`] — what a node's sessions left on the machine, if anything.
 //!
 //! The binaries are taken from the Cargo target directory the tests were built
 //! in; build them first (`cargo build --workspace --bins`, as README's test
@@ -24,6 +25,7 @@ pub mod browser;
 pub mod client;
 pub mod jusy;
 pub mod lab;
+pub mod leftovers;
 pub mod process;
 pub mod scene;
 pub mod site;

@@ -9,8 +9,12 @@ use tokio::process::Command;
 
 /// Every session user's login name starts with this.
 pub const USER_PREFIX: &str = "jsu";
-/// Session users get uids and gids from this range, far from people's accounts.
-const ID_RANGE: (u32, u32) = (610_000, 619_999);
+/// Session users get uids and gids from this range by default, far from
+/// people's accounts.
+pub const DEFAULT_IDS: IdRange = (610_000, 619_999);
+
+/// The lowest and highest uid (and gid) of session users.
+pub type IdRange = (u32, u32);
 
 /// Creating or removing a session user failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,25 +50,27 @@ pub struct SessionUser {
 }
 
 impl SessionUser {
-    /// Creates a fresh unprivileged user with a private home (mode 0700).
-    pub async fn create(homes: &Path) -> Result<Self, UserError> {
+    /// Creates a fresh unprivileged user (no password, no supplementary groups)
+    /// with a private home (mode 0700) when `create_home`; otherwise the home is
+    /// the caller's to make (a mounted disk).
+    pub async fn create(homes: &Path, create_home: bool, ids: IdRange) -> Result<Self, UserError> {
         let name = format!("{USER_PREFIX}{}", random_hex(4));
         let home = homes.join(&name);
         let shell = login_shell();
         let output = Command::new("useradd")
-            .args([
-                "--create-home",
-                "--user-group",
-                "--no-log-init",
-                "--home-dir",
-            ])
+            .arg(if create_home {
+                "--create-home"
+            } else {
+                "--no-create-home"
+            })
+            .args(["--user-group", "--no-log-init", "--home-dir"])
             .arg(&home)
             .arg("--shell")
             .arg(&shell)
-            .args(["-K", &format!("UID_MIN={}", ID_RANGE.0)])
-            .args(["-K", &format!("UID_MAX={}", ID_RANGE.1)])
-            .args(["-K", &format!("GID_MIN={}", ID_RANGE.0)])
-            .args(["-K", &format!("GID_MAX={}", ID_RANGE.1)])
+            .args(["-K", &format!("UID_MIN={}", ids.0)])
+            .args(["-K", &format!("UID_MAX={}", ids.1)])
+            .args(["-K", &format!("GID_MIN={}", ids.0)])
+            .args(["-K", &format!("GID_MAX={}", ids.1)])
             .args(["-K", "UMASK=077", "--comment", "jusy session"])
             .arg(&name)
             .stdin(Stdio::null())
@@ -124,15 +130,26 @@ impl SessionUser {
             return remove_dir(&self.home).await;
         }
         kill_all_of(self.uid).await;
-        let output = Command::new("userdel")
-            .args(["--remove", &self.name])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| UserError::Spawn {
-                cmd: "userdel",
-                source,
-            })?;
+        // userdel counts zombies as users of the account; a killed session's
+        // orphans stay zombies until init reaps them, which some inits do only
+        // every second or two. Exit code 8 (user busy) is worth a few retries.
+        let mut tries = 0;
+        let output = loop {
+            let output = Command::new("userdel")
+                .args(["--remove", &self.name])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|source| UserError::Spawn {
+                    cmd: "userdel",
+                    source,
+                })?;
+            if output.status.code() != Some(8) || tries >= 50 {
+                break output;
+            }
+            tries += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         // Exit code 6 means the user is already gone, 12 that the home could not be
         // removed (removed below); both leave no user behind.
         if !output.status.success() && !matches!(output.status.code(), Some(6 | 12)) {
@@ -149,12 +166,12 @@ impl SessionUser {
 /// Removes session users left behind by a crash of the node that owns `homes`;
 /// returns how many. Users of other nodes on the same machine (other homes) are
 /// left alone.
-pub async fn sweep(homes: &Path) -> usize {
+pub async fn sweep(homes: &Path, ids: IdRange) -> usize {
     let passwd = tokio::fs::read_to_string("/etc/passwd")
         .await
         .unwrap_or_default();
     let mut removed = 0;
-    for (name, uid, gid) in session_users(&passwd, homes) {
+    for (name, uid, gid) in session_users(&passwd, homes, ids) {
         let user = SessionUser {
             home: homes.join(&name),
             name,
@@ -222,9 +239,20 @@ fn pids_of(uid: u32) -> Vec<i32> {
     dir.filter_map(Result::ok)
         .filter_map(|e| {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            (e.metadata().ok()?.uid() == uid).then_some(pid)
+            (e.metadata().ok()?.uid() == uid && !is_zombie(pid)).then_some(pid)
         })
         .collect()
+}
+
+/// A zombie is dead already; only its parent (often init) can make it go away.
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, after_comm) = stat.rsplit_once(')')?;
+            after_comm.trim_start().chars().next()
+        })
+        == Some('Z')
 }
 
 fn login_shell() -> PathBuf {
@@ -271,7 +299,7 @@ fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
 }
 
 /// Session users (by prefix and uid range) whose home is directly under `homes`.
-fn session_users(passwd: &str, homes: &Path) -> Vec<(String, u32, u32)> {
+fn session_users(passwd: &str, homes: &Path, ids: IdRange) -> Vec<(String, u32, u32)> {
     passwd
         .lines()
         .filter_map(|line| {
@@ -283,7 +311,7 @@ fn session_users(passwd: &str, homes: &Path) -> Vec<(String, u32, u32)> {
             let _gecos = f.next()?;
             let home = Path::new(f.next()?);
             let ours = name.starts_with(USER_PREFIX)
-                && (ID_RANGE.0..=ID_RANGE.1).contains(&uid)
+                && (ids.0..=ids.1).contains(&uid)
                 && home == homes.join(name);
             ours.then(|| (name.to_owned(), uid, gid))
         })
@@ -308,7 +336,7 @@ mod tests {
 
     #[test]
     fn sweep_only_takes_our_users_in_our_range_and_homes() {
-        let users = session_users(PASSWD, Path::new("/h"));
+        let users = session_users(PASSWD, Path::new("/h"), DEFAULT_IDS);
         assert_eq!(users, vec![("jsuab12cd34".to_owned(), 610_001, 610_001)]);
     }
 }

@@ -14,13 +14,13 @@ use tokio::process::Child;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::pty::{Pty, WinSize};
+use crate::sandbox::Sandbox;
 use crate::sandbox::process::{Program, command, env_allowed};
-use crate::sandbox::user::SessionUser;
 
 /// What every channel of one order shares.
 #[derive(Debug)]
 pub struct ChannelCtx {
-    pub user: SessionUser,
+    pub sandbox: Sandbox,
     pub sftp_server: std::path::PathBuf,
 }
 
@@ -103,7 +103,7 @@ async fn run_with_pipes(
     reader: &mut ChannelReadHalf,
     writer: &ChannelWriteHalf<Msg>,
 ) -> Option<ExitStatus> {
-    let mut cmd = command(&ctx.user, program, &setup.env, false, &ctx.sftp_server);
+    let mut cmd = command(&ctx.sandbox, program, &setup.env, false, &ctx.sftp_server);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -162,7 +162,7 @@ async fn run_with_pty(
         Ok(p) => p,
         Err(e) => return spawn_failed(writer, e).await,
     };
-    let mut cmd = command(&ctx.user, program, &setup.env, true, &ctx.sftp_server);
+    let mut cmd = command(&ctx.sandbox, program, &setup.env, true, &ctx.sftp_server);
     let stdio = |fd: &std::os::fd::OwnedFd| fd.try_clone().map(Stdio::from);
     let (i, o, e) = match (stdio(&pty.slave), stdio(&pty.slave), stdio(&pty.slave)) {
         (Ok(i), Ok(o), Ok(e)) => (i, o, e),

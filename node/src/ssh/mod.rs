@@ -48,7 +48,8 @@ pub struct Access {
 
 impl Access {
     fn allows(&self, user: &str, key: &PublicKey) -> bool {
-        user == self.ctx.user.name && self.keys.iter().any(|k| k.key_data() == key.key_data())
+        user == self.ctx.sandbox.user.name
+            && self.keys.iter().any(|k| k.key_data() == key.key_data())
     }
 }
 

@@ -35,6 +35,14 @@ pub struct Config {
     pub rate_limit_per_sec: u32,
     /// Requests allowed in a burst per client address and per hash. Default 30.
     pub rate_limit_burst: u32,
+    /// Rounds of the node speed test. Default `jusy_common::speed::ROUNDS`
+    /// (about one second on the reference core).
+    pub speed_test_rounds: u32,
+    /// Longest a node may take to answer the speed test, in milliseconds,
+    /// measured by the broker (round trip included). Default 2000.
+    pub speed_test_limit_ms: u64,
+    /// Seconds between speed tests of an attached node. Default 21600 (6 h).
+    pub speed_test_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -52,6 +60,9 @@ impl Default for Config {
             operator_token: None,
             rate_limit_per_sec: 10,
             rate_limit_burst: 30,
+            speed_test_rounds: jusy_common::speed::ROUNDS,
+            speed_test_limit_ms: 2_000,
+            speed_test_interval_secs: 6 * 3600,
         }
     }
 }
@@ -109,6 +120,14 @@ impl Config {
             return Err(ConfigError::RateLimit);
         }
         Ok(())
+    }
+
+    pub fn speed_test(&self) -> crate::relay::SpeedTest {
+        crate::relay::SpeedTest {
+            rounds: self.speed_test_rounds,
+            limit: std::time::Duration::from_millis(self.speed_test_limit_ms),
+            interval: std::time::Duration::from_secs(self.speed_test_interval_secs.max(1)),
+        }
     }
 
     pub fn pricing(&self) -> jusy_common::order::Pricing {

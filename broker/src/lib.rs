@@ -93,7 +93,7 @@ impl Broker {
             tracing::warn!(recovered, "settled orders left unfinished by the last run");
         }
         let (tx, events) = mpsc::unbounded_channel();
-        let relay = Relay::new(tx, store.clone());
+        let relay = Relay::new(tx, store.clone(), cfg.speed_test());
         let orders = Orders::new(cfg.clone(), store.clone(), ledger, relay.clone());
         Ok(Self {
             api_addr,

@@ -58,6 +58,15 @@ struct ServeArgs {
     /// Burst of requests per address and per hash.
     #[arg(long)]
     rate_limit_burst: Option<u32>,
+    /// Rounds of the node speed test.
+    #[arg(long)]
+    speed_test_rounds: Option<u32>,
+    /// Longest a node may take for the speed test, in milliseconds.
+    #[arg(long)]
+    speed_test_limit_ms: Option<u64>,
+    /// Seconds between speed tests of an attached node.
+    #[arg(long)]
+    speed_test_interval_secs: Option<u64>,
 }
 
 /// Where an offline command finds the database (the broker must be stopped).
@@ -145,6 +154,11 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
         price_sat
     );
     take!(rate_limit_per_sec, rate_limit_burst);
+    take!(
+        speed_test_rounds,
+        speed_test_limit_ms,
+        speed_test_interval_secs
+    );
     if args.operator_token.is_some() {
         cfg.operator_token = args.operator_token;
     }

@@ -180,6 +180,8 @@ pub enum NodeMsg {
     },
     /// A signed usage receipt in its canonical encoding (see [`crate::receipt`]).
     Receipt { bytes: Vec<u8> },
+    /// The answer to [`BrokerMsg::SpeedTest`]: the workload's digest.
+    SpeedResult { digest: [u8; 32] },
 }
 
 /// Broker → node.
@@ -193,6 +195,9 @@ pub enum BrokerMsg {
     Cancel { order_id: OrderId },
     /// A fatal problem; the broker closes the connection after sending it.
     Error { error: String },
+    /// Run the speed test ([`crate::speed::run`]) on this seed and answer with
+    /// [`NodeMsg::SpeedResult`]; the broker times the answer.
+    SpeedTest { seed: [u8; 32], rounds: u32 },
 }
 
 /// Magic and version at the start of every tunnelled client stream.

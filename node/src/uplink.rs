@@ -85,6 +85,12 @@ impl Uplink {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost");
+                    if let UplinkError::Refused(why) = &e {
+                        crate::announce(
+                            "refused",
+                            serde_json::json!({"broker": self.target.addr, "error": why}),
+                        );
+                    }
                     if matches!(e, UplinkError::HandshakeTimeout { .. }) {
                         unanswered += 1;
                         if unanswered == BLOCKED_AFTER {
@@ -159,6 +165,9 @@ impl Uplink {
         if let Some(ev) = unsent.take() {
             send_or_keep(&mut send, ev, unsent).await?;
         }
+        // The speed test runs on a blocking thread so the control loop (and
+        // the sessions' streams) keep going meanwhile.
+        let mut speed_test: Option<tokio::task::JoinHandle<[u8; 32]>> = None;
         loop {
             tokio::select! {
                 incoming = conn.accept_bi() => {
@@ -170,7 +179,17 @@ impl Uplink {
                     BrokerMsg::Cancel { order_id } => self.sessions.cancel(order_id, EndReason::Cancelled),
                     BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
                     BrokerMsg::Welcome { .. } => {}
+                    BrokerMsg::SpeedTest { seed, rounds } => {
+                        tracing::info!(rounds, "running the speed test");
+                        speed_test = Some(tokio::task::spawn_blocking(move || jusy_common::speed::run(&seed, rounds)));
+                    }
                 },
+                digest = async { speed_test.as_mut()?.await.ok() }, if speed_test.is_some() => {
+                    speed_test = None;
+                    if let Some(digest) = digest {
+                        send_or_keep(&mut send, NodeMsg::SpeedResult { digest }, unsent).await?;
+                    }
+                }
                 Some(ev) = events.recv() => send_or_keep(&mut send, ev, unsent).await?,
                 _ = stop.cancelled() => {
                     while let Ok(ev) = events.try_recv() {

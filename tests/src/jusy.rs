@@ -94,6 +94,18 @@ impl Broker {
             ])
             .args(["--order-bind", &ip, "--public-host", &ip])
             .args(extra)
+            // A short speed test keeps start-up quick in debug builds, with a
+            // limit a busy machine meets; tests of the test itself override both.
+            .args(if extra.contains(&"--speed-test-rounds") {
+                &[][..]
+            } else {
+                &[
+                    "--speed-test-rounds",
+                    "200000",
+                    "--speed-test-limit-ms",
+                    "20000",
+                ][..]
+            })
             .env("RUST_LOG", "info,jusy_broker=debug,quinn=warn");
         let mut proc = Proc::start(scene, name, cmd)?;
         let ready = proc.wait_event("ready", READY)?;

@@ -33,7 +33,8 @@ fn wait_settled(
             return Ok(body);
         }
         anyhow::ensure!(Instant::now() < deadline, "order never settled: {body}");
-        std::thread::sleep(Duration::from_millis(50));
+        // Slower than the broker's per-hash rate limit refills.
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -319,6 +320,104 @@ fn broker_killed_at_random_moments_loses_no_money() {
         for o in audit["orders"].as_array().into_iter().flatten() {
             assert_eq!(o["charges"], 1, "{o}");
         }
+        Ok(())
+    });
+}
+
+/// `price × proven / 1 CPU-hour`, and the owner's 80 % of it, as the broker
+/// rounds them.
+fn worth(price: u64, proven_us: u64) -> (u64, u64) {
+    let used = (u128::from(price) * u128::from(proven_us) / 3_600_000_000) as u64;
+    (used, (u128::from(used) * 800_000 / 1_000_000) as u64)
+}
+
+#[test]
+fn owners_are_paid_what_receipts_prove() {
+    e2e("owners_are_paid_what_receipts_prove", |scene| {
+        // One satoshi per CPU-microsecond makes every proven microsecond count.
+        const HOUR_PRICE: u64 = 3_600_000_000;
+        let data = scene.subdir("broker")?;
+        let owner = Broker::add_account(scene, &data, "owner", 0)?;
+        let client = Broker::add_account(scene, &data, "client", 2 * HOUR_PRICE)?;
+        let price = HOUR_PRICE.to_string();
+        let broker = Broker::start_with(scene, "broker", data, 0, &["--price-sat", &price])?;
+        let node_args = ["--owner", &owner, "--ready-slots", "1", "--grace-secs", "1"];
+        let mut node = Node::start(
+            scene,
+            "node",
+            &broker,
+            &[
+                &node_args[..],
+                &["--receipt-secs", "1", "--cpu-budget-secs", "2"],
+            ]
+            .concat(),
+        )?;
+        broker.wait_capacity(scene, 1)?;
+
+        // A session that uses its (test-sized) CPU budget ends with DONE: no
+        // refund, and the owner earns their share of exactly what was proven.
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{body}");
+        let login = Login::from_order(scene, &body)?;
+        let burn = "perl -e 'my ($u, $s) = times; ($u, $s) = times while $u + $s < 30'";
+        let _ = login.ssh(scene, burn, None)?;
+        assert_eq!(
+            node.wait_session_end(&login.order_id, Duration::from_secs(60))?,
+            "DONE"
+        );
+        let settled = wait_settled(scene, &broker, &client, &login.order_id)?;
+        let proven = settled["proven_cpu_us"].as_u64().unwrap_or_default();
+        assert!(proven >= 1_900_000, "{settled}");
+        let (_, owner_share) = worth(HOUR_PRICE, proven);
+        assert_eq!(settled["settlement"]["refund"], 0, "{settled}");
+        assert_eq!(settled["settlement"]["owner"], owner_share, "{settled}");
+        assert_eq!(
+            settled["settlement"]["operator"],
+            HOUR_PRICE - owner_share,
+            "{settled}"
+        );
+        let (_, earnings) = broker.get(scene, &format!("/owner/{owner}"))?;
+        assert_eq!(earnings["earnings_sat"], owner_share, "{earnings}");
+        drop(node);
+
+        // A node that dies mid-session: the client gets back what receipts do
+        // not prove, the owner still earns their share of what they do.
+        let mut node = Node::start(
+            scene,
+            "node-2",
+            &broker,
+            &[&node_args[..], &["--receipt-secs", "1"]].concat(),
+        )?;
+        broker.wait_capacity(scene, 1)?;
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{body}");
+        let login = Login::from_order(scene, &body)?;
+        let mut burner = login.ssh_command(&login.key, &[]);
+        burner
+            .arg(burn)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut burner = burner.spawn()?;
+        node.proc
+            .wait_event_where("receipt", Duration::from_secs(30), |v| {
+                v["order_id"] == login.order_id.as_str() && v["cpu_us"].as_u64() > Some(500_000)
+            })?;
+        node.proc.kill()?;
+        let settled = wait_settled(scene, &broker, &client, &login.order_id)?;
+        let _ = burner.kill();
+        let _ = burner.wait();
+        assert_eq!(settled["reason"], "NODE_LOST", "{settled}");
+        // What reached the broker before the node died: at least the receipt
+        // before the one the node was seen signing.
+        let proven = settled["proven_cpu_us"].as_u64().unwrap_or_default();
+        assert!(proven > 0, "{settled}");
+        let (used, owner_share) = worth(HOUR_PRICE, proven);
+        assert_eq!(
+            settled["settlement"]["refund"],
+            HOUR_PRICE - used,
+            "{settled}"
+        );
+        assert_eq!(settled["settlement"]["owner"], owner_share, "{settled}");
         Ok(())
     });
 }

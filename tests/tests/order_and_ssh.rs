@@ -435,3 +435,35 @@ fn jusy_cli_orders_logs_in_and_verifies_receipts() {
         Ok(())
     })
 }
+
+#[test]
+fn a_node_too_slow_for_the_speed_test_is_never_offered() {
+    e2e(
+        "a_node_too_slow_for_the_speed_test_is_never_offered",
+        |scene| {
+            let data = scene.subdir("broker")?;
+            let client = Broker::add_client(scene, &data)?;
+            // No node answers a real workload in 0 ms.
+            let flags = [
+                "--speed-test-rounds",
+                "200000",
+                "--speed-test-limit-ms",
+                "0",
+            ];
+            let broker = Broker::start_with(scene, "broker", data, 0, &flags)?;
+            let mut node = Node::start(scene, "node", &broker, &["--ready-slots", "1"])?;
+            let refused = node.proc.wait_event("refused", Duration::from_secs(30))?;
+            let why = refused["error"].as_str().unwrap_or_default();
+            assert!(why.contains("speed test failed: too slow"), "{refused}");
+            let (_, health) = broker.get(scene, "/health")?;
+            assert_eq!(
+                (health["nodes"].as_u64(), health["free_slots"].as_u64()),
+                (Some(0), Some(0)),
+                "{health}"
+            );
+            let (status, body) = broker.order(scene, &client)?;
+            assert_eq!(status, 503, "{body}");
+            Ok(())
+        },
+    )
+}

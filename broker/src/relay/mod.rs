@@ -90,9 +90,18 @@ impl quinn::ConnectionIdGenerator for PlainCids {
     }
 }
 
+/// How nodes are speed-tested before they are offered, and again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeedTest {
+    pub rounds: u32,
+    pub limit: Duration,
+    pub interval: Duration,
+}
+
 /// Attached nodes.
 #[derive(Debug)]
 pub struct Relay {
+    pub(crate) speed_test: SpeedTest,
     /// Looks up the owner accounts nodes name in their hello.
     store: crate::store::Store,
     nodes: Mutex<HashMap<PeerId, Arc<NodeLink>>>,
@@ -115,8 +124,13 @@ pub fn transport_config() -> quinn::TransportConfig {
 }
 
 impl Relay {
-    pub fn new(events: mpsc::UnboundedSender<RelayEvent>, store: crate::store::Store) -> Arc<Self> {
+    pub fn new(
+        events: mpsc::UnboundedSender<RelayEvent>,
+        store: crate::store::Store,
+        speed_test: SpeedTest,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            speed_test,
             store,
             nodes: Mutex::default(),
             events,

@@ -29,6 +29,8 @@ pub struct NodeLink {
     to_node: mpsc::UnboundedSender<BrokerMsg>,
     slots: Mutex<Vec<Slot>>,
     pending: Mutex<HashMap<OrderId, Answer>>,
+    /// How long the last passed speed test took, as the broker measured it.
+    speed: Mutex<Option<Duration>>,
 }
 
 /// The node's identity from its TLS certificate.
@@ -41,6 +43,11 @@ pub fn peer_id(conn: &quinn::Connection) -> Option<PeerId> {
 }
 
 impl NodeLink {
+    /// How long the node's last passed speed test took.
+    pub fn speed(&self) -> Option<Duration> {
+        *lock(&self.speed)
+    }
+
     pub fn free_slots(&self) -> usize {
         lock(&self.slots).len()
     }
@@ -116,6 +123,59 @@ async fn read_msg(
     }
 }
 
+/// One speed test in flight: the broker computes the expected digest on a
+/// blocking thread while the node computes its answer.
+struct SpeedCheck {
+    expected: tokio::task::JoinHandle<[u8; 32]>,
+    sent: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl SpeedCheck {
+    async fn start(
+        send: &mut quinn::SendStream,
+        test: super::SpeedTest,
+    ) -> Result<Self, LinkError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| LinkError::Protocol(format!("no randomness: {e}")))?;
+        let rounds = test.rounds;
+        let expected = tokio::task::spawn_blocking(move || jusy_common::speed::run(&seed, rounds));
+        send.write_all(&frame::encode(&BrokerMsg::SpeedTest { seed, rounds })?)
+            .await?;
+        let sent = tokio::time::Instant::now();
+        Ok(Self {
+            expected,
+            sent,
+            // A node that is far too slow is not waited for much longer than
+            // the limit; the answer is judged against the limit itself.
+            deadline: sent + test.limit * 3 + Duration::from_secs(5),
+            limit: test.limit,
+        })
+    }
+
+    /// Judges the node's digest; returns the time the broker measured.
+    async fn judge(self, digest: &[u8; 32]) -> Result<Duration, String> {
+        let took = self.sent.elapsed();
+        let expected = self
+            .expected
+            .await
+            .map_err(|e| format!("computing the expected digest: {e}"))?;
+        jusy_common::speed::judge(&expected, digest, took, self.limit)
+            .map(|()| took)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Tells the node why it is refused, and returns that as the link's error.
 async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
     if let Ok(frame) = frame::encode(&BrokerMsg::Error {
@@ -186,15 +246,26 @@ async fn serve(
         to_node,
         slots: Mutex::default(),
         pending: Mutex::default(),
+        speed: Mutex::default(),
     });
     send.write_all(&frame::encode(&BrokerMsg::Welcome {
         protocol: PROTOCOL_VERSION,
     })?)
     .await?;
-    relay.register(link.clone());
-    tracing::info!(node_id = %node_id, cores, %agent, "node attached");
+    tracing::info!(node_id = %node_id, cores, %agent, "node connected; speed test");
+    // The node is offered (registered) only once it passed the speed test.
+    let mut registered = false;
+    let mut check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
+    let mut next_check = tokio::time::Instant::now() + relay.speed_test.interval;
     loop {
+        let answer_due = check.as_ref().map(|c| c.deadline);
         tokio::select! {
+            _ = sleep_until_some(answer_due) => {
+                return Err(refuse(&mut send, "speed test not answered in time".into()).await);
+            }
+            _ = tokio::time::sleep_until(next_check), if check.is_none() => {
+                check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
+            }
             msg = read_msg(&mut recv, &mut dec, &mut buf) => match msg? {
                 NodeMsg::SlotsReady { slots } => {
                     let mut have = lock(&link.slots);
@@ -208,6 +279,27 @@ async fn serve(
                 NodeMsg::Refused { order_id, error } => link.answer(order_id, Err(AssignError::Refused(error))),
                 NodeMsg::Ended { order_id, reason } => relay.event(RelayEvent::Ended { order_id, reason }),
                 NodeMsg::Receipt { bytes } => relay.event(RelayEvent::Receipt { node_id, bytes }),
+                NodeMsg::SpeedResult { digest } => {
+                    let Some(c) = check.take() else {
+                        return Err(LinkError::Protocol("speed result without a test".into()));
+                    };
+                    match c.judge(&digest).await {
+                        Ok(took) => {
+                            *lock(&link.speed) = Some(took);
+                            tracing::info!(node_id = %node_id.short(), took_ms = took.as_millis() as u64, "speed test passed");
+                            if !registered {
+                                registered = true;
+                                relay.register(link.clone());
+                                tracing::info!(node_id = %node_id, "node attached");
+                            }
+                            next_check = tokio::time::Instant::now() + relay.speed_test.interval;
+                        }
+                        Err(e) => {
+                            tracing::warn!(node_id = %node_id.short(), error = %e, "speed test failed");
+                            return Err(refuse(&mut send, format!("speed test failed: {e}")).await);
+                        }
+                    }
+                }
                 NodeMsg::Hello { .. } => return Err(LinkError::Protocol("second hello".into())),
             },
             Some(out) = outbox.recv() => send.write_all(&frame::encode(&out)?).await?,

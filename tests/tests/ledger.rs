@@ -418,6 +418,14 @@ fn owners_are_paid_what_receipts_prove() {
             "{settled}"
         );
         assert_eq!(settled["settlement"]["owner"], owner_share, "{settled}");
+
+        // The killed node's restart sweeps what it left behind.
+        let (data_dir, node_id) = (node.data_dir.clone(), node.node_id.clone());
+        drop(node);
+        let node = Node::start_in(scene, "node-2-restarted", data_dir.clone(), &broker, &node_args)?;
+        drop(node);
+        let left = jusy_tests::leftovers::of_node(&node_id, &data_dir);
+        assert!(left.is_empty(), "left behind: {left:?}");
         Ok(())
     });
 }

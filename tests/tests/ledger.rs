@@ -422,7 +422,13 @@ fn owners_are_paid_what_receipts_prove() {
         // The killed node's restart sweeps what it left behind.
         let (data_dir, node_id) = (node.data_dir.clone(), node.node_id.clone());
         drop(node);
-        let node = Node::start_in(scene, "node-2-restarted", data_dir.clone(), &broker, &node_args)?;
+        let node = Node::start_in(
+            scene,
+            "node-2-restarted",
+            data_dir.clone(),
+            &broker,
+            &node_args,
+        )?;
         drop(node);
         let left = jusy_tests::leftovers::of_node(&node_id, &data_dir);
         assert!(left.is_empty(), "left behind: {left:?}");

@@ -23,10 +23,6 @@ const MAX_KEYS: usize = 16;
 /// Smallest RSA modulus accepted, in bits.
 const MIN_RSA_BITS: usize = 2048;
 
-fn unknown_client() -> ApiError {
-    ApiError(StatusCode::UNAUTHORIZED, "unknown client hash".into())
-}
-
 pub async fn order(
     State(api): State<Api>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -71,12 +67,7 @@ pub async fn order_status(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((hash, order_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    api.limit(peer, Some(&hash))?;
-    check_hash(&hash)?;
-    let (client, _) = api
-        .store
-        .account(Role::Client, &hash)?
-        .ok_or_else(unknown_client)?;
+    let (client, _) = api.account(peer, Role::Client, &hash)?;
     let not_found = || ApiError(StatusCode::NOT_FOUND, "no such order".into());
     let id: OrderId = order_id.parse().map_err(|_| not_found())?;
     // Another client's order answers exactly like a missing one.
@@ -95,12 +86,7 @@ pub async fn account(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    api.limit(peer, Some(&hash))?;
-    check_hash(&hash)?;
-    let (id, record) = api
-        .store
-        .account(Role::Client, &hash)?
-        .ok_or_else(unknown_client)?;
+    let (id, record) = api.account(peer, Role::Client, &hash)?;
     let ledger = &api.orders.ledger;
     let orders: Vec<_> = ledger
         .orders()?
@@ -163,12 +149,7 @@ pub async fn set_keys(
     Path(hash): Path<String>,
     body: Result<String, StringRejection>,
 ) -> Result<Response, ApiError> {
-    api.limit(peer, Some(&hash))?;
-    check_hash(&hash)?;
-    let (id, _) = api
-        .store
-        .account(Role::Client, &hash)?
-        .ok_or_else(unknown_client)?;
+    let (id, _) = api.account(peer, Role::Client, &hash)?;
     let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
     let mut keys = Vec::new();
     for line in body
@@ -197,12 +178,7 @@ pub async fn clear_keys(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    api.limit(peer, Some(&hash))?;
-    check_hash(&hash)?;
-    let (id, _) = api
-        .store
-        .account(Role::Client, &hash)?
-        .ok_or_else(unknown_client)?;
+    let (id, _) = api.account(peer, Role::Client, &hash)?;
     api.store.set_client_keys(&id, Vec::new())?;
     Ok(axum::Json(json!({"status": "OK", "ssh_keys": []})).into_response())
 }

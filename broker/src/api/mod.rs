@@ -26,7 +26,8 @@ use serde_json::json;
 use crate::ledger::LedgerError;
 use crate::orders::{OrderError, Orders};
 use crate::relay::Relay;
-use crate::store::{Store, StoreError, valid_hash};
+use crate::store::{AccountRecord, Role, Store, StoreError, valid_hash};
+use jusy_common::ledger::AccountId;
 use limit::RateLimiter;
 
 /// Largest request body accepted (SSH key lists, deposits).
@@ -76,6 +77,28 @@ impl Api {
                 "too many requests, slow down".into(),
             ))
         }
+    }
+}
+
+impl Api {
+    /// The account a request's secret hash opens, after charging the request
+    /// to the rate limits: 400 for text that is not a hash, 401 for a hash
+    /// that opens nothing.
+    fn account(
+        &self,
+        peer: SocketAddr,
+        role: Role,
+        hash: &str,
+    ) -> Result<(AccountId, AccountRecord), ApiError> {
+        self.limit(peer, Some(hash))?;
+        check_hash(hash)?;
+        let unknown = match role {
+            Role::Client => "unknown client hash",
+            Role::Owner => "unknown owner hash",
+        };
+        self.store
+            .account(role, hash)?
+            .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, unknown.into()))
     }
 }
 

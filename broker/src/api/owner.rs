@@ -3,12 +3,11 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use jusy_common::ledger::Account;
 use serde_json::json;
 
-use super::{Api, ApiError, check_hash};
+use super::{Api, ApiError};
 use crate::store::Role;
 
 pub async fn owner(
@@ -16,12 +15,7 @@ pub async fn owner(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    api.limit(peer, Some(&hash))?;
-    check_hash(&hash)?;
-    let (id, _) = api
-        .store
-        .account(Role::Owner, &hash)?
-        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown owner hash".into()))?;
+    let (id, _) = api.account(peer, Role::Owner, &hash)?;
     let nodes: Vec<_> = api
         .relay
         .nodes()

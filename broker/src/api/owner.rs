@@ -21,7 +21,14 @@ pub async fn owner(
         .nodes()
         .into_iter()
         .filter(|n| n.owner == Some(id))
-        .map(|n| json!({"node_id": n.id.to_string(), "online": true, "free_slots": n.free_slots()}))
+        .map(|n| {
+            json!({
+                "node_id": n.id.to_string(),
+                "online": true,
+                "free_slots": n.free_slots(),
+                "speed_test_ms": n.speed().map(|d| d.as_millis() as u64),
+            })
+        })
         .collect();
     let ledger = &api.orders.ledger;
     let served = ledger

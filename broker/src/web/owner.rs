@@ -22,6 +22,8 @@ struct NodeRow {
     short_id: String,
     online: bool,
     free_slots: usize,
+    /// The last passed speed test, as the relay timed it ("–" when offline).
+    speed: String,
     sessions: usize,
     earned: u64,
     earned_text: String,
@@ -64,6 +66,9 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
             let row = nodes.entry(link.id.to_string()).or_default();
             row.online = true;
             row.free_slots = link.free_slots();
+            row.speed = link
+                .speed()
+                .map_or_else(|| "–".to_owned(), |d| format!("{} ms", d.as_millis()));
         }
     }
     let ledger = &web.api.orders.ledger;

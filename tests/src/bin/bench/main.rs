@@ -288,15 +288,28 @@ fn start_field(
         &[local(sshd_port), service],
     )?;
     procs.push(rev);
-    let (bore, bore_ports) = tools::bore(scene, &[local(sshd_port), service])?;
-    procs.extend(bore);
-    let (rathole, rathole_ports) = tools::rathole(scene, &[local(sshd_port), service])?;
-    procs.extend(rathole);
-    for ports in [&rev_ports, &bore_ports, &rathole_ports] {
+    // bore and rathole are optional with --no-install: their columns stay empty.
+    let mut tunnels = vec![Some(rev_ports)];
+    for (name, start) in [
+        ("bore", tools::bore as fn(&Scene, &[SocketAddr]) -> _),
+        ("rathole", tools::rathole),
+    ] {
+        tunnels.push(if tools::which(name).is_some() {
+            let (started, ports) = start(scene, &[local(sshd_port), service])?;
+            procs.extend(started);
+            Some(ports)
+        } else {
+            eprintln!("bench: {name} is not installed; its column stays empty");
+            None
+        });
+    }
+    for ports in tunnels.iter().flatten() {
         tools::wait_banner(local(ports[0]))?;
         service::wait_echo(local(ports[1]))?;
         keys.trust(ports[0], &keys.host_pub)?;
     }
+    let ssh_via = |i: usize| tunnels[i].as_ref().map(|p| target(p[0]));
+    let raw_via = |i: usize| tunnels[i].as_ref().map(|p| local(p[1]));
 
     // jusy: a broker and a real node; the bench's key is registered on the
     // client's account, and one idle connection holds the session open.
@@ -355,27 +368,30 @@ fn start_field(
     service::wait_echo(local(raw_port))?;
 
     // Reverse relay: the client hops through the relay sshd (`ssh -J`).
-    let mut reverse = vec![
-        "-J".to_owned(),
-        format!("{}@127.0.0.1:{relay_port}", user.name),
-    ];
-    reverse.extend(target(rev_ports[0]));
+    let reverse = ssh_via(0).map(|t| {
+        let mut jump = vec![
+            "-J".to_owned(),
+            format!("{}@127.0.0.1:{relay_port}", user.name),
+        ];
+        jump.extend(t);
+        jump
+    });
     Ok(Field {
         ssh: [
             Some(jusy),
             Some(target(direct_port)),
             Some(target(sshd_port)),
-            Some(reverse),
-            Some(target(bore_ports[0])),
-            Some(target(rathole_ports[0])),
+            reverse,
+            ssh_via(1),
+            ssh_via(2),
         ],
         raw: [
             Some(local(raw_port)),
             None,
             Some(service),
-            Some(local(rev_ports[1])),
-            Some(local(bore_ports[1])),
-            Some(local(rathole_ports[1])),
+            raw_via(0),
+            raw_via(1),
+            raw_via(2),
         ],
         broker,
         client,

@@ -177,8 +177,10 @@ fn run(
     for _ in 0..opts.bulk_rounds {
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
-                let t = bulk(&keys, args, bytes)?;
-                mbps[i].push(bytes as f64 / 1e6 / t.as_secs_f64());
+                match bulk(&keys, args, bytes) {
+                    Ok(t) => mbps[i].push(bytes as f64 / 1e6 / t.as_secs_f64()),
+                    Err(e) => table.failed(i, "bulk", &e),
+                }
             }
         }
     }
@@ -196,10 +198,11 @@ fn run(
     for trial in 0..=opts.trials {
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
-                let t = ssh_true(&keys, args)?;
-                // The first round warms caches and is not counted.
-                if trial > 0 {
-                    ms[i].push(t.as_secs_f64() * 1e3);
+                match ssh_true(&keys, args) {
+                    // The first round warms caches and is not counted.
+                    Ok(t) if trial > 0 => ms[i].push(t.as_secs_f64() * 1e3),
+                    Ok(_) => {}
+                    Err(e) => table.failed(i, "ssh true", &e),
                 }
             }
         }
@@ -220,8 +223,10 @@ fn run(
     for _ in 0..rounds {
         for (i, addr) in field.raw.iter().enumerate() {
             if let Some(addr) = addr {
-                let got = service::echo_rtts(*addr, 50, opts.pings / rounds)?;
-                rtt[i].extend(got.iter().map(|d| d.as_secs_f64() * 1e6));
+                match service::echo_rtts(*addr, 50, opts.pings / rounds) {
+                    Ok(got) => rtt[i].extend(got.iter().map(|d| d.as_secs_f64() * 1e6)),
+                    Err(e) => table.failed(i, "echo", &e),
+                }
             }
         }
     }
@@ -239,8 +244,10 @@ fn run(
     for _ in 0..opts.bulk_rounds {
         for (i, addr) in field.raw.iter().enumerate() {
             if let Some(addr) = addr {
-                let t = service::stream(*addr, raw_bytes)?;
-                gbps[i].push(raw_bytes as f64 * 8.0 / 1e9 / t.as_secs_f64());
+                match service::stream(*addr, raw_bytes) {
+                    Ok(t) => gbps[i].push(raw_bytes as f64 * 8.0 / 1e9 / t.as_secs_f64()),
+                    Err(e) => table.failed(i, "raw stream", &e),
+                }
             }
         }
     }

@@ -26,6 +26,8 @@ pub struct Table {
     rows: Vec<(String, [Option<f64>; COLUMNS.len()], usize)>,
     pub capacity: Vec<Capacity>,
     pub receipts_per_sec: Option<f64>,
+    /// Runs that failed (left out of the medians), shown under the table.
+    failures: Vec<String>,
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -62,6 +64,15 @@ impl Table {
         self.rows.push((label.to_owned(), values, decimals));
     }
 
+    /// Records a failed run of `column`; the bench goes on without it.
+    pub fn failed(&mut self, column: usize, what: &str, e: &anyhow::Error) {
+        let name = COLUMNS.get(column).copied().unwrap_or("?");
+        eprintln!("bench: {name}: {what} failed: {e:#}");
+        let first = format!("{e:#}");
+        let first = first.lines().next().unwrap_or_default();
+        self.failures.push(format!("{name}, {what}: {first}"));
+    }
+
     fn get(&self, prefix: &str, col: usize) -> Option<f64> {
         self.rows
             .iter()
@@ -90,6 +101,12 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
             .map(|v| v.map_or("—".to_owned(), |v| format!("{v:.decimals$}")))
             .collect();
         let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    }
+    if !t.failures.is_empty() {
+        let _ = writeln!(s, "\nFailed runs, left out of the medians:\n");
+        for f in &t.failures {
+            let _ = writeln!(s, "* {f}");
+        }
     }
     let _ = writeln!(
         s,

@@ -35,8 +35,8 @@ pub struct Config {
     pub rate_limit_per_sec: u32,
     /// Requests allowed in a burst per client address and per hash. Default 30.
     pub rate_limit_burst: u32,
-    /// Rounds of the node speed test. Default `jusy_common::speed::ROUNDS`
-    /// (about one second on the reference core).
+    /// Rounds of the node speed test; 0 turns the test off. Default
+    /// `jusy_common::speed::ROUNDS` (about one second on the reference core).
     pub speed_test_rounds: u32,
     /// Longest a node may take to answer the speed test, in milliseconds,
     /// measured by the broker (round trip included). Default 2000.

@@ -58,7 +58,7 @@ struct ServeArgs {
     /// Burst of requests per address and per hash.
     #[arg(long)]
     rate_limit_burst: Option<u32>,
-    /// Rounds of the node speed test.
+    /// Rounds of the node speed test; 0 turns it off.
     #[arg(long)]
     speed_test_rounds: Option<u32>,
     /// Longest a node may take for the speed test, in milliseconds.

@@ -1,0 +1,159 @@
+//! Relay capacity (memory and CPU of one relay holding many idle simulated
+//! nodes) and receipt verification throughput.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use jusy_common::identity::{PeerId, signing_key_from_seed};
+use jusy_common::receipt::{ChainBuilder, ChainVerifier, SignedReceipt};
+use jusy_common::wire::OrderId;
+use jusy_tests::{Broker, Scene};
+
+/// One relay holding `nodes` idle node connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub nodes: usize,
+    pub rss_kb: u64,
+    pub baseline_kb: u64,
+    pub cpu_percent: f64,
+}
+
+impl Capacity {
+    pub fn rss_per_node_kb(&self) -> f64 {
+        self.rss_kb.saturating_sub(self.baseline_kb) as f64 / self.nodes as f64
+    }
+}
+
+/// How long relay CPU is sampled once the nodes are attached.
+const CPU_WINDOW: Duration = Duration::from_secs(10);
+
+/// Attaches idle simulated nodes to a fresh relay in steps up to each count.
+pub fn idle_nodes(
+    scene: &Scene,
+    rt: &tokio::runtime::Runtime,
+    counts: &[usize],
+) -> anyhow::Result<Vec<Capacity>> {
+    let data = scene.subdir("broker-capacity")?;
+    let limits = ["--rate-limit-per-sec", "1000", "--rate-limit-burst", "1000"];
+    // Simulated nodes do not run the speed test.
+    let untested = [&limits[..], &["--speed-test-rounds", "0"]].concat();
+    let broker = Broker::start_with(scene, "broker-capacity", data, 0, &untested)?;
+    let pid = broker.proc.pid();
+    std::thread::sleep(Duration::from_secs(1));
+    let baseline_kb = rss_kb(pid)?;
+    let key: PeerId = broker.key.parse()?;
+    let mut held = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut out = Vec::new();
+    for &count in counts {
+        let start = Instant::now();
+        let base = held.len();
+        let more = count.saturating_sub(base);
+        rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..more {
+                // Several sockets, so that one socket's buffers are not the limit.
+                if endpoints.is_empty() || (base + i) % 1000 == 0 {
+                    endpoints.push(crate::simnode::endpoint()?);
+                }
+                let endpoint = endpoints.last().context("endpoint")?.clone();
+                let relay = broker.relay;
+                set.spawn(async move { crate::simnode::attach(&endpoint, relay, key, 0).await });
+                // A bounded number of handshakes in flight.
+                if set.len() >= 64
+                    && let Some(done) = set.join_next().await
+                {
+                    held.push(done??);
+                }
+            }
+            while let Some(done) = set.join_next().await {
+                held.push(done??);
+            }
+            anyhow::Ok(())
+        })?;
+        wait_nodes(scene, &broker, count)?;
+        eprintln!(
+            "bench: {count} idle nodes attached in {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let cpu0 = cpu_ticks(pid)?;
+        std::thread::sleep(CPU_WINDOW);
+        let cpu1 = cpu_ticks(pid)?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        out.push(Capacity {
+            nodes: count,
+            rss_kb: rss_kb(pid)?,
+            baseline_kb,
+            cpu_percent: (cpu1 - cpu0) as f64 / hz / CPU_WINDOW.as_secs_f64() * 100.0,
+        });
+    }
+    drop(held);
+    Ok(out)
+}
+
+fn wait_nodes(scene: &Scene, broker: &Broker, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, health) = broker.get(scene, "/health")?;
+        if health["nodes"].as_u64() >= Some(count as u64) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "relay never counted {count} nodes: {health}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()
+        .context("VmRSS")
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field =
+        |i: usize| -> anyhow::Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
+    Ok(field(11)? + field(12)?)
+}
+
+/// Receipts verified per second on one thread: decode (signature) and chain
+/// checks, over one order's chain of signed receipts; median of 5 runs.
+pub fn receipts_per_sec() -> anyhow::Result<f64> {
+    const CHAIN: u64 = 5000;
+    let key = signing_key_from_seed(&[7; 32]).context("key")?;
+    let order = OrderId([1; 12]);
+    let mut builder = ChainBuilder::new(order, &key);
+    let chain: Vec<_> = (0..CHAIN)
+        .map(|i| {
+            builder
+                .next(&key, i * 1000, i, i * 10, None)
+                .map(|r| *r.bytes())
+                .context("chain ended early")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let mut verifier = ChainVerifier::new(order, PeerId::from_signing_key(&key));
+        let t = Instant::now();
+        for bytes in &chain {
+            verifier.accept(&SignedReceipt::decode(bytes)?)?;
+        }
+        rates.push(CHAIN as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(crate::report::median(&rates))
+}

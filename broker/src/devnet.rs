@@ -25,6 +25,9 @@ pub async fn run(
         api_listen,
         relay_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         order_bind: [127, 0, 0, 1].into(),
+        // The local node is tested as any node is, but a busy development
+        // machine must not fail it for speed.
+        speed_test_limit_ms: 30_000,
         ..Config::default()
     };
     // A demo client with funds for ten orders, and an owner for the node.

@@ -125,10 +125,16 @@ impl Uplink {
     ) -> Result<(), UplinkError> {
         let addr = resolve(&self.target.addr).await?;
         let endpoint = self.endpoint(addr)?;
-        let conn = endpoint.connect(addr, "jusy")?.await.map_err(|e| match e {
-            quinn::ConnectionError::TimedOut => UplinkError::HandshakeTimeout { addr },
-            e => e.into(),
-        })?;
+        let connecting = endpoint.connect(addr, "jusy")?;
+        // A stop while the relay does not answer must not wait out the
+        // handshake timeout.
+        let conn = tokio::select! {
+            c = connecting => c.map_err(|e| match e {
+                quinn::ConnectionError::TimedOut => UplinkError::HandshakeTimeout { addr },
+                e => e.into(),
+            })?,
+            _ = stop.cancelled() => return Ok(()),
+        };
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = NodeMsg::Hello {
             protocol: PROTOCOL_VERSION,

@@ -182,6 +182,9 @@ pub enum NodeMsg {
     Receipt { bytes: Vec<u8> },
     /// The answer to [`BrokerMsg::SpeedTest`]: the workload's digest.
     SpeedResult { digest: [u8; 32] },
+    /// The answer to [`BrokerMsg::SignCapacity`]: a
+    /// [`crate::capacity::SignedCapacity`] in its encoding.
+    Capacity { bytes: Vec<u8> },
 }
 
 /// Broker → node.
@@ -198,6 +201,10 @@ pub enum BrokerMsg {
     /// Run the speed test ([`crate::speed::run`]) on this seed and answer with
     /// [`NodeMsg::SpeedResult`]; the broker times the answer.
     SpeedTest { seed: [u8; 32], rounds: u32 },
+    /// Sign a capacity statement on these terms (with this node's free slots
+    /// and cores) and answer with [`NodeMsg::Capacity`]; the relay publishes
+    /// it to the other brokers.
+    SignCapacity { terms: crate::capacity::Terms },
 }
 
 /// Magic and version at the start of every tunnelled client stream.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jusy_common::capacity::{Capacity, SignedCapacity, Terms};
 use jusy_common::frame::{self, Decoder};
 use jusy_common::identity::PeerId;
 use jusy_common::wire::{ALPN, BrokerMsg, EndReason, NodeMsg, PROTOCOL_VERSION};
@@ -133,7 +134,7 @@ impl Uplink {
         let hello = NodeMsg::Hello {
             protocol: PROTOCOL_VERSION,
             host_key: self.host_key.clone(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            cores: cores(),
             agent: format!("jusy-node/{}", env!("CARGO_PKG_VERSION")),
             owner: self.owner.clone(),
         };
@@ -179,6 +180,11 @@ impl Uplink {
                     BrokerMsg::Cancel { order_id } => self.sessions.cancel(order_id, EndReason::Cancelled),
                     BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
                     BrokerMsg::Welcome { .. } => {}
+                    BrokerMsg::SignCapacity { terms } => {
+                        if let Some(bytes) = self.sign_capacity(terms) {
+                            send_or_keep(&mut send, NodeMsg::Capacity { bytes }, unsent).await?;
+                        }
+                    }
                     BrokerMsg::SpeedTest { seed, rounds } => {
                         tracing::info!(rounds, "running the speed test");
                         speed_test = Some(tokio::task::spawn_blocking(move || jusy_common::speed::run(&seed, rounds)));
@@ -201,6 +207,29 @@ impl Uplink {
                     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// Signs a capacity statement on the relay's terms with this node's free
+    /// slots. Terms naming another relay than the one this node pinned are
+    /// refused: a relay cannot advertise the node as reachable elsewhere.
+    fn sign_capacity(&self, terms: Terms) -> Option<Vec<u8>> {
+        if terms.relay != self.target.key {
+            tracing::warn!(relay = %terms.relay, "refusing to sign capacity terms for another relay");
+            return None;
+        }
+        let capacity = Capacity {
+            node_id: PeerId::from_signing_key(&self.identity),
+            free_slots: u16::try_from(self.sessions.ready_slots().len()).unwrap_or(u16::MAX),
+            cores: cores(),
+            terms,
+        };
+        match SignedCapacity::sign(&self.identity, capacity) {
+            Ok(signed) => Some(signed.bytes().to_vec()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sign capacity statement");
+                None
             }
         }
     }
@@ -279,6 +308,11 @@ async fn resolve(addr: &str) -> Result<SocketAddr, UplinkError> {
         .map_err(|_| UplinkError::Resolve(addr.to_owned()))?
         .next()
         .ok_or_else(|| UplinkError::Resolve(addr.to_owned()))
+}
+
+/// CPU cores this node offers, as told to the relay.
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
 }
 
 /// `base` ± 50 %, so that nodes cut off together do not reconnect together.

@@ -107,7 +107,10 @@ fn orders_are_charged_refunded_and_paid_for() {
         let (status, body) = broker.get(scene, &format!("/owner/{owner}"))?;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["nodes"].as_array().map(Vec::len), Some(1), "{body}");
-        assert!(body["nodes"][0]["speed_test_ms"].is_u64(), "the speed test it passed: {body}");
+        assert!(
+            body["nodes"][0]["speed_test_ms"].is_u64(),
+            "the speed test it passed: {body}"
+        );
         let (status, _) = broker.get(scene, &format!("/owner/{client}"))?;
         assert_eq!(status, 401, "a client hash is not an owner hash");
 

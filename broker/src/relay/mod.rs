@@ -2,6 +2,7 @@
 //! nodes and their ready slots, hands orders to nodes, and splices order ports
 //! into QUIC streams.
 
+pub mod advertise;
 pub mod node_link;
 pub mod splice;
 
@@ -18,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use advertise::{Advertise, CapacityUpdate};
 pub use node_link::NodeLink;
 
 /// What the relay tells the order book.
@@ -102,6 +104,8 @@ pub struct SpeedTest {
 #[derive(Debug)]
 pub struct Relay {
     pub(crate) speed_test: SpeedTest,
+    /// How attached nodes are advertised to other brokers, if at all.
+    pub(crate) advertise: Option<Advertise>,
     /// Looks up the owner accounts nodes name in their hello.
     store: crate::store::Store,
     nodes: Mutex<HashMap<PeerId, Arc<NodeLink>>>,
@@ -128,9 +132,11 @@ impl Relay {
         events: mpsc::UnboundedSender<RelayEvent>,
         store: crate::store::Store,
         speed_test: SpeedTest,
+        advertise: Option<Advertise>,
     ) -> Arc<Self> {
         Arc::new(Self {
             speed_test,
+            advertise,
             store,
             nodes: Mutex::default(),
             events,
@@ -215,10 +221,14 @@ impl Relay {
 
     fn unregister(&self, node_id: PeerId, link_id: u64) {
         let mut nodes = lock(&self.nodes);
-        if nodes.get(&node_id).is_some_and(|l| l.link_id == link_id) {
+        let removed = nodes.get(&node_id).is_some_and(|l| l.link_id == link_id);
+        if removed {
             nodes.remove(&node_id);
         }
         drop(nodes);
+        if let Some(a) = self.advertise.as_ref().filter(|_| removed) {
+            let _ = a.updates.send(CapacityUpdate::Withdrawn(node_id));
+        }
         let _ = self.events.send(RelayEvent::NodeGone { node_id, link_id });
     }
 

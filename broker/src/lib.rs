@@ -6,7 +6,8 @@
 //! * [`store`] — durable state in sled: identity, accounts by keyed digest.
 //! * [`ledger`] — money and orders in sled transactions: charge, settle, audit.
 //! * [`mesh`] — libp2p among brokers: allowlist, DHT of capacity, requests.
-//! * [`remote`] — answering other brokers: offers of free nodes.
+//! * [`remote`] — answering other brokers: offers of free nodes, reservations,
+//!   events of orders whose ledger is here.
 //! * [`relay`] — node connections, slot registry, order-port splicing.
 //! * [`orders`] — the order book: claim, assign, open port, end.
 //! * [`api`] — HTTP routes and their JSON errors.
@@ -140,7 +141,13 @@ impl Broker {
         };
         let (tx, events) = mpsc::unbounded_channel();
         let relay = Relay::new(tx, store.clone(), cfg.speed_test(), advertise);
-        let orders = Orders::new(cfg.clone(), store.clone(), ledger, relay.clone());
+        let served = mesh.as_ref().map(|m| {
+            (
+                m.mesh.clone(),
+                remote::Served::new(relay.clone(), m.mesh.clone(), &cfg),
+            )
+        });
+        let orders = Orders::new(cfg.clone(), store.clone(), ledger, relay.clone(), served);
         Ok(Self {
             api_addr,
             relay_addr,
@@ -180,9 +187,14 @@ impl Broker {
         let relay_stop = CancellationToken::new();
         let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, relay_stop.clone()));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
-        let mesh = self.mesh.map(|m| {
-            let serving = tokio::spawn(remote::serve(m.inbound, self.relay.clone()));
-            (m.task, m.stop, serving)
+        let mesh = self.mesh.zip(self.orders.served()).map(|(m, served)| {
+            let serving = tokio::spawn(remote::serve(
+                m.inbound,
+                self.relay.clone(),
+                served.clone(),
+                self.orders.clone(),
+            ));
+            (m.task, m.stop, serving, served)
         });
         let orders = self.orders.clone();
         let api = api::Api::new(self.orders, self.relay, self.store.clone(), &self.cfg);
@@ -205,7 +217,8 @@ impl Broker {
         orders.cancel_all().await;
         relay_stop.cancel();
         let _ = relay_task.await;
-        if let Some((task, stop, serving)) = mesh {
+        if let Some((task, stop, serving, served)) = mesh {
+            served.shutdown().await;
             stop.cancel();
             let _ = task.await;
             // The swarm's end closed the inbound channel, which ends `serving`.

@@ -131,6 +131,13 @@ enum Cmd {
         #[command(flatten)]
         db: DataDir,
     },
+    /// Print this broker's identity: its broker key and mesh peer id, for
+    /// other brokers' `--trust` (creates the identity if there is none yet;
+    /// broker stopped).
+    Key {
+        #[command(flatten)]
+        db: DataDir,
+    },
     /// Start a broker, a node and a demo client on this machine.
     Devnet {
         /// Where the devnet keeps its state.
@@ -260,6 +267,16 @@ fn main() -> anyhow::Result<()> {
             let audit = ledger.audit()?;
             println!("{}", serde_json::to_string(&audit)?);
             anyhow::ensure!(audit.ok, "the books do not balance: {:?}", audit.problems);
+            Ok(())
+        }
+        Cmd::Key { db } => {
+            let store = Store::open(&db.data_dir)?;
+            let key = jusy_common::identity::PeerId::from_signing_key(&store.identity()?);
+            let peer = jusy_broker::mesh::libp2p_id(&key)?;
+            println!(
+                "{}",
+                serde_json::json!({"broker_key": key.to_string(), "mesh_peer_id": peer.to_string()})
+            );
             Ok(())
         }
         Cmd::Devnet {

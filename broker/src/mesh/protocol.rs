@@ -32,6 +32,8 @@ pub enum MeshRequest {
     /// answering broker's ledger; sent until acknowledged (at least once).
     Event {
         order_id: OrderId,
+        /// 0, 1, 2, … per order; the ledger applies each number once.
+        seq: u64,
         event: OrderEvent,
     },
 }

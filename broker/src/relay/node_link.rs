@@ -61,7 +61,7 @@ impl NodeLink {
         lock(&self.slots).len()
     }
 
-    pub(super) fn take_slot(&self) -> Option<Slot> {
+    pub(crate) fn take_slot(&self) -> Option<Slot> {
         let mut slots = lock(&self.slots);
         (!slots.is_empty()).then(|| slots.remove(0))
     }

@@ -194,7 +194,12 @@ impl Broker {
                 served.clone(),
                 self.orders.clone(),
             ));
-            (m.task, m.stop, serving, served)
+            let learning = tokio::spawn(remote::relays::learn(
+                m.mesh.clone(),
+                self.relay.clone(),
+                m.stop.clone(),
+            ));
+            (m.task, m.stop, serving, served, learning)
         });
         let orders = self.orders.clone();
         let api = api::Api::new(self.orders, self.relay, self.store.clone(), &self.cfg);
@@ -217,9 +222,10 @@ impl Broker {
         orders.cancel_all().await;
         relay_stop.cancel();
         let _ = relay_task.await;
-        if let Some((task, stop, serving, served)) = mesh {
+        if let Some((task, stop, serving, served, learning)) = mesh {
             served.shutdown().await;
             stop.cancel();
+            let _ = learning.await;
             let _ = task.await;
             // The swarm's end closed the inbound channel, which ends `serving`.
             let _ = serving.await;

@@ -172,3 +172,87 @@ fn orders_from_one_api_broker_land_on_nodes_of_two_relays() {
         },
     )
 }
+
+#[test]
+fn nodes_of_a_killed_relay_move_to_the_other_and_its_sessions_go_on() {
+    e2e("nodes_of_a_killed_relay_move_to_the_other", |scene| {
+        let mut lab = Lab::new(scene)?;
+        let mut m = mesh(scene, &mut lab, 2)?;
+        let mut nodes = Vec::new();
+        for (r, relay) in m.relays.iter().enumerate() {
+            let home = lab.home(&format!("home{r}"), HomeOpts::default())?;
+            let mut node =
+                Node::start_at(scene, &format!("node{r}"), &home.host, relay, NODE_ARGS)?;
+            // Each node learns the other relay from its own.
+            node.proc.wait_event("relays", Duration::from_secs(30))?;
+            nodes.push(node);
+        }
+        let laptop = lab.public_host("client")?;
+
+        // A session that must go on: on whichever relay the order lands.
+        let body = order(scene, &m.api, &laptop, &m.client)?;
+        let login = Login::from_order_at(scene, &laptop, &body)?;
+        let survivor = m
+            .relays
+            .iter()
+            .position(|r| r.relay.ip().to_string() == login.host)
+            .context("the order names a relay")?;
+        let victim = 1 - survivor;
+        let mut long = login.ssh_command(&login.key, &[]);
+        long.arg("sleep 20; echo alive")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let long = long.spawn()?;
+        wait_state(scene, &m.api, &m.client, &login.order_id, "CONNECTED")?;
+
+        m.relays[victim].proc.kill()?;
+        let killed = Instant::now();
+        // The node moves to another relay it learned of: the surviving one,
+        // or the API broker's own.
+        let victim_addr = m.relays[victim].relay.to_string();
+        nodes[victim]
+            .proc
+            .wait_event_where("registered", Duration::from_secs(15), |v| {
+                v["broker"] != victim_addr.as_str()
+            })?;
+        scene.note(&format!("node moved after {:?}", killed.elapsed()));
+
+        // Orders land on the moved node through its new relay.
+        let moved = nodes[victim].node_id.clone();
+        let mut landed = None;
+        for _ in 0..10 {
+            let body = order(scene, &m.api, &laptop, &m.client)?;
+            let l = Login::from_order_at(scene, &laptop, &body)?;
+            assert_ne!(
+                l.host,
+                m.relays[victim].relay.ip().to_string(),
+                "no order goes through the killed relay"
+            );
+            let out = l.ssh(scene, "uname -a", None)?;
+            assert_eq!(out.status, Some(0), "{}", out.stderr);
+            let on = body["node_id"].as_str().unwrap_or_default().to_owned();
+            let node = nodes
+                .iter_mut()
+                .find(|n| n.node_id == on)
+                .context("known node")?;
+            node.wait_session_end(&l.order_id, Duration::from_secs(30))?;
+            if on == moved {
+                landed = Some(killed.elapsed());
+                break;
+            }
+        }
+        let landed = landed.context("no order landed on the moved node in 10 orders")?;
+        scene.note(&format!(
+            "first order on the moved node {landed:?} after the kill"
+        ));
+
+        let out = long.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
+        Ok(())
+    })
+}

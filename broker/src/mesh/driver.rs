@@ -43,6 +43,11 @@ pub(super) enum Command {
     Dial {
         addr: Multiaddr,
     },
+    /// Some brokers of the routing table (at most `max`).
+    Peers {
+        max: usize,
+        reply: oneshot::Sender<Vec<libp2p::PeerId>>,
+    },
 }
 
 /// Providers found so far for one lookup; it ends early once this many
@@ -67,6 +72,10 @@ pub(super) struct Driver {
     pub records: HashMap<kad::QueryId, (PeerId, oneshot::Sender<Option<SignedCapacity>>)>,
     /// Nodes this relay advertises, and their shards.
     pub published: HashMap<PeerId, u8>,
+    /// Brokers whose connection failed, and when: left out of provider
+    /// answers (their records outlive them) until they connect again or
+    /// their provider records must have expired.
+    pub down: HashMap<libp2p::PeerId, Instant>,
     pub tasks: JoinSet<()>,
 }
 
@@ -131,6 +140,17 @@ impl Driver {
                 let id = self.kad().get_record(capacity::node_key(&node_id).into());
                 self.records.insert(id, (node_id, reply));
             }
+            Command::Peers { max, reply } => {
+                let mut peers: Vec<libp2p::PeerId> =
+                    self.swarm.connected_peers().copied().collect();
+                for bucket in self.kad().kbuckets() {
+                    peers.extend(bucket.iter().map(|e| *e.node.key.preimage()));
+                }
+                peers.sort();
+                peers.dedup();
+                peers.truncate(max);
+                let _ = reply.send(peers);
+            }
             Command::Dial { addr } => {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     tracing::warn!(%addr, error = %e, "mesh dial failed");
@@ -190,17 +210,27 @@ impl Driver {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.down.remove(&peer_id);
                 tracing::info!(peer = %peer_id, "mesh peer connected");
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,
+                cause,
                 ..
-            } => tracing::info!(peer = %peer_id, "mesh peer disconnected"),
+            } => {
+                if cause.is_some() {
+                    self.down.insert(peer_id, Instant::now());
+                }
+                tracing::info!(peer = %peer_id, cause = ?cause, "mesh peer disconnected");
+            }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::info!(error = %error, "mesh connection refused");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(peer) = peer_id {
+                    self.down.insert(peer, Instant::now());
+                }
                 tracing::info!(peer = ?peer_id, error = %error, "mesh dial failed");
             }
             _ => {}
@@ -260,6 +290,9 @@ impl Driver {
                 if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = found {
                     seen.extend(providers);
                 }
+                self.down
+                    .retain(|_, since| since.elapsed() < super::protocol::PROVIDER_TTL);
+                seen.retain(|p| !self.down.contains_key(p));
                 if last || seen.len() >= ENOUGH_PROVIDERS {
                     if let Some(mut q) = self.kad().query_mut(&id) {
                         q.finish();

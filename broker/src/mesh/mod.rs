@@ -144,7 +144,13 @@ impl Mesh {
         }
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
-            .with_quic()
+            .with_quic_config(|mut c| {
+                // A broker that dies is noticed within seconds, so orders stop
+                // waiting for it and go elsewhere.
+                c.max_idle_timeout = 4_000;
+                c.keep_alive_interval = std::time::Duration::from_secs(1);
+                c
+            })
             .with_behaviour(|key| protocol::Behaviour::new(key, &trusted))
             .map_err(|e| MeshError::Identity(e.to_string()))?
             .with_swarm_config(|c| {
@@ -194,6 +200,7 @@ impl Mesh {
             providers: HashMap::new(),
             records: HashMap::new(),
             published: HashMap::new(),
+            down: HashMap::new(),
             tasks: JoinSet::new(),
         };
         let task = tokio::spawn(driver.run(stop));
@@ -231,6 +238,13 @@ impl Mesh {
     pub async fn providers(&self, shard: u8) -> Result<Vec<libp2p::PeerId>, MeshError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Providers { shard, reply })?;
+        answer.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Some brokers this one knows (connected or in its routing table).
+    pub async fn peers(&self, max: usize) -> Result<Vec<libp2p::PeerId>, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Peers { max, reply })?;
         answer.await.map_err(|_| MeshError::Stopped)
     }
 

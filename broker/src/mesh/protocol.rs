@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::AccountId;
-use jusy_common::wire::{EndReason, OrderId};
+use jusy_common::wire::{EndReason, OrderId, RelayAddr};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, allow_block_list, identify, kad, request_response};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,8 @@ pub enum MeshRequest {
     Reserve(Reservation),
     /// Something happened to an order the asking relay serves for the
     /// answering broker's ledger; sent until acknowledged (at least once).
+    /// Where nodes reach the answering broker's relay.
+    Relay,
     Event {
         order_id: OrderId,
         /// 0, 1, 2, … per order; the ledger applies each number once.
@@ -81,6 +83,7 @@ pub enum MeshResponse {
     /// Encoded [`jusy_common::capacity::SignedCapacity`] statements.
     Offers(Vec<Vec<u8>>),
     Reserved(Reserved),
+    Relay(RelayAddr),
     /// The event was applied (or already had been).
     Acknowledged,
     Refused(String),
@@ -144,7 +147,8 @@ impl Behaviour {
         );
         let rpc = request_response::cbor::Behaviour::new(
             [(MESH_PROTOCOL, request_response::ProtocolSupport::Full)],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(15)),
+            // Longer than a relay waits for its node to accept an order (10 s).
+            request_response::Config::default().with_request_timeout(Duration::from_secs(12)),
         );
         Self {
             allow,

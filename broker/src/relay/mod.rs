@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use jusy_common::identity::PeerId;
-use jusy_common::wire::{ALPN, Assignment, EndReason, OrderId, Slot};
+use jusy_common::wire::{ALPN, Assignment, EndReason, OrderId, RelayAddr, Slot};
 use quinn::crypto::rustls::QuicServerConfig;
 use sha2::Digest;
 use tokio::sync::mpsc;
@@ -112,6 +112,8 @@ pub struct Relay {
     events: mpsc::UnboundedSender<RelayEvent>,
     next_link: std::sync::atomic::AtomicU64,
     tasks: TaskTracker,
+    /// Other relays of the mesh, told to attached nodes for failover.
+    others: tokio::sync::watch::Sender<Vec<RelayAddr>>,
 }
 
 /// QUIC transport for node connections: keep-alives both ways and a short idle
@@ -142,6 +144,7 @@ impl Relay {
             events,
             next_link: 1.into(),
             tasks: TaskTracker::new(),
+            others: tokio::sync::watch::channel(Vec::new()).0,
         })
     }
 
@@ -250,6 +253,17 @@ impl Relay {
         drop(nodes);
         let slot = link.take_slot()?;
         Some((link, slot))
+    }
+
+    /// Sets the other relays of the mesh; attached nodes are told when the
+    /// list changes.
+    pub fn set_other_relays(&self, mut relays: Vec<RelayAddr>) {
+        relays.sort_by_key(|r| r.key);
+        self.others.send_if_modified(|old| {
+            let changed = *old != relays;
+            *old = relays;
+            changed
+        });
     }
 
     /// Every attached node.

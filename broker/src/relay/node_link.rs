@@ -271,6 +271,8 @@ async fn serve(
     // the moment they are registered.
     let mut next_advert: Option<tokio::time::Instant> = None;
     let mut asked: Option<Terms> = None;
+    let mut others = relay.others.subscribe();
+    others.mark_changed();
     loop {
         let answer_due = check.as_ref().map(|c| c.deadline);
         tokio::select! {
@@ -283,6 +285,12 @@ async fn serve(
                     send.write_all(&frame::encode(&BrokerMsg::SignCapacity { terms: terms.clone() })?).await?;
                     asked = Some(terms);
                     next_advert = Some(tokio::time::Instant::now() + a.every);
+                }
+            }
+            Ok(()) = others.changed(), if registered => {
+                let relays = others.borrow_and_update().clone();
+                if !relays.is_empty() {
+                    send.write_all(&frame::encode(&BrokerMsg::Relays { relays })?).await?;
                 }
             }
             _ = tokio::time::sleep_until(next_check), if check.is_none() => {

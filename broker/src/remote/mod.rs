@@ -1,7 +1,9 @@
 //! What this broker answers other brokers on the mesh: the signed statements
 //! of its attached nodes that have a free slot, reservations on them
-//! ([`served`]), and the events of orders whose ledger is here.
+//! ([`served`]), where its relay is, and the events of orders whose ledger
+//! is here; and learning where the other relays are ([`relays`]).
 
+pub mod relays;
 pub mod served;
 
 pub use served::Served;
@@ -43,6 +45,10 @@ pub async fn serve(
             let response = match request {
                 MeshRequest::Offers { shard } => MeshResponse::Offers(offers(&relay, shard)),
                 MeshRequest::Reserve(r) => served.reserve(from, r).await,
+                MeshRequest::Relay => match &relay.advertise {
+                    Some(a) => MeshResponse::Relay(relays::own(a)),
+                    None => MeshResponse::Refused("no relay here".into()),
+                },
                 MeshRequest::Event {
                     order_id,
                     seq,

@@ -50,10 +50,6 @@ pub(super) enum Command {
     },
 }
 
-/// Providers found so far for one lookup; it ends early once this many
-/// are known, which is plenty to pick from at random.
-const ENOUGH_PROVIDERS: usize = 8;
-
 pub(super) struct Driver {
     pub swarm: Swarm<Behaviour>,
     pub commands: mpsc::UnboundedReceiver<Command>,
@@ -220,7 +216,7 @@ impl Driver {
                 ..
             } => {
                 if cause.is_some() {
-                    self.down.insert(peer_id, Instant::now());
+                    self.mark_down(peer_id);
                 }
                 tracing::info!(peer = %peer_id, cause = ?cause, "mesh peer disconnected");
             }
@@ -229,12 +225,20 @@ impl Driver {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(peer) = peer_id {
-                    self.down.insert(peer, Instant::now());
+                    self.mark_down(peer);
                 }
                 tracing::info!(peer = ?peer_id, error = %error, "mesh dial failed");
             }
             _ => {}
         }
+    }
+
+    /// A broker whose connection failed: queries stop asking it (it is back
+    /// in the routing table when it connects again) and provider answers
+    /// leave it out.
+    fn mark_down(&mut self, peer: libp2p::PeerId) {
+        self.down.insert(peer, Instant::now());
+        self.kad().remove_peer(&peer);
     }
 
     fn on_kad(&mut self, event: kad::Event) {
@@ -293,7 +297,9 @@ impl Driver {
                 self.down
                     .retain(|_, since| since.elapsed() < super::protocol::PROVIDER_TTL);
                 seen.retain(|p| !self.down.contains_key(p));
-                if last || seen.len() >= ENOUGH_PROVIDERS {
+                // Some capacity is enough: the first answer that names a live
+                // provider ends the lookup (the local store's, often).
+                if last || !seen.is_empty() {
                     if let Some(mut q) = self.kad().query_mut(&id) {
                         q.finish();
                     }

@@ -43,6 +43,24 @@ pub struct Config {
     pub speed_test_limit_ms: u64,
     /// Seconds between speed tests of an attached node. Default 21600 (6 h).
     pub speed_test_interval_secs: u64,
+    /// UDP address of the brokers' mesh (libp2p over QUIC), e.g.
+    /// `0.0.0.0:7444`. Default: none, and the broker works alone, as the only
+    /// relay and API.
+    pub mesh_listen: Option<SocketAddr>,
+    /// Mesh addresses of brokers to join at start
+    /// (`/ip4/…/udp/…/quic-v1/p2p/<peer id>`, as printed in their `ready`
+    /// line); each is trusted. Default: none.
+    pub mesh_join: Vec<String>,
+    /// Brokers allowed in the mesh, by broker key (64 hex characters) or mesh
+    /// peer id; connections from any other broker are denied, so it can
+    /// neither publish records nor reserve slots. Default: none.
+    pub mesh_peers: Vec<String>,
+    /// Seconds between the capacity statements a relay asks of each attached
+    /// node. Default 5.
+    pub capacity_refresh_secs: u64,
+    /// Seconds a capacity statement stays valid: a node that vanishes is no
+    /// longer offered after this. Default 20, at most 120.
+    pub capacity_validity_secs: u64,
 }
 
 impl Default for Config {
@@ -63,6 +81,11 @@ impl Default for Config {
             speed_test_rounds: jusy_common::speed::ROUNDS,
             speed_test_limit_ms: 2_000,
             speed_test_interval_secs: 6 * 3600,
+            mesh_listen: None,
+            mesh_join: Vec::new(),
+            mesh_peers: Vec::new(),
+            capacity_refresh_secs: 5,
+            capacity_validity_secs: 20,
         }
     }
 }
@@ -88,6 +111,16 @@ pub enum ConfigError {
     WeakToken,
     #[error("rate limits must be at least 1")]
     RateLimit,
+    #[error("mesh_join and mesh_peers need mesh_listen")]
+    MeshListen,
+    #[error("mesh: {0}")]
+    Mesh(#[from] crate::mesh::MeshError),
+    #[error("mesh join address {0}: {1}")]
+    JoinAddr(String, String),
+    #[error(
+        "capacity_validity_secs must be more than capacity_refresh_secs (at least 1) and at most 120"
+    )]
+    Validity,
 }
 
 impl Config {
@@ -119,7 +152,47 @@ impl Config {
         if self.rate_limit_per_sec == 0 || self.rate_limit_burst == 0 {
             return Err(ConfigError::RateLimit);
         }
+        if self.capacity_refresh_secs == 0
+            || self.capacity_validity_secs <= self.capacity_refresh_secs
+            || self.capacity_validity_secs * 1000 > jusy_common::capacity::MAX_VALIDITY_MS
+        {
+            return Err(ConfigError::Validity);
+        }
+        self.mesh()?;
         Ok(())
+    }
+
+    /// How this broker joins the mesh; `None` when it works alone.
+    pub fn mesh(&self) -> Result<Option<crate::mesh::MeshSettings>, ConfigError> {
+        let Some(listen) = self.mesh_listen else {
+            if self.mesh_join.is_empty() && self.mesh_peers.is_empty() {
+                return Ok(None);
+            }
+            return Err(ConfigError::MeshListen);
+        };
+        let join = self
+            .mesh_join
+            .iter()
+            .map(|a| {
+                let addr: libp2p::Multiaddr =
+                    a.parse().map_err(|e: libp2p::multiaddr::Error| {
+                        ConfigError::JoinAddr(a.clone(), e.to_string())
+                    })?;
+                crate::mesh::peer_of(&addr)?;
+                Ok(addr)
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        let trust = self
+            .mesh_peers
+            .iter()
+            .map(|p| crate::mesh::parse_peer(p))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(crate::mesh::MeshSettings {
+            listen,
+            public_ip: self.public_host.parse().ok(),
+            join,
+            trust,
+        }))
     }
 
     pub fn speed_test(&self) -> crate::relay::SpeedTest {
@@ -147,6 +220,32 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/broker.example.toml");
         let cfg = Config::load(&path).expect("deploy/broker.example.toml must load");
         assert_eq!(cfg.order_ports, Some((20000, 29999)));
+    }
+
+    #[test]
+    fn mesh_settings() {
+        assert!(Config::default().mesh().expect("alone").is_none());
+        let key = "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c";
+        let lonely = Config {
+            mesh_peers: vec![key.into()],
+            ..Config::default()
+        };
+        assert!(matches!(lonely.validate(), Err(ConfigError::MeshListen)));
+        let joined = Config {
+            mesh_listen: Some(SocketAddr::from(([0, 0, 0, 0], 7444))),
+            mesh_peers: vec![key.into()],
+            mesh_join: vec!["/ip4/198.18.0.2/udp/7444/quic-v1".into()],
+            ..Config::default()
+        };
+        assert!(matches!(joined.validate(), Err(ConfigError::Mesh(_))));
+        let peer = crate::mesh::parse_peer(key).expect("broker key");
+        let joined = Config {
+            mesh_join: vec![format!("/ip4/198.18.0.2/udp/7444/quic-v1/p2p/{peer}")],
+            ..joined
+        };
+        let settings = joined.mesh().expect("valid").expect("mesh");
+        assert_eq!(settings.trust, vec![peer]);
+        assert_eq!(settings.join.len(), 1);
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! * [`config`] — the TOML configuration and its defaults.
 //! * [`store`] — durable state in sled: identity, accounts by keyed digest.
 //! * [`ledger`] — money and orders in sled transactions: charge, settle, audit.
+//! * [`mesh`] — libp2p among brokers: allowlist, DHT of capacity, requests.
+//! * [`remote`] — answering other brokers: offers of free nodes, reservations,
+//!   events of orders whose ledger is here.
 //! * [`relay`] — node connections, slot registry, order-port splicing.
 //! * [`orders`] — the order book: claim, assign, open port, end.
 //! * [`api`] — HTTP routes and their JSON errors.
@@ -13,8 +16,10 @@
 pub mod api;
 pub mod config;
 pub mod ledger;
+pub mod mesh;
 pub mod orders;
 pub mod relay;
+pub mod remote;
 pub mod store;
 pub mod web;
 
@@ -47,6 +52,20 @@ pub enum BrokerError {
     },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Mesh(#[from] mesh::MeshError),
+}
+
+/// The mesh of a broker that is not alone: its handle, the task that owns the
+/// swarm, and the other brokers' requests waiting to be served.
+#[derive(Debug)]
+struct MeshPart {
+    mesh: mesh::Mesh,
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+    inbound: mpsc::UnboundedReceiver<mesh::Inbound>,
 }
 
 /// A broker whose sockets are bound, ready to run.
@@ -61,6 +80,7 @@ pub struct Broker {
     endpoint: quinn::Endpoint,
     orders: Arc<Orders>,
     events: mpsc::UnboundedReceiver<RelayEvent>,
+    mesh: Option<MeshPart>,
     cfg: Config,
 }
 
@@ -92,32 +112,70 @@ impl Broker {
         if recovered > 0 {
             tracing::warn!(recovered, "settled orders left unfinished by the last run");
         }
+        let key = PeerId::from_signing_key(&identity);
+        let (mesh, advertise) = match cfg.mesh()? {
+            None => (None, None),
+            Some(settings) => {
+                let (updates, capacity) = mpsc::unbounded_channel();
+                let (inbound_tx, inbound) = mpsc::unbounded_channel();
+                let stop = CancellationToken::new();
+                let (mesh, task) =
+                    mesh::Mesh::start(&identity, settings, capacity, inbound_tx, stop.clone())
+                        .await?;
+                let advertise = relay::Advertise {
+                    relay: key,
+                    host: cfg.public_host.clone(),
+                    port: relay_addr.port(),
+                    every: std::time::Duration::from_secs(cfg.capacity_refresh_secs),
+                    validity: std::time::Duration::from_secs(cfg.capacity_validity_secs),
+                    updates,
+                };
+                let part = MeshPart {
+                    mesh,
+                    task,
+                    stop,
+                    inbound,
+                };
+                (Some(part), Some(advertise))
+            }
+        };
         let (tx, events) = mpsc::unbounded_channel();
-        let relay = Relay::new(tx, store.clone(), cfg.speed_test());
-        let orders = Orders::new(cfg.clone(), store.clone(), ledger, relay.clone());
+        let relay = Relay::new(tx, store.clone(), cfg.speed_test(), advertise);
+        let served = mesh.as_ref().map(|m| {
+            (
+                m.mesh.clone(),
+                remote::Served::new(relay.clone(), m.mesh.clone(), &cfg),
+            )
+        });
+        let orders = Orders::new(cfg.clone(), store.clone(), ledger, relay.clone(), served);
         Ok(Self {
             api_addr,
             relay_addr,
-            key: PeerId::from_signing_key(&identity),
+            key,
             store,
             relay,
             api_listener,
             endpoint,
             orders,
             events,
+            mesh,
             cfg,
         })
     }
 
     /// The machine-readable line printed on stdout once the broker is ready.
     pub fn ready_line(&self) -> String {
-        serde_json::json!({
+        let mut line = serde_json::json!({
             "event": "ready",
             "api": self.api_addr.to_string(),
             "relay": self.relay_addr.to_string(),
             "broker_key": self.key.to_string(),
-        })
-        .to_string()
+        });
+        if let (Some(m), Some(obj)) = (&self.mesh, line.as_object_mut()) {
+            obj.insert("mesh".into(), m.mesh.addr.to_string().into());
+            obj.insert("mesh_peer_id".into(), m.mesh.peer_id.to_string().into());
+        }
+        line.to_string()
     }
 
     /// Serves until `stop` is cancelled. Then, in this order: the API stops
@@ -129,6 +187,20 @@ impl Broker {
         let relay_stop = CancellationToken::new();
         let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, relay_stop.clone()));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
+        let mesh = self.mesh.zip(self.orders.served()).map(|(m, served)| {
+            let serving = tokio::spawn(remote::serve(
+                m.inbound,
+                self.relay.clone(),
+                served.clone(),
+                self.orders.clone(),
+            ));
+            let learning = tokio::spawn(remote::relays::learn(
+                m.mesh.clone(),
+                self.relay.clone(),
+                m.stop.clone(),
+            ));
+            (m.task, m.stop, serving, served, learning)
+        });
         let orders = self.orders.clone();
         let api = api::Api::new(self.orders, self.relay, self.store.clone(), &self.cfg);
         let pages = web::Web::new(
@@ -150,6 +222,14 @@ impl Broker {
         orders.cancel_all().await;
         relay_stop.cancel();
         let _ = relay_task.await;
+        if let Some((task, stop, serving, served, learning)) = mesh {
+            served.shutdown().await;
+            stop.cancel();
+            let _ = learning.await;
+            let _ = task.await;
+            // The swarm's end closed the inbound channel, which ends `serving`.
+            let _ = serving.await;
+        }
         follow.abort();
         self.store.flush()?;
         served

@@ -67,6 +67,24 @@ struct ServeArgs {
     /// Seconds between speed tests of an attached node.
     #[arg(long)]
     speed_test_interval_secs: Option<u64>,
+    /// UDP address of the brokers' mesh (libp2p over QUIC); without it the
+    /// broker works alone.
+    #[arg(long)]
+    mesh_listen: Option<SocketAddr>,
+    /// Join the mesh through this broker's address (as its `ready` line
+    /// prints it); repeatable, added to `mesh_join`.
+    #[arg(long = "join", value_name = "MULTIADDR")]
+    join: Vec<String>,
+    /// Let this broker (broker key or mesh peer id) into the mesh;
+    /// repeatable, added to `mesh_peers`.
+    #[arg(long = "trust", value_name = "PEER")]
+    trust: Vec<String>,
+    /// Seconds between a node's capacity statements.
+    #[arg(long)]
+    capacity_refresh_secs: Option<u64>,
+    /// Seconds a capacity statement stays valid.
+    #[arg(long)]
+    capacity_validity_secs: Option<u64>,
 }
 
 /// Where an offline command finds the database (the broker must be stopped).
@@ -79,7 +97,7 @@ struct DataDir {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Client accounts (broker stopped).
     Client {
         #[command(subcommand)]
@@ -110,6 +128,13 @@ enum Cmd {
     /// Check the books; prints the audit as JSON and fails if they do not
     /// balance (broker stopped).
     Audit {
+        #[command(flatten)]
+        db: DataDir,
+    },
+    /// Print this broker's identity: its broker key and mesh peer id, for
+    /// other brokers' `--trust` (creates the identity if there is none yet;
+    /// broker stopped).
+    Key {
         #[command(flatten)]
         db: DataDir,
     },
@@ -159,6 +184,12 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
         speed_test_limit_ms,
         speed_test_interval_secs
     );
+    take!(capacity_refresh_secs, capacity_validity_secs);
+    if args.mesh_listen.is_some() {
+        cfg.mesh_listen = args.mesh_listen;
+    }
+    cfg.mesh_join.extend(args.join);
+    cfg.mesh_peers.extend(args.trust);
     if args.operator_token.is_some() {
         cfg.operator_token = args.operator_token;
     }
@@ -187,7 +218,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.cmd {
         Cmd::Serve(args) => {
-            let cfg = load(args)?;
+            let cfg = load(*args)?;
             rt.block_on(async {
                 let store = Store::open(&cfg.data_dir)?;
                 let broker = Broker::bind(cfg, store).await?;
@@ -236,6 +267,16 @@ fn main() -> anyhow::Result<()> {
             let audit = ledger.audit()?;
             println!("{}", serde_json::to_string(&audit)?);
             anyhow::ensure!(audit.ok, "the books do not balance: {:?}", audit.problems);
+            Ok(())
+        }
+        Cmd::Key { db } => {
+            let store = Store::open(&db.data_dir)?;
+            let key = jusy_common::identity::PeerId::from_signing_key(&store.identity()?);
+            let peer = jusy_broker::mesh::libp2p_id(&key)?;
+            println!(
+                "{}",
+                serde_json::json!({"broker_key": key.to_string(), "mesh_peer_id": peer.to_string()})
+            );
             Ok(())
         }
         Cmd::Devnet {

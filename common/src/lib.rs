@@ -1,6 +1,8 @@
 //! I/O-free core of jusy, shared by the node and the broker.
 //!
 //! # Layout
+//! * [`capacity`] — capacity statements nodes sign and brokers publish in
+//!   their DHT, and the keys they are published under.
 //! * [`identity`] — ed25519 identities of nodes and brokers and their text form.
 //! * [`wire`] — the control-stream messages between a node and its relay, and the
 //!   header that opens every tunnelled client stream.
@@ -21,6 +23,7 @@
 //!
 //! Nothing here opens a socket, spawns a task or reads a clock.
 
+pub mod capacity;
 pub mod frame;
 pub mod identity;
 pub mod ledger;

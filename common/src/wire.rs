@@ -182,6 +182,9 @@ pub enum NodeMsg {
     Receipt { bytes: Vec<u8> },
     /// The answer to [`BrokerMsg::SpeedTest`]: the workload's digest.
     SpeedResult { digest: [u8; 32] },
+    /// The answer to [`BrokerMsg::SignCapacity`]: a
+    /// [`crate::capacity::SignedCapacity`] in its encoding.
+    Capacity { bytes: Vec<u8> },
 }
 
 /// Broker → node.
@@ -198,6 +201,45 @@ pub enum BrokerMsg {
     /// Run the speed test ([`crate::speed::run`]) on this seed and answer with
     /// [`NodeMsg::SpeedResult`]; the broker times the answer.
     SpeedTest { seed: [u8; 32], rounds: u32 },
+    /// Sign a capacity statement on these terms (with this node's free slots
+    /// and cores) and answer with [`NodeMsg::Capacity`]; the relay publishes
+    /// it to the other brokers.
+    SignCapacity { terms: crate::capacity::Terms },
+    /// Other relays of the mesh the node may move to when it loses this one.
+    Relays { relays: Vec<RelayAddr> },
+}
+
+/// A relay a node can dial: its QUIC address and the key it pins.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RelayAddr {
+    /// `host:port`.
+    pub addr: String,
+    pub key: crate::identity::PeerId,
+}
+
+/// Text that is not `host:port=key`.
+#[derive(Debug, thiserror::Error)]
+#[error("a relay is `host:port=<broker key>`")]
+pub struct BadRelayAddr;
+
+impl FromStr for RelayAddr {
+    type Err = BadRelayAddr;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, key) = s.trim().rsplit_once('=').ok_or(BadRelayAddr)?;
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(BadRelayAddr);
+        }
+        Ok(Self {
+            addr: addr.to_owned(),
+            key: key.parse().map_err(|_| BadRelayAddr)?,
+        })
+    }
+}
+
+impl fmt::Display for RelayAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.addr, self.key)
+    }
 }
 
 /// Magic and version at the start of every tunnelled client stream.
@@ -271,6 +313,20 @@ mod tests {
         }
         assert_eq!(EndReason::from_number(0), None);
         assert_eq!(EndReason::from_number(12), None);
+    }
+
+    #[test]
+    fn relay_addr_text() {
+        let key = crate::identity::PeerId::from_signing_key(
+            &ed25519_dalek::SigningKey::from_bytes(&[5; 32]),
+        );
+        let r = RelayAddr {
+            addr: "relay.example:7443".into(),
+            key,
+        };
+        assert_eq!(r.to_string().parse::<RelayAddr>().ok(), Some(r));
+        assert!("relay.example:7443".parse::<RelayAddr>().is_err());
+        assert!(format!("relay.example={key}").parse::<RelayAddr>().is_err());
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub struct Config {
     pub broker: String,
     /// The relay broker's public key (64 hex characters), pinned in the handshake. Required.
     pub broker_key: String,
+    /// More relays to move to when the broker's relay is lost, as
+    /// `host:port=<broker key>`; relays also tell the node about the others.
+    /// Default none.
+    pub relays: Vec<String>,
     /// The owner hash whose account earns for this node's sessions. Default: none
     /// (the node works but earns nothing).
     pub owner: Option<String>,
@@ -60,6 +64,7 @@ impl Default for Config {
         Self {
             broker: String::new(),
             broker_key: String::new(),
+            relays: Vec::new(),
             owner: None,
             data_dir: PathBuf::from("/var/lib/jusy-node"),
             ready_slots: None,

@@ -6,6 +6,7 @@
 //! * [`keys`] — the persistent identity and SSH host keys.
 //! * [`uplink`] — the QUIC connection to the relay: control stream, client
 //!   streams, reconnects.
+//! * [`relays`] — the relays the node knows and which one to dial next.
 //! * [`sessions`] — ready slots and running sessions (claim, drive, tear down).
 //! * [`ssh`] — the embedded SSH server (auth, channels, ptys).
 //! * [`receipts`] — signing each session's usage receipts.
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod keys;
 pub mod receipts;
+pub mod relays;
 pub mod sandbox;
 pub mod sessions;
 pub mod ssh;
@@ -28,9 +30,10 @@ use jusy_common::identity::PeerId;
 use tokio_util::sync::CancellationToken;
 
 use config::Config;
+use jusy_common::wire::RelayAddr;
 use sandbox::{Host, SandboxError};
 use sessions::{Sessions, Settings};
-use uplink::{Target, Uplink};
+use uplink::Uplink;
 
 /// The node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum NodeError {
     Key(#[from] keys::KeyFileError),
     #[error("host key: {0}")]
     HostKey(String),
+    #[error("relay {0:?}: {1}")]
+    Relay(String, jusy_common::wire::BadRelayAddr),
 }
 
 /// Prints one machine-readable event line on stdout (`{"event": …}`), so that
@@ -151,11 +156,15 @@ pub async fn run(
     );
     let filler = tokio::spawn(sessions.clone().keep_slots_ready());
     let uplink_stop = CancellationToken::new();
+    let mut relays = vec![RelayAddr {
+        addr: cfg.broker.clone(),
+        key: broker_key,
+    }];
+    for r in &cfg.relays {
+        relays.push(r.parse().map_err(|e| NodeError::Relay(r.clone(), e))?);
+    }
     let uplink = Uplink {
-        target: Target {
-            addr: cfg.broker.clone(),
-            key: broker_key,
-        },
+        relays,
         identity,
         host_key: host_key_line,
         owner: cfg.owner.clone(),

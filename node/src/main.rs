@@ -20,6 +20,10 @@ struct Cli {
     /// The relay broker's public key (hex).
     #[arg(long)]
     broker_key: Option<String>,
+    /// Another relay to move to when the broker's is lost,
+    /// `host:port=<broker key>`; repeatable.
+    #[arg(long = "relay", value_name = "ADDR=KEY")]
+    relay: Vec<String>,
     /// Owner hash that earns for this node's sessions.
     #[arg(long)]
     owner: Option<String>,
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = cli.broker_key {
         cfg.broker_key = v;
     }
+    cfg.relays.extend(cli.relay);
     if let Some(v) = cli.owner {
         cfg.owner = Some(v);
     }

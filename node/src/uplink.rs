@@ -1,18 +1,21 @@
-//! The node's only network connection: it dials its relay broker over QUIC, keeps
-//! the control stream, accepts tunnelled client streams, and reconnects with
-//! jittered exponential backoff when the relay goes away.
+//! The node's only network connection: it dials a relay broker over QUIC, keeps
+//! the control stream, accepts tunnelled client streams, and when the relay
+//! goes away moves to another relay it knows ([`crate::relays`]), or
+//! reconnects with jittered exponential backoff once it has tried them all.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jusy_common::capacity::{Capacity, SignedCapacity, Terms};
 use jusy_common::frame::{self, Decoder};
 use jusy_common::identity::PeerId;
-use jusy_common::wire::{ALPN, BrokerMsg, EndReason, NodeMsg, PROTOCOL_VERSION};
+use jusy_common::wire::{ALPN, BrokerMsg, EndReason, NodeMsg, PROTOCOL_VERSION, RelayAddr};
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::relays::Relays;
 use crate::sessions::Sessions;
 
 /// Why one connection to the relay ended.
@@ -49,17 +52,11 @@ pub enum UplinkError {
 /// firewall that drops UDP is the common cause, and one the owner can fix.
 const BLOCKED_AFTER: u32 = 2;
 
-/// How to reach the relay.
-#[derive(Clone, Debug)]
-pub struct Target {
-    pub addr: String,
-    pub key: PeerId,
-}
-
 /// Identity material the uplink presents.
 #[derive(Debug)]
 pub struct Uplink {
-    pub target: Target,
+    /// The relays given in the configuration, the first dialled first.
+    pub relays: Vec<RelayAddr>,
     pub identity: ed25519_dalek::SigningKey,
     pub host_key: String,
     /// The owner's hash, sent in the hello.
@@ -76,39 +73,53 @@ impl Uplink {
         // A message whose write failed when the connection broke: sent first
         // after reconnecting, so no receipt goes missing from its chain.
         let mut unsent = None;
-        loop {
+        let mut relays = Relays::new(self.relays.clone());
+        while let Some(target) = relays.current().cloned() {
             let mut registered = false;
             match self
-                .connect_and_serve(&mut events, &mut unsent, &stop, &mut registered)
+                .connect_and_serve(
+                    &target,
+                    &mut relays,
+                    &mut events,
+                    &mut unsent,
+                    &stop,
+                    &mut registered,
+                )
                 .await
             {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, broker = %self.target.addr, "relay connection lost");
+                    tracing::warn!(error = %e, broker = %target.addr, "relay connection lost");
                     if let UplinkError::Refused(why) = &e {
                         crate::announce(
                             "refused",
-                            serde_json::json!({"broker": self.target.addr, "error": why}),
+                            serde_json::json!({"broker": target.addr, "error": why}),
                         );
                     }
                     if matches!(e, UplinkError::HandshakeTimeout { .. }) {
                         unanswered += 1;
                         if unanswered == BLOCKED_AFTER {
-                            self.report_blocked(unanswered);
+                            self.report_blocked(&target, unanswered);
                         }
                     } else {
                         unanswered = 0;
                     }
                 }
             }
-            // A relay that registered us was reachable and willing: try it again
-            // soon (it may just have restarted). Only failures to get that far
-            // back off further and further.
+            // A relay that registered us was reachable and willing: try it (or
+            // another) again soon. Only failures to get that far back off
+            // further and further, once every known relay has failed.
             if registered {
+                relays.registered();
                 backoff = Duration::from_millis(200);
             }
-            let wait = jitter(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(15));
+            let wait = if relays.failed() {
+                jitter(Duration::from_millis(200))
+            } else {
+                let wait = jitter(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+                wait
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.cancelled() => return,
@@ -118,13 +129,15 @@ impl Uplink {
 
     async fn connect_and_serve(
         &self,
+        target: &RelayAddr,
+        relays: &mut Relays,
         events: &mut mpsc::UnboundedReceiver<NodeMsg>,
         unsent: &mut Option<NodeMsg>,
         stop: &CancellationToken,
         registered: &mut bool,
     ) -> Result<(), UplinkError> {
-        let addr = resolve(&self.target.addr).await?;
-        let endpoint = self.endpoint(addr)?;
+        let addr = resolve(&target.addr).await?;
+        let endpoint = self.endpoint(addr, target.key)?;
         let connecting = endpoint.connect(addr, "jusy")?;
         // A stop while the relay does not answer must not wait out the
         // handshake timeout.
@@ -139,7 +152,7 @@ impl Uplink {
         let hello = NodeMsg::Hello {
             protocol: PROTOCOL_VERSION,
             host_key: self.host_key.clone(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            cores: cores(),
             agent: format!("jusy-node/{}", env!("CARGO_PKG_VERSION")),
             owner: self.owner.clone(),
         };
@@ -162,11 +175,12 @@ impl Uplink {
             other => return Err(UplinkError::Refused(format!("unexpected {other:?}"))),
         }
         *registered = true;
+        relays.measured(target.key, conn.rtt());
         let node_id = PeerId::from_signing_key(&self.identity);
-        tracing::info!(broker = %self.target.addr, %node_id, "registered with relay");
+        tracing::info!(broker = %target.addr, %node_id, rtt_ms = conn.rtt().as_millis() as u64, "registered with relay");
         crate::announce(
             "registered",
-            serde_json::json!({"broker": self.target.addr, "node_id": node_id.to_string()}),
+            serde_json::json!({"broker": target.addr, "node_id": node_id.to_string()}),
         );
         if let Some(ev) = unsent.take() {
             send_or_keep(&mut send, ev, unsent).await?;
@@ -185,6 +199,18 @@ impl Uplink {
                     BrokerMsg::Cancel { order_id } => self.sessions.cancel(order_id, EndReason::Cancelled),
                     BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
                     BrokerMsg::Welcome { .. } => {}
+                    BrokerMsg::Relays { relays: learned } => {
+                        let before = relays.len();
+                        relays.learn(learned);
+                        if relays.len() > before {
+                            crate::announce("relays", serde_json::json!({"known": relays.len()}));
+                        }
+                    }
+                    BrokerMsg::SignCapacity { terms } => {
+                        if let Some(bytes) = self.sign_capacity(target, terms) {
+                            send_or_keep(&mut send, NodeMsg::Capacity { bytes }, unsent).await?;
+                        }
+                    }
                     BrokerMsg::SpeedTest { seed, rounds } => {
                         tracing::info!(rounds, "running the speed test");
                         speed_test = Some(tokio::task::spawn_blocking(move || jusy_common::speed::run(&seed, rounds)));
@@ -211,16 +237,39 @@ impl Uplink {
         }
     }
 
+    /// Signs a capacity statement on the relay's terms with this node's free
+    /// slots. Terms naming another relay than the one this node pinned are
+    /// refused: a relay cannot advertise the node as reachable elsewhere.
+    fn sign_capacity(&self, target: &RelayAddr, terms: Terms) -> Option<Vec<u8>> {
+        if terms.relay != target.key {
+            tracing::warn!(relay = %terms.relay, "refusing to sign capacity terms for another relay");
+            return None;
+        }
+        let capacity = Capacity {
+            node_id: PeerId::from_signing_key(&self.identity),
+            free_slots: u16::try_from(self.sessions.ready_slots().len()).unwrap_or(u16::MAX),
+            cores: cores(),
+            terms,
+        };
+        match SignedCapacity::sign(&self.identity, capacity) {
+            Ok(signed) => Some(signed.bytes().to_vec()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sign capacity statement");
+                None
+            }
+        }
+    }
+
     /// Tells the owner, once per streak, that QUIC cannot get out: an error
     /// line for people and an `uplink_blocked` event for tools.
-    fn report_blocked(&self, attempts: u32) {
+    fn report_blocked(&self, target: &RelayAddr, attempts: u32) {
         let hint = "no answer to QUIC over UDP: a firewall or router on the way \
                     probably drops outgoing UDP; allow UDP to the relay's port";
-        tracing::error!(broker = %self.target.addr, attempts, "{hint}");
+        tracing::error!(broker = %target.addr, attempts, "{hint}");
         crate::announce(
             "uplink_blocked",
             serde_json::json!({
-                "broker": self.target.addr,
+                "broker": target.addr,
                 "transport": "QUIC/UDP",
                 "attempts": attempts,
                 "hint": hint,
@@ -228,7 +277,7 @@ impl Uplink {
         );
     }
 
-    fn endpoint(&self, addr: SocketAddr) -> Result<quinn::Endpoint, UplinkError> {
+    fn endpoint(&self, addr: SocketAddr, key: PeerId) -> Result<quinn::Endpoint, UplinkError> {
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
                 .parse()
@@ -239,7 +288,7 @@ impl Uplink {
                 .map_err(|_| UplinkError::Resolve("0.0.0.0".into()))?
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(UplinkError::Endpoint)?;
-        let tls = jusy_common::tls::client_config(&self.identity, self.target.key, ALPN)
+        let tls = jusy_common::tls::client_config(&self.identity, key, ALPN)
             .map_err(|e| UplinkError::Tls(e.to_string()))?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -285,6 +334,11 @@ async fn resolve(addr: &str) -> Result<SocketAddr, UplinkError> {
         .map_err(|_| UplinkError::Resolve(addr.to_owned()))?
         .next()
         .ok_or_else(|| UplinkError::Resolve(addr.to_owned()))
+}
+
+/// CPU cores this node offers, as told to the relay.
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
 }
 
 /// `base` ± 50 %, so that nodes cut off together do not reconnect together.

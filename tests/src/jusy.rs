@@ -26,6 +26,8 @@ pub struct Broker {
     pub api: SocketAddr,
     pub relay: SocketAddr,
     pub key: String,
+    /// The broker's mesh address, when it was started with `--mesh-listen`.
+    pub mesh: Option<String>,
 }
 
 impl Broker {
@@ -34,6 +36,17 @@ impl Broker {
     /// returns its hash.
     pub fn add_client(scene: &Scene, data_dir: &std::path::Path) -> anyhow::Result<String> {
         Self::add_account(scene, data_dir, "client", 1_000_000)
+    }
+
+    /// The broker key of the broker whose database is `data_dir` (made now if
+    /// there is none yet), from `jusy-broker key`, for other brokers' `--trust`.
+    pub fn identity(scene: &Scene, data_dir: &std::path::Path) -> anyhow::Result<String> {
+        let mut cmd = Command::new(bin("jusy-broker")?);
+        cmd.args(["key", "--data-dir"]).arg(data_dir);
+        let out = process::run(scene, cmd, None, READY)?;
+        anyhow::ensure!(out.status == Some(0), "key failed: {}", out.stderr);
+        let v: Value = serde_json::from_str(out.text().trim())?;
+        Ok(v["broker_key"].as_str().context("broker_key")?.to_owned())
     }
 
     /// Creates a client or owner account with `deposit` satoshi.
@@ -123,6 +136,7 @@ impl Broker {
                 .as_str()
                 .context("broker_key")?
                 .to_owned(),
+            mesh: ready["mesh"].as_str().map(str::to_owned),
             data_dir,
             site: site.clone(),
             proc,

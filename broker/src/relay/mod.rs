@@ -2,6 +2,7 @@
 //! nodes and their ready slots, hands orders to nodes, and splices order ports
 //! into QUIC streams.
 
+pub mod advertise;
 pub mod node_link;
 pub mod splice;
 
@@ -11,13 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use jusy_common::identity::PeerId;
-use jusy_common::wire::{ALPN, Assignment, EndReason, OrderId, Slot};
+use jusy_common::wire::{ALPN, Assignment, EndReason, OrderId, RelayAddr, Slot};
 use quinn::crypto::rustls::QuicServerConfig;
 use sha2::Digest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use advertise::{Advertise, CapacityUpdate};
 pub use node_link::NodeLink;
 
 /// What the relay tells the order book.
@@ -102,12 +104,16 @@ pub struct SpeedTest {
 #[derive(Debug)]
 pub struct Relay {
     pub(crate) speed_test: SpeedTest,
+    /// How attached nodes are advertised to other brokers, if at all.
+    pub(crate) advertise: Option<Advertise>,
     /// Looks up the owner accounts nodes name in their hello.
     store: crate::store::Store,
     nodes: Mutex<HashMap<PeerId, Arc<NodeLink>>>,
     events: mpsc::UnboundedSender<RelayEvent>,
     next_link: std::sync::atomic::AtomicU64,
     tasks: TaskTracker,
+    /// Other relays of the mesh, told to attached nodes for failover.
+    others: tokio::sync::watch::Sender<Vec<RelayAddr>>,
 }
 
 /// QUIC transport for node connections: keep-alives both ways and a short idle
@@ -128,14 +134,17 @@ impl Relay {
         events: mpsc::UnboundedSender<RelayEvent>,
         store: crate::store::Store,
         speed_test: SpeedTest,
+        advertise: Option<Advertise>,
     ) -> Arc<Self> {
         Arc::new(Self {
             speed_test,
+            advertise,
             store,
             nodes: Mutex::default(),
             events,
             next_link: 1.into(),
             tasks: TaskTracker::new(),
+            others: tokio::sync::watch::channel(Vec::new()).0,
         })
     }
 
@@ -215,10 +224,14 @@ impl Relay {
 
     fn unregister(&self, node_id: PeerId, link_id: u64) {
         let mut nodes = lock(&self.nodes);
-        if nodes.get(&node_id).is_some_and(|l| l.link_id == link_id) {
+        let removed = nodes.get(&node_id).is_some_and(|l| l.link_id == link_id);
+        if removed {
             nodes.remove(&node_id);
         }
         drop(nodes);
+        if let Some(a) = self.advertise.as_ref().filter(|_| removed) {
+            let _ = a.updates.send(CapacityUpdate::Withdrawn(node_id));
+        }
         let _ = self.events.send(RelayEvent::NodeGone { node_id, link_id });
     }
 
@@ -240,6 +253,17 @@ impl Relay {
         drop(nodes);
         let slot = link.take_slot()?;
         Some((link, slot))
+    }
+
+    /// Sets the other relays of the mesh; attached nodes are told when the
+    /// list changes.
+    pub fn set_other_relays(&self, mut relays: Vec<RelayAddr>) {
+        relays.sort_by_key(|r| r.key);
+        self.others.send_if_modified(|old| {
+            let changed = *old != relays;
+            *old = relays;
+            changed
+        });
     }
 
     /// Every attached node.

@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use jusy_common::capacity::{SignedCapacity, Terms};
 use jusy_common::frame::{self, Decoder};
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::AccountId;
 use jusy_common::wire::{Assignment, BrokerMsg, NodeMsg, OrderId, PROTOCOL_VERSION, Slot};
 use tokio::sync::{mpsc, oneshot};
 
+use super::advertise::{self, CapacityUpdate};
 use super::{AssignError, Relay, RelayEvent, lock};
 use crate::store::Role;
 
@@ -31,6 +33,8 @@ pub struct NodeLink {
     pending: Mutex<HashMap<OrderId, Answer>>,
     /// How long the last passed speed test took, as the broker measured it.
     speed: Mutex<Option<Duration>>,
+    /// The node's latest signed capacity statement, when advertised.
+    capacity: Mutex<Option<SignedCapacity>>,
 }
 
 /// The node's identity from its TLS certificate.
@@ -48,11 +52,16 @@ impl NodeLink {
         *lock(&self.speed)
     }
 
+    /// The node's latest signed capacity statement, if it is advertised.
+    pub fn capacity(&self) -> Option<SignedCapacity> {
+        lock(&self.capacity).clone()
+    }
+
     pub fn free_slots(&self) -> usize {
         lock(&self.slots).len()
     }
 
-    pub(super) fn take_slot(&self) -> Option<Slot> {
+    pub(crate) fn take_slot(&self) -> Option<Slot> {
         let mut slots = lock(&self.slots);
         (!slots.is_empty()).then(|| slots.remove(0))
     }
@@ -247,6 +256,7 @@ async fn serve(
         slots: Mutex::default(),
         pending: Mutex::default(),
         speed: Mutex::default(),
+        capacity: Mutex::default(),
     });
     send.write_all(&frame::encode(&BrokerMsg::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -265,11 +275,31 @@ async fn serve(
         check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
     }
     let mut next_check = tokio::time::Instant::now() + relay.speed_test.interval;
+    // Advertised nodes are asked for a fresh statement every `every`, from
+    // the moment they are registered.
+    let mut next_advert: Option<tokio::time::Instant> = None;
+    let mut asked: Option<Terms> = None;
+    let mut others = relay.others.subscribe();
+    others.mark_changed();
     loop {
         let answer_due = check.as_ref().map(|c| c.deadline);
         tokio::select! {
             _ = sleep_until_some(answer_due) => {
                 return Err(refuse(&mut send, "speed test not answered in time".into()).await);
+            }
+            _ = sleep_until_some(next_advert) => {
+                if let Some(a) = &relay.advertise {
+                    let terms = a.terms(link.owner, link.speed(), crate::store::now_ms());
+                    send.write_all(&frame::encode(&BrokerMsg::SignCapacity { terms: terms.clone() })?).await?;
+                    asked = Some(terms);
+                    next_advert = Some(tokio::time::Instant::now() + a.every);
+                }
+            }
+            Ok(()) = others.changed(), if registered => {
+                let relays = others.borrow_and_update().clone();
+                if !relays.is_empty() {
+                    send.write_all(&frame::encode(&BrokerMsg::Relays { relays })?).await?;
+                }
             }
             _ = tokio::time::sleep_until(next_check), if check.is_none() && relay.speed_test.rounds > 0 => {
                 check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
@@ -298,6 +328,9 @@ async fn serve(
                             if !registered {
                                 registered = true;
                                 relay.register(link.clone());
+                                if relay.advertise.is_some() {
+                                    next_advert = Some(tokio::time::Instant::now());
+                                }
                                 tracing::info!(node_id = %node_id, "node attached");
                             }
                             next_check = tokio::time::Instant::now() + relay.speed_test.interval;
@@ -308,6 +341,15 @@ async fn serve(
                         }
                     }
                 }
+                NodeMsg::Capacity { bytes } => match advertise::check(node_id, asked.as_ref(), &bytes) {
+                    Ok(signed) => {
+                        *lock(&link.capacity) = Some(signed.clone());
+                        if let Some(a) = &relay.advertise {
+                            let _ = a.updates.send(CapacityUpdate::Published(signed));
+                        }
+                    }
+                    Err(e) => tracing::warn!(node_id = %node_id.short(), error = %e, "capacity statement rejected"),
+                },
                 NodeMsg::Hello { .. } => return Err(LinkError::Protocol("second hello".into())),
             },
             Some(out) = outbox.recv() => send.write_all(&frame::encode(&out)?).await?,

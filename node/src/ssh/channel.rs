@@ -123,19 +123,36 @@ async fn run_with_pipes(
     let mut output_done = AbortOnDropHandle::new(tokio::spawn(async move {
         tokio::join!(out, err);
     }));
-    let mut stdin = Some(stdin);
+    // Input is fed by its own task too, through a queue, so that this loop
+    // keeps taking the channel's messages while the program is busy. russh
+    // delivers a connection's packets in order: if this loop stopped reading
+    // (blocked on a full stdin pipe), the client's window adjustments would sit
+    // behind the data and the program's output could never drain — a
+    // deadlock. The queue is bounded (about 16 MiB of SSH packets), far more
+    // than the SSH window lets a client have in flight.
+    let (feed, mut queue) = tokio::sync::mpsc::channel::<Vec<u8>>(512);
+    let _feeder = AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut stdin = stdin;
+        while let Some(chunk) = queue.recv().await {
+            if stdin.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    }));
+    let mut feed = Some(feed);
     loop {
         tokio::select! {
             _ = &mut output_done => break,
             msg = reader.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    if let Some(w) = stdin.as_mut()
-                        && w.write_all(&data).await.is_err()
+                    if let Some(f) = feed.as_ref()
+                        && f.send(data.to_vec()).await.is_err()
                     {
-                        stdin = None;
+                        feed = None;
                     }
                 }
-                Some(ChannelMsg::Eof) => stdin = None,
+                // The feeder closes stdin once it has written what is queued.
+                Some(ChannelMsg::Eof) => feed = None,
                 Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal),
                 Some(ChannelMsg::Close) | None => {
                     // The client is gone: stop the program like sshd does.
@@ -146,7 +163,7 @@ async fn run_with_pipes(
             }
         }
     }
-    drop(stdin);
+    drop(feed);
     child.wait().await.ok()
 }
 

@@ -2,9 +2,14 @@
 //! per-order key pair and an open order port; follows the order's connections,
 //! receipts and end, and settles it in the ledger.
 //!
+//! When the local relay has no free slot, the order is placed on another
+//! relay of the mesh and its ledger stays here ([`remote`]).
+//!
 //! Crash safety: the charge and the order record are committed and flushed
 //! before the credentials leave; every later change of the order is a ledger
 //! transaction; on start-up [`Ledger::recover`] settles what a crash left open.
+
+mod remote;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,7 +29,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::ledger::{Ledger, LedgerError, OrderRecord};
+use crate::mesh::Mesh;
 use crate::relay::{AssignError, NodeLink, Relay, RelayEvent, splice};
+use crate::remote::Served;
 use crate::store::{AccountRecord, Role, Store, StoreError, now_ms};
 
 /// Credentials for one order, as the documented client flow expects them.
@@ -84,7 +91,12 @@ impl From<LedgerError> for OrderError {
 #[derive(Debug)]
 struct Live {
     node: PeerId,
+    /// The node's connection to the local relay; 0 for an order on another relay.
     link_id: u64,
+    /// The other relay serving the order, if it is not the local one.
+    relay: Option<libp2p::PeerId>,
+    /// The next sequence number of that relay's events.
+    next_seq: u64,
     closed: CancellationToken,
     receipts: ChainVerifier,
 }
@@ -96,6 +108,10 @@ pub struct Orders {
     store: Store,
     pub ledger: Ledger,
     relay: Arc<Relay>,
+    /// Where orders go when the local relay has no free slot.
+    mesh: Option<Mesh>,
+    /// Orders the local relay serves for other brokers' ledgers.
+    served: Option<Arc<Served>>,
     live: Mutex<HashMap<OrderId, Live>>,
     ports: TaskTracker,
 }
@@ -122,15 +138,29 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl Orders {
-    pub fn new(cfg: Config, store: Store, ledger: Ledger, relay: Arc<Relay>) -> Arc<Self> {
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        ledger: Ledger,
+        relay: Arc<Relay>,
+        mesh: Option<(Mesh, Arc<Served>)>,
+    ) -> Arc<Self> {
+        let (mesh, served) = mesh.unzip();
         Arc::new(Self {
             cfg,
             store,
             ledger,
             relay,
+            mesh,
+            served,
             live: Mutex::default(),
             ports: TaskTracker::new(),
         })
+    }
+
+    /// Orders the local relay serves for other brokers, when in a mesh.
+    pub fn served(&self) -> Option<Arc<Served>> {
+        self.served.clone()
     }
 
     fn live(&self) -> MutexGuard<'_, HashMap<OrderId, Live>> {
@@ -149,8 +179,10 @@ impl Orders {
         if balance < price {
             return Err(OrderError::Insufficient { balance, price });
         }
-        let (link, slot) = self.relay.claim_slot().ok_or(OrderError::NoCapacity)?;
-        self.place(client, account, link, slot).await
+        match self.relay.claim_slot() {
+            Some((link, slot)) => self.place(client, account, link, slot).await,
+            None => self.place_remote(client, account).await,
+        }
     }
 
     async fn place(
@@ -212,6 +244,8 @@ impl Orders {
             Live {
                 node: link.id,
                 link_id: link.link_id,
+                relay: None,
+                next_seq: 0,
                 closed: closed.clone(),
                 receipts: ChainVerifier::new(order_id, link.id),
             },
@@ -241,7 +275,14 @@ impl Orders {
     /// Applies relay events until the channel closes.
     pub async fn follow(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<RelayEvent>) {
         while let Some(ev) = events.recv().await {
-            blocking(|| self.apply(ev));
+            // Events of orders served for another broker go to its ledger.
+            let ev = match &self.served {
+                Some(served) => served.route(ev),
+                None => Some(ev),
+            };
+            if let Some(ev) = ev {
+                blocking(|| self.apply(ev));
+            }
         }
     }
 

@@ -1,0 +1,258 @@
+//! The NAT lab with several brokers in one mesh: an API broker that sells,
+//! relays on the internet that nodes behind home routers dial, and a client
+//! that orders from the API broker only.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use jusy_tests::lab::HomeOpts;
+use jusy_tests::{Broker, Lab, Login, Node, Scene, Site, e2e};
+use serde_json::Value;
+
+const NODE_ARGS: &[&str] = &["--ready-slots", "2", "--grace-secs", "1"];
+
+/// An API broker and relays, each trusting all the others.
+struct Mesh {
+    api: Broker,
+    relays: Vec<Broker>,
+    client: String,
+}
+
+fn mesh(scene: &Scene, lab: &mut Lab, relays: usize) -> anyhow::Result<Mesh> {
+    let api_dir = scene.subdir("api")?;
+    let client = Broker::add_client(scene, &api_dir)?;
+    let api_key = Broker::identity(scene, &api_dir)?;
+    let relay_dirs = (0..relays)
+        .map(|i| scene.subdir(&format!("relay{i}")))
+        .collect::<anyhow::Result<Vec<PathBuf>>>()?;
+    let keys = relay_dirs
+        .iter()
+        .map(|d| Broker::identity(scene, d))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+
+    let site = lab.public_host("api")?;
+    let listen = format!("{}:0", site.ip);
+    let mut flags = vec!["--mesh-listen", &listen];
+    for k in &keys {
+        flags.extend(["--trust", k]);
+    }
+    let api = Broker::start_at(scene, "api", &site, api_dir, 0, &flags)?;
+    let join = api
+        .mesh
+        .clone()
+        .context("the API broker prints its mesh address")?;
+
+    let mut started = Vec::new();
+    for (i, dir) in relay_dirs.into_iter().enumerate() {
+        let name = format!("relay{i}");
+        let site = lab.public_host(&name)?;
+        let listen = format!("{}:0", site.ip);
+        let mut flags = vec![
+            "--mesh-listen",
+            &listen,
+            "--join",
+            &join,
+            "--trust",
+            &api_key,
+        ];
+        for (j, k) in keys.iter().enumerate() {
+            if j != i {
+                flags.extend(["--trust", k]);
+            }
+        }
+        started.push(Broker::start_at(scene, &name, &site, dir, 0, &flags)?);
+    }
+    Ok(Mesh {
+        api,
+        relays: started,
+        client,
+    })
+}
+
+/// Orders from `from`; while the relays' first records are still on their
+/// way (503), asks again, for at most 30 s.
+fn order(scene: &Scene, api: &Broker, from: &Site, client: &str) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = api.order_from(scene, from, client)?;
+        if status == 200 {
+            return Ok(body);
+        }
+        anyhow::ensure!(
+            status == 503 && Instant::now() < deadline,
+            "order failed with {status}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The order's state on the API broker, once it is `want` (within 15 s).
+fn wait_state(
+    scene: &Scene,
+    api: &Broker,
+    client: &str,
+    order_id: &str,
+    want: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = api.get(scene, &format!("/order/{client}/{order_id}"))?;
+        if body["state"] == want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "order {order_id} never became {want}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn orders_from_one_api_broker_land_on_nodes_of_two_relays() {
+    e2e(
+        "orders_from_one_api_broker_land_on_nodes_of_two_relays",
+        |scene| {
+            let mut lab = Lab::new(scene)?;
+            let m = mesh(scene, &mut lab, 2)?;
+            let mut nodes: HashMap<String, Node> = HashMap::new();
+            for (r, relay) in m.relays.iter().enumerate() {
+                for n in 0..2 {
+                    let role = format!("home{r}{n}");
+                    let home = lab.home(&role, HomeOpts::default())?;
+                    let node = Node::start_at(
+                        scene,
+                        &format!("node{r}{n}"),
+                        &home.host,
+                        relay,
+                        NODE_ARGS,
+                    )?;
+                    nodes.insert(node.node_id.clone(), node);
+                }
+            }
+            let laptop = lab.public_host("client")?;
+
+            let mut per_relay: HashMap<String, usize> = HashMap::new();
+            let mut last = String::new();
+            for _ in 0..24 {
+                let body = order(scene, &m.api, &laptop, &m.client)?;
+                let login = Login::from_order_at(scene, &laptop, &body)?;
+                let out = login.ssh(scene, "uname -a", None)?;
+                assert_eq!(out.status, Some(0), "{}", out.stderr);
+                assert!(
+                    out.text().starts_with("Linux "),
+                    "uname said {}",
+                    out.text()
+                );
+                *per_relay.entry(login.host.clone()).or_default() += 1;
+                let node_id = body["node_id"].as_str().context("node_id")?;
+                let node = nodes
+                    .get_mut(node_id)
+                    .context("an order on an unknown node")?;
+                // The session is over (its user gone) before the next order, so
+                // every order finds a ready slot somewhere.
+                node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+                last = login.order_id;
+            }
+            for relay in &m.relays {
+                let host = relay.relay.ip().to_string();
+                assert!(
+                    per_relay.get(&host).copied().unwrap_or(0) > 0,
+                    "no order landed on relay {host}: {per_relay:?}"
+                );
+            }
+            // The relays forwarded the sessions' ends to the API broker's ledger.
+            wait_state(scene, &m.api, &m.client, &last, "CLIENT_CLOSED")?;
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn nodes_of_a_killed_relay_move_to_the_other_and_its_sessions_go_on() {
+    e2e("nodes_of_a_killed_relay_move_to_the_other", |scene| {
+        let mut lab = Lab::new(scene)?;
+        let mut m = mesh(scene, &mut lab, 2)?;
+        let mut nodes = Vec::new();
+        for (r, relay) in m.relays.iter().enumerate() {
+            let home = lab.home(&format!("home{r}"), HomeOpts::default())?;
+            let mut node =
+                Node::start_at(scene, &format!("node{r}"), &home.host, relay, NODE_ARGS)?;
+            // Each node learns the other relay from its own.
+            node.proc.wait_event("relays", Duration::from_secs(30))?;
+            nodes.push(node);
+        }
+        let laptop = lab.public_host("client")?;
+
+        // A session that must go on: on whichever relay the order lands.
+        let body = order(scene, &m.api, &laptop, &m.client)?;
+        let login = Login::from_order_at(scene, &laptop, &body)?;
+        let survivor = m
+            .relays
+            .iter()
+            .position(|r| r.relay.ip().to_string() == login.host)
+            .context("the order names a relay")?;
+        let victim = 1 - survivor;
+        let mut long = login.ssh_command(&login.key, &[]);
+        long.arg("sleep 20; echo alive")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let long = long.spawn()?;
+        wait_state(scene, &m.api, &m.client, &login.order_id, "CONNECTED")?;
+
+        m.relays[victim].proc.kill()?;
+        let killed = Instant::now();
+        // The node moves to another relay it learned of: the surviving one,
+        // or the API broker's own.
+        let victim_addr = m.relays[victim].relay.to_string();
+        nodes[victim]
+            .proc
+            .wait_event_where("registered", Duration::from_secs(15), |v| {
+                v["broker"] != victim_addr.as_str()
+            })?;
+        scene.note(&format!("node moved after {:?}", killed.elapsed()));
+
+        // Orders land on the moved node through its new relay.
+        let moved = nodes[victim].node_id.clone();
+        let mut landed = None;
+        for _ in 0..10 {
+            let body = order(scene, &m.api, &laptop, &m.client)?;
+            let l = Login::from_order_at(scene, &laptop, &body)?;
+            assert_ne!(
+                l.host,
+                m.relays[victim].relay.ip().to_string(),
+                "no order goes through the killed relay"
+            );
+            let out = l.ssh(scene, "uname -a", None)?;
+            assert_eq!(out.status, Some(0), "{}", out.stderr);
+            let on = body["node_id"].as_str().unwrap_or_default().to_owned();
+            let node = nodes
+                .iter_mut()
+                .find(|n| n.node_id == on)
+                .context("known node")?;
+            node.wait_session_end(&l.order_id, Duration::from_secs(30))?;
+            if on == moved {
+                landed = Some(killed.elapsed());
+                break;
+            }
+        }
+        let landed = landed.context("no order landed on the moved node in 10 orders")?;
+        scene.note(&format!(
+            "first order on the moved node {landed:?} after the kill"
+        ));
+
+        let out = long.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
+        Ok(())
+    })
+}

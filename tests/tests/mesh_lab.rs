@@ -256,3 +256,53 @@ fn nodes_of_a_killed_relay_move_to_the_other_and_its_sessions_go_on() {
         Ok(())
     })
 }
+
+#[test]
+fn a_broker_not_on_the_list_cannot_offer_its_nodes() {
+    e2e("a_broker_not_on_the_list_cannot_offer_its_nodes", |scene| {
+        let mut lab = Lab::new(scene)?;
+        // relay0 is trusted by the API broker.
+        let m = mesh(scene, &mut lab, 1)?;
+        // A rogue relay joins the API broker, which does not list it.
+        let site = lab.public_host("rogue")?;
+        let listen = format!("{}:0", site.ip);
+        let join = m.api.mesh.clone().context("mesh address")?;
+        let rogue = Broker::start_at(
+            scene,
+            "rogue",
+            &site,
+            scene.subdir("rogue")?,
+            0,
+            &["--mesh-listen", &listen, "--join", &join],
+        )?;
+        let home = lab.home("home-rogue", HomeOpts::default())?;
+        let rogue_node = Node::start_at(scene, "rogue-node", &home.host, &rogue, NODE_ARGS)?;
+        let home = lab.home("home0", HomeOpts::default())?;
+        let mut node = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
+        let laptop = lab.public_host("client")?;
+
+        // The trusted relay's node is offered; the rogue's never is.
+        for _ in 0..6 {
+            let body = order(scene, &m.api, &laptop, &m.client)?;
+            assert_eq!(
+                body["node_id"].as_str(),
+                Some(node.node_id.as_str()),
+                "an order landed on {} (the rogue's node is {})",
+                body["node_id"],
+                rogue_node.node_id
+            );
+            let login = Login::from_order_at(scene, &laptop, &body)?;
+            let out = login.ssh(scene, "true", None)?;
+            assert_eq!(out.status, Some(0), "{}", out.stderr);
+            node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+        }
+        // Its records and requests never got through: the API broker
+        // refused its connections.
+        let log = std::fs::read_to_string(scene.dir().join("api.err"))?;
+        assert!(
+            log.contains("mesh connection refused"),
+            "the API broker did not refuse the rogue"
+        );
+        Ok(())
+    })
+}

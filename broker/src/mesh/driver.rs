@@ -2,7 +2,7 @@
 //! (publish, look up, ask another broker), checks everything other brokers
 //! try to store before storing it, and hands their requests to the broker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use jusy_common::capacity::{self, SignedCapacity};
@@ -68,12 +68,20 @@ pub(super) struct Driver {
     pub records: HashMap<kad::QueryId, (PeerId, oneshot::Sender<Option<SignedCapacity>>)>,
     /// Nodes this relay advertises, and their shards.
     pub published: HashMap<PeerId, u8>,
-    /// Brokers whose connection failed, and when: left out of provider
+    /// Brokers that could not be dialled, and when: left out of provider
     /// answers (their records outlive them) until they connect again or
     /// their provider records must have expired.
     pub down: HashMap<libp2p::PeerId, Instant>,
+    /// Records waiting to be published, at most one per key (the newest).
+    pub queued: VecDeque<kad::Record>,
+    /// Publications under way: a burst of them over one connection would
+    /// exceed the peers' inbound stream limit and be dropped.
+    pub putting: HashSet<kad::QueryId>,
     pub tasks: JoinSet<()>,
 }
+
+/// Publications in flight at once.
+const MAX_PUTS: usize = 2;
 
 /// A record's deadline on the local monotonic clock.
 fn instant_of(expires_ms: u64, now_ms: u64) -> Instant {
@@ -167,9 +175,9 @@ impl Driver {
                     publisher: None,
                     expires: Some(instant_of(c.terms.expires_ms, crate::store::now_ms())),
                 };
-                if let Err(e) = self.kad().put_record(record, kad::Quorum::One) {
-                    tracing::warn!(node_id = %node_id.short(), error = %e, "capacity record not stored");
-                }
+                self.queued.retain(|r| r.key != record.key);
+                self.queued.push_back(record);
+                self.pump();
                 let first_in_shard = !self.published.values().any(|s| *s == shard);
                 self.published.insert(node_id, shard);
                 if first_in_shard
@@ -184,12 +192,28 @@ impl Driver {
                 let Some(shard) = self.published.remove(&node_id) else {
                     return;
                 };
-                self.kad()
-                    .remove_record(&capacity::node_key(&node_id).into());
+                let key: kad::RecordKey = capacity::node_key(&node_id).into();
+                self.queued.retain(|r| r.key != key);
+                self.kad().remove_record(&key);
                 if !self.published.values().any(|s| *s == shard) {
                     self.kad()
                         .stop_providing(&capacity::shard_key(shard).into());
                 }
+            }
+        }
+    }
+
+    /// Starts queued publications while fewer than [`MAX_PUTS`] run.
+    fn pump(&mut self) {
+        while self.putting.len() < MAX_PUTS {
+            let Some(record) = self.queued.pop_front() else {
+                return;
+            };
+            match self.kad().put_record(record, kad::Quorum::One) {
+                Ok(id) => {
+                    self.putting.insert(id);
+                }
+                Err(e) => tracing::warn!(error = %e, "capacity record not stored"),
             }
         }
     }
@@ -214,31 +238,20 @@ impl Driver {
                 num_established: 0,
                 cause,
                 ..
-            } => {
-                if cause.is_some() {
-                    self.mark_down(peer_id);
-                }
-                tracing::info!(peer = %peer_id, cause = ?cause, "mesh peer disconnected");
-            }
+            } => tracing::info!(peer = %peer_id, cause = ?cause, "mesh peer disconnected"),
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::info!(error = %error, "mesh connection refused");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                // Unreachable now: left out of provider answers (Kademlia's
+                // routing table deals with it on its own).
                 if let Some(peer) = peer_id {
-                    self.mark_down(peer);
+                    self.down.insert(peer, Instant::now());
                 }
                 tracing::info!(peer = ?peer_id, error = %error, "mesh dial failed");
             }
             _ => {}
         }
-    }
-
-    /// A broker whose connection failed: queries stop asking it (it is back
-    /// in the routing table when it connects again) and provider answers
-    /// leave it out.
-    fn mark_down(&mut self, peer: libp2p::PeerId) {
-        self.down.insert(peer, Instant::now());
-        self.kad().remove_peer(&peer);
     }
 
     fn on_kad(&mut self, event: kad::Event) {
@@ -334,8 +347,13 @@ impl Driver {
                     }
                 }
             }
-            kad::QueryResult::PutRecord(Err(e)) => {
-                tracing::debug!(error = %e, "capacity record reached no other broker");
+            kad::QueryResult::PutRecord(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "capacity record reached no other broker");
+                }
+                if last && self.putting.remove(&id) {
+                    self.pump();
+                }
             }
             _ => {}
         }

@@ -201,6 +201,8 @@ impl Mesh {
             records: HashMap::new(),
             published: HashMap::new(),
             down: HashMap::new(),
+            queued: std::collections::VecDeque::new(),
+            putting: std::collections::HashSet::new(),
             tasks: JoinSet::new(),
         };
         let task = tokio::spawn(driver.run(stop));

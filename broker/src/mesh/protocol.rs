@@ -129,7 +129,7 @@ impl Behaviour {
             .set_record_ttl(None)
             .set_provider_record_ttl(Some(PROVIDER_TTL))
             .set_provider_publication_interval(Some(PROVIDER_TTL / 3))
-            .set_query_timeout(Duration::from_secs(5));
+            .set_query_timeout(Duration::from_secs(10));
         let store = kad::store::MemoryStore::with_config(
             local,
             kad::store::MemoryStoreConfig {

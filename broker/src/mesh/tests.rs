@@ -58,6 +58,10 @@ async fn broker(
 }
 
 fn statement(node: u8, relay: PeerId) -> SignedCapacity {
+    statement_for(node, relay, 20_000)
+}
+
+fn statement_for(node: u8, relay: PeerId, valid_ms: u64) -> SignedCapacity {
     let now = crate::store::now_ms();
     let capacity = Capacity {
         node_id: PeerId([0; 32]),
@@ -70,7 +74,7 @@ fn statement(node: u8, relay: PeerId) -> SignedCapacity {
             owner: None,
             speed_ms: 900,
             issued_ms: now,
-            expires_ms: now + 20_000,
+            expires_ms: now + valid_ms,
         },
     };
     SignedCapacity::sign(&SigningKey::from_bytes(&[node; 32]), capacity).expect("sign")
@@ -158,5 +162,31 @@ async fn untrusted_broker_is_refused() {
             .await
             .expect("mesh")
             .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_is_not_found_after_its_expiry() {
+    let b_key = PeerId::from_signing_key(&SigningKey::from_bytes(&[6; 32]));
+    let (a, _) = broker(5, vec![], vec![libp2p_id(&b_key).expect("id")]).await;
+    let (b, _) = broker(6, vec![a.mesh.addr.clone()], vec![]).await;
+    let signed = statement_for(12, b.key, 1_500);
+    let node = signed.capacity().node_id;
+    let expires = signed.capacity().terms.expires_ms;
+    b.updates
+        .send(CapacityUpdate::Published(signed))
+        .expect("publish");
+    eventually(|| async { a.mesh.record(node).await.ok().flatten().is_some() }).await;
+    // The node is gone and its relay publishes nothing more: once the
+    // statement's expiry has passed, no broker offers it.
+    eventually(|| async {
+        crate::store::now_ms() >= expires
+            && a.mesh.record(node).await.ok().flatten().is_none()
+            && b.mesh.record(node).await.ok().flatten().is_none()
+    })
+    .await;
+    assert!(
+        crate::store::now_ms() < expires + 5_000,
+        "found long after its expiry"
     );
 }

@@ -122,6 +122,18 @@ fn random<const N: usize>() -> Result<[u8; N], OrderError> {
     Ok(b)
 }
 
+/// A fresh ed25519 key pair for one order: the unencrypted OpenSSH private
+/// key the client gets, and the public key the node accepts.
+pub(crate) fn order_key() -> Result<(String, String), OrderError> {
+    let key = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?));
+    let privkey = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|_| OrderError::Key)?
+        .to_string();
+    let pubkey = key.public_key().to_openssh().map_err(|_| OrderError::Key)?;
+    Ok((privkey, pubkey))
+}
+
 /// `host:port` as OpenSSH writes it in known_hosts.
 pub fn known_hosts_host(host: &str, port: u16) -> String {
     if port == 22 {
@@ -200,12 +212,7 @@ impl Orders {
             }
         };
         let port = listener.local_addr().map_err(OrderError::Port)?.port();
-        let key = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?));
-        let privkey = key
-            .to_openssh(LineEnding::LF)
-            .map_err(|_| OrderError::Key)?
-            .to_string();
-        let pubkey = key.public_key().to_openssh().map_err(|_| OrderError::Key)?;
+        let (privkey, pubkey) = order_key()?;
         let order_id = OrderId::from_random(random()?);
         let host = self.cfg.public_host.clone();
         let record = OrderRecord {

@@ -7,9 +7,6 @@ use jusy_common::capacity::{SHARDS, SignedCapacity};
 use jusy_common::ledger::AccountId;
 use jusy_common::order::Order;
 use jusy_common::wire::OrderId;
-use russh::keys::PrivateKey;
-use russh::keys::ssh_key::LineEnding;
-use russh::keys::ssh_key::private::Ed25519Keypair;
 use tokio_util::sync::CancellationToken;
 
 use super::{Credentials, Live, OrderError, Orders, blocking, known_hosts_host, random};
@@ -67,12 +64,7 @@ impl Orders {
         account: AccountRecord,
     ) -> Result<Credentials, OrderError> {
         let mesh = self.mesh.as_ref().ok_or(OrderError::NoCapacity)?;
-        let key = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?));
-        let privkey = key
-            .to_openssh(LineEnding::LF)
-            .map_err(|_| OrderError::Key)?
-            .to_string();
-        let pubkey = key.public_key().to_openssh().map_err(|_| OrderError::Key)?;
+        let (privkey, pubkey) = super::order_key()?;
         let mut authorized_keys = vec![pubkey];
         authorized_keys.extend(account.ssh_keys);
         for _ in 0..ATTEMPTS {

@@ -238,15 +238,27 @@ impl Driver {
                 num_established: 0,
                 cause,
                 ..
-            } => tracing::info!(peer = %peer_id, cause = ?cause, "mesh peer disconnected"),
+            } => {
+                tracing::info!(peer = %peer_id, cause = ?cause, "mesh peer disconnected");
+                if cause.is_some() {
+                    // Lost rather than idle: its provider records outlive it,
+                    // so leave it out until a dial shows it is back.
+                    self.down.insert(peer_id, Instant::now());
+                    if let Err(e) = self.swarm.dial(peer_id) {
+                        tracing::debug!(peer = %peer_id, error = %e, "mesh redial not started");
+                    }
+                }
+            }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::info!(error = %error, "mesh connection refused");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                // Unreachable now: left out of provider answers (Kademlia's
-                // routing table deals with it on its own).
+                // Unreachable now: left out of provider answers, and out of
+                // the routing table so lookups stop waiting on it; it comes
+                // back when it connects again.
                 if let Some(peer) = peer_id {
                     self.down.insert(peer, Instant::now());
+                    self.kad().remove_peer(&peer);
                 }
                 tracing::info!(peer = ?peer_id, error = %error, "mesh dial failed");
             }

@@ -3,10 +3,13 @@
 //! charge, and keep the order's ledger here; then apply the events that relay
 //! forwards, each sequence number once.
 
+use std::time::Duration;
+
 use jusy_common::capacity::{SHARDS, SignedCapacity};
 use jusy_common::ledger::AccountId;
 use jusy_common::order::Order;
 use jusy_common::wire::OrderId;
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::{Credentials, Live, OrderError, Orders, blocking, known_hosts_host, random};
@@ -17,6 +20,17 @@ use crate::store::{AccountRecord, now_ms};
 
 /// Relays asked in turn before an order is refused for want of capacity.
 const ATTEMPTS: usize = 3;
+
+/// How long one lookup of a shard's providers, or one relay's offers, may
+/// take: a broker that has just died must not hold an order up.
+const STEP: Duration = Duration::from_secs(2);
+
+/// How long placing an order on another relay may take in all before it is
+/// refused for want of capacity (the client asks again).
+const PLACE: Duration = Duration::from_secs(10);
+
+/// How long a relay may take to reserve a slot and open the order port.
+const RESERVE: Duration = Duration::from_secs(5);
 
 /// Removes and returns a random element.
 fn take_random<T>(v: &mut Vec<T>) -> Option<T> {
@@ -31,28 +45,40 @@ fn take_random<T>(v: &mut Vec<T>) -> Option<T> {
 /// A free node somewhere else in the mesh, chosen at random: shards in a
 /// random order, for each a random provider (relay), and a random node of
 /// the statements it offers. Never a scan of all nodes.
-async fn find_offer(mesh: &Mesh) -> Option<(libp2p::PeerId, SignedCapacity)> {
-    let mut shards: Vec<u8> = (0..SHARDS).collect();
-    while let Some(shard) = take_random(&mut shards) {
-        let Ok(mut relays) = mesh.providers(shard).await else {
-            return None;
-        };
-        relays.retain(|p| *p != mesh.peer_id);
-        for _ in 0..2 {
-            let Some(relay) = take_random(&mut relays) else {
-                break;
-            };
-            match mesh.offers(relay, shard, now_ms()).await {
-                Ok(mut offers) => {
-                    if let Some(offer) = take_random(&mut offers) {
-                        return Some((relay, offer));
-                    }
+async fn find_offer(
+    mesh: &Mesh,
+    deadline: Instant,
+) -> Option<(libp2p::PeerId, SignedCapacity)> {
+    let search = async {
+        let mut shards: Vec<u8> = (0..SHARDS).collect();
+        while let Some(shard) = take_random(&mut shards) {
+            let mut relays = match timeout(STEP, mesh.providers(shard)).await {
+                Ok(Ok(relays)) => relays,
+                Ok(Err(_)) => return None,
+                Err(_) => {
+                    tracing::debug!(shard, "provider lookup timed out");
+                    continue;
                 }
-                Err(e) => tracing::info!(%relay, error = %e, "relay gave no offers"),
+            };
+            relays.retain(|p| *p != mesh.peer_id);
+            for _ in 0..2 {
+                let Some(relay) = take_random(&mut relays) else {
+                    break;
+                };
+                match timeout(STEP, mesh.offers(relay, shard, now_ms())).await {
+                    Ok(Ok(mut offers)) => {
+                        if let Some(offer) = take_random(&mut offers) {
+                            return Some((relay, offer));
+                        }
+                    }
+                    Ok(Err(e)) => tracing::info!(%relay, error = %e, "relay gave no offers"),
+                    Err(_) => tracing::info!(%relay, "relay gave no offers in time"),
+                }
             }
         }
-    }
-    None
+        None
+    };
+    timeout_at(deadline, search).await.ok().flatten()
 }
 
 impl Orders {
@@ -67,8 +93,11 @@ impl Orders {
         let (privkey, pubkey) = super::order_key()?;
         let mut authorized_keys = vec![pubkey];
         authorized_keys.extend(account.ssh_keys);
+        let deadline = Instant::now() + PLACE;
         for _ in 0..ATTEMPTS {
-            let (relay, offer) = find_offer(mesh).await.ok_or(OrderError::NoCapacity)?;
+            let (relay, offer) = find_offer(mesh, deadline)
+                .await
+                .ok_or(OrderError::NoCapacity)?;
             let node_id = offer.capacity().node_id;
             let order_id = OrderId::from_random(random()?);
             let reservation = Reservation {
@@ -77,17 +106,22 @@ impl Orders {
                 authorized_keys: authorized_keys.clone(),
                 connect_window_secs: self.cfg.connect_window_secs,
             };
-            let reserved = match mesh
-                .request(relay, crate::mesh::MeshRequest::Reserve(reservation))
-                .await
-            {
-                Ok(MeshResponse::Reserved(r)) => r,
-                Ok(other) => {
+            let reserve = mesh.request(relay, crate::mesh::MeshRequest::Reserve(reservation));
+            let until = deadline.max(Instant::now() + RESERVE / 2);
+            let reserved = match timeout_at(until.min(Instant::now() + RESERVE), reserve).await {
+                Ok(Ok(MeshResponse::Reserved(r))) => r,
+                Ok(Ok(other)) => {
                     tracing::info!(%relay, node_id = %node_id.short(), answer = ?other, "remote reservation refused");
                     continue;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::info!(%relay, error = %e, "remote reservation failed");
+                    continue;
+                }
+                Err(_) => {
+                    // Should the relay have reserved after all, nobody
+                    // connects and its session ends as never connected.
+                    tracing::info!(%relay, %order_id, "remote reservation not answered in time");
                     continue;
                 }
             };

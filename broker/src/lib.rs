@@ -115,7 +115,10 @@ impl Broker {
         let key = PeerId::from_signing_key(&identity);
         let (mesh, advertise) = match cfg.mesh()? {
             None => (None, None),
-            Some(settings) => {
+            Some(mut settings) => {
+                settings
+                    .trust
+                    .extend(remote::trust::parse_all(&store.admitted_brokers()?));
                 let (updates, capacity) = mpsc::unbounded_channel();
                 let (inbound_tx, inbound) = mpsc::unbounded_channel();
                 let stop = CancellationToken::new();
@@ -193,13 +196,20 @@ impl Broker {
                 self.relay.clone(),
                 served.clone(),
                 self.orders.clone(),
+                m.mesh.clone(),
+                self.store.clone(),
+            ));
+            let trusting = tokio::spawn(remote::trust::keep(
+                m.mesh.clone(),
+                self.store.clone(),
+                m.stop.clone(),
             ));
             let learning = tokio::spawn(remote::relays::learn(
                 m.mesh.clone(),
                 self.relay.clone(),
                 m.stop.clone(),
             ));
-            (m.task, m.stop, serving, served, learning)
+            (m.task, m.stop, serving, served, [learning, trusting])
         });
         let orders = self.orders.clone();
         let api = api::Api::new(self.orders, self.relay, self.store.clone(), &self.cfg);
@@ -222,10 +232,12 @@ impl Broker {
         orders.cancel_all().await;
         relay_stop.cancel();
         let _ = relay_task.await;
-        if let Some((task, stop, serving, served, learning)) = mesh {
+        if let Some((task, stop, serving, served, helpers)) = mesh {
             served.shutdown().await;
             stop.cancel();
-            let _ = learning.await;
+            for helper in helpers {
+                let _ = helper.await;
+            }
             let _ = task.await;
             // The swarm's end closed the inbound channel, which ends `serving`.
             let _ = serving.await;

@@ -204,6 +204,27 @@ impl Store {
         Ok(true)
     }
 
+    /// Brokers the operator let into the mesh while brokers ran (mesh peer
+    /// ids as text), kept across restarts next to the configured ones.
+    pub fn admitted_brokers(&self) -> Result<Vec<String>, StoreError> {
+        let tree = self.db.open_tree("mesh_trust")?;
+        let mut peers = Vec::new();
+        for key in tree.iter().keys() {
+            peers.push(String::from_utf8_lossy(&key?).into_owned());
+        }
+        Ok(peers)
+    }
+
+    /// Records brokers let into the mesh (flushed before it returns).
+    pub fn admit_brokers(&self, peers: &[String]) -> Result<(), StoreError> {
+        let tree = self.db.open_tree("mesh_trust")?;
+        for peer in peers {
+            tree.insert(peer.as_bytes(), &[])?;
+        }
+        tree.flush()?;
+        Ok(())
+    }
+
     /// Writes everything to disk.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;

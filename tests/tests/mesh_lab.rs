@@ -23,7 +23,20 @@ struct Mesh {
     client: String,
 }
 
+/// The API broker's operator token.
+const TOKEN: &str = "mesh-lab-operator";
+
 fn mesh(scene: &Scene, lab: &mut Lab, relays: usize) -> anyhow::Result<Mesh> {
+    mesh_with(scene, lab, relays, &[])
+}
+
+/// The same, with more `serve` flags for the relays.
+fn mesh_with(
+    scene: &Scene,
+    lab: &mut Lab,
+    relays: usize,
+    relay_flags: &[&str],
+) -> anyhow::Result<Mesh> {
     let api_dir = scene.subdir("api")?;
     let client = Broker::add_client(scene, &api_dir)?;
     let api_key = Broker::identity(scene, &api_dir)?;
@@ -37,7 +50,7 @@ fn mesh(scene: &Scene, lab: &mut Lab, relays: usize) -> anyhow::Result<Mesh> {
 
     let site = lab.public_host("api")?;
     let listen = format!("{}:0", site.ip);
-    let mut flags = vec!["--mesh-listen", &listen];
+    let mut flags = vec!["--mesh-listen", &listen, "--operator-token", TOKEN];
     for k in &keys {
         flags.extend(["--trust", k]);
     }
@@ -65,6 +78,7 @@ fn mesh(scene: &Scene, lab: &mut Lab, relays: usize) -> anyhow::Result<Mesh> {
                 flags.extend(["--trust", k]);
             }
         }
+        flags.extend(relay_flags);
         started.push(Broker::start_at(scene, &name, &site, dir, 0, &flags)?);
     }
     Ok(Mesh {
@@ -303,6 +317,157 @@ fn a_broker_not_on_the_list_cannot_offer_its_nodes() {
             log.contains("mesh connection refused"),
             "the API broker did not refuse the rogue"
         );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_fourth_broker_joins_with_one_command_and_nodes_use_it() {
+    e2e("a_fourth_broker_joins", |scene| {
+        let mut lab = Lab::new(scene)?;
+        let m = mesh(scene, &mut lab, 2)?;
+        let home = lab.home("home0", HomeOpts::default())?;
+        let mut node0 = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
+        // It knows the API broker's relay and relay1 besides its own.
+        node0
+            .proc
+            .wait_event_where("relays", Duration::from_secs(30), |v| {
+                v["known"].as_u64() >= Some(2)
+            })?;
+
+        // The operator lets the new broker in, on the API broker only…
+        let dir = scene.subdir("relay2")?;
+        let key = Broker::identity(scene, &dir)?;
+        let admit = serde_json::json!({ "peer": key }).to_string();
+        let auth = format!("Authorization: Bearer {TOKEN}");
+        let (status, body) = m.api.request(
+            scene,
+            "POST",
+            "/admin/mesh/trust",
+            &[&auth, "Content-Type: application/json"],
+            Some(admit.as_bytes()),
+        )?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["admitted"], true, "{body}");
+        let (status, body) = m.api.request(
+            scene,
+            "POST",
+            "/admin/mesh/trust",
+            &[&auth, "Content-Type: application/json"],
+            Some(br#"{"peer":"not a peer"}"#),
+        )?;
+        assert_eq!(status, 400, "{body}");
+
+        // …and starts it with one command that names one broker of the mesh.
+        let site = lab.public_host("relay2")?;
+        let listen = format!("{}:0", site.ip);
+        let join = m.api.mesh.clone().context("mesh address")?;
+        let relay2 = Broker::start_at(
+            scene,
+            "relay2",
+            &site,
+            dir,
+            0,
+            &["--mesh-listen", &listen, "--join", &join],
+        )?;
+        let home = lab.home("home2", HomeOpts::default())?;
+        let mut node2 = Node::start_at(scene, "node2", &home.host, &relay2, NODE_ARGS)?;
+
+        // The nodes of the old relays learn of the new one…
+        node0
+            .proc
+            .wait_event_where("relays", Duration::from_secs(30), |v| {
+                v["known"].as_u64() >= Some(3)
+            })?;
+        // …and orders through the API broker land on the new relay's node.
+        let laptop = lab.public_host("client")?;
+        let mut landed = false;
+        for _ in 0..16 {
+            let body = order(scene, &m.api, &laptop, &m.client)?;
+            let login = Login::from_order_at(scene, &laptop, &body)?;
+            let out = login.ssh(scene, "true", None)?;
+            assert_eq!(out.status, Some(0), "{}", out.stderr);
+            let node = if body["node_id"] == node2.node_id.as_str() {
+                landed = true;
+                &mut node2
+            } else {
+                &mut node0
+            };
+            node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+            if landed {
+                assert_eq!(login.host, site.ip.to_string(), "served by the new relay");
+                break;
+            }
+        }
+        assert!(
+            landed,
+            "no order landed on the new relay's node in 16 orders"
+        );
+        // The old relays took the admission from the API broker.
+        for r in ["relay0", "relay1"] {
+            let log = std::fs::read_to_string(scene.dir().join(format!("{r}.err")))?;
+            assert!(
+                log.contains("brokers admitted to the mesh"),
+                "{r} never admitted the new broker"
+            );
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn a_vanished_node_stops_being_offered_within_its_record_expiry() {
+    e2e("a_vanished_node_stops_being_offered", |scene| {
+        const VALIDITY: Duration = Duration::from_secs(10);
+        let mut lab = Lab::new(scene)?;
+        let validity = VALIDITY.as_secs().to_string();
+        let m = mesh_with(
+            scene,
+            &mut lab,
+            1,
+            &[
+                "--capacity-validity-secs",
+                &validity,
+                "--capacity-refresh-secs",
+                "2",
+            ],
+        )?;
+        let home = lab.home("home0", HomeOpts::default())?;
+        let mut node = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
+        let laptop = lab.public_host("client")?;
+        // Offered while it is there.
+        let body = order(scene, &m.api, &laptop, &m.client)?;
+        assert_eq!(body["node_id"], node.node_id.as_str());
+        let login = Login::from_order_at(scene, &laptop, &body)?;
+        let out = login.ssh(scene, "true", None)?;
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+
+        // The node vanishes without a word: its home router loses its uplink.
+        home.router.set_uplink(scene, false)?;
+        let gone = Instant::now();
+        let deadline = gone + VALIDITY + Duration::from_secs(5);
+        let refused_at = loop {
+            let (status, body) = m.api.order_from(scene, &laptop, &m.client)?;
+            if status == 503 {
+                break gone.elapsed();
+            }
+            assert_eq!(status, 200, "{body}");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the vanished node is still offered {:?} after it vanished",
+                gone.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        scene.note(&format!(
+            "no longer offered {refused_at:?} after it vanished"
+        ));
+        // And it stays so.
+        for _ in 0..3 {
+            let (status, body) = m.api.order_from(scene, &laptop, &m.client)?;
+            assert_eq!(status, 503, "offered again while gone: {body}");
+        }
         Ok(())
     })
 }

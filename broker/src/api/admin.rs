@@ -1,5 +1,6 @@
 //! Operator endpoints, behind `Authorization: Bearer <operator_token>`:
-//! creating accounts, crediting deposits, listing orders, auditing the books.
+//! creating accounts, crediting deposits, listing orders, auditing the books,
+//! and letting brokers into the mesh.
 
 use std::net::SocketAddr;
 
@@ -133,4 +134,75 @@ pub async fn audit(
     authorize(&api, peer, &headers)?;
     let audit = tokio::task::block_in_place(|| api.orders.ledger.audit())?;
     Ok(axum::Json(json!({"status": "OK", "audit": audit})).into_response())
+}
+
+fn mesh_of(api: &Api) -> Result<&crate::mesh::Mesh, ApiError> {
+    api.orders
+        .mesh()
+        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "this broker is not in a mesh".into()))
+}
+
+fn mesh_failed(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+/// This broker's place in the mesh and the brokers it lets in.
+pub async fn mesh(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let mesh = mesh_of(&api)?;
+    let trusted: Vec<String> = mesh
+        .trusted()
+        .await
+        .map_err(mesh_failed)?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    Ok(axum::Json(json!({
+        "status": "OK",
+        "mesh_peer_id": mesh.peer_id.to_string(),
+        "mesh": mesh.addr.to_string(),
+        "trusted": trusted,
+    }))
+    .into_response())
+}
+
+/// A broker to let into the mesh: its broker key or mesh peer id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admit {
+    pub peer: String,
+}
+
+/// Lets a broker into the mesh: this broker and every broker it knows trust
+/// it from now on (and after restarts).
+pub async fn admit(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<axum::Json<Admit>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let axum::Json(a) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let mesh = mesh_of(&api)?;
+    let broker = crate::mesh::parse_peer(&a.peer)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if broker == mesh.peer_id {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "that is this broker".into(),
+        ));
+    }
+    let new = crate::remote::trust::admit(mesh, &api.store, vec![broker])
+        .await
+        .map_err(mesh_failed)?;
+    Ok(axum::Json(json!({
+        "status": "OK",
+        "mesh_peer_id": broker.to_string(),
+        "admitted": !new.is_empty(),
+    }))
+    .into_response())
 }

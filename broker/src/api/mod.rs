@@ -178,6 +178,8 @@ pub fn router(api: Api) -> Router {
         .route("/admin/deposits", post(admin::deposit))
         .route("/admin/orders", get(admin::orders))
         .route("/admin/audit", get(admin::audit))
+        .route("/admin/mesh", get(admin::mesh))
+        .route("/admin/mesh/trust", post(admin::admit))
         .route("/health", get(health))
         .fallback(fallback)
         .method_not_allowed_fallback(|| async {

@@ -43,6 +43,15 @@ pub(super) enum Command {
     Dial {
         addr: Multiaddr,
     },
+    /// Lets brokers in; answers with those not already trusted.
+    Admit {
+        peers: Vec<libp2p::PeerId>,
+        reply: oneshot::Sender<Vec<libp2p::PeerId>>,
+    },
+    /// Every broker let in.
+    Trusted {
+        reply: oneshot::Sender<Vec<libp2p::PeerId>>,
+    },
     /// Some brokers of the routing table (at most `max`).
     Peers {
         max: usize,
@@ -72,6 +81,9 @@ pub(super) struct Driver {
     /// answers (their records outlive them) until they connect again or
     /// their provider records must have expired.
     pub down: HashMap<libp2p::PeerId, Instant>,
+    /// When a lost broker was last dialled again (at most once per
+    /// [`REDIAL_EVERY`], so a broker that refuses this one is not hammered).
+    pub redials: HashMap<libp2p::PeerId, Instant>,
     /// Records waiting to be published, at most one per key (the newest).
     pub queued: VecDeque<kad::Record>,
     /// Publications under way: a burst of them over one connection would
@@ -79,6 +91,9 @@ pub(super) struct Driver {
     pub putting: HashSet<kad::QueryId>,
     pub tasks: JoinSet<()>,
 }
+
+/// How often a lost broker is dialled again at most.
+const REDIAL_EVERY: Duration = Duration::from_secs(30);
 
 /// Publications in flight at once.
 const MAX_PUTS: usize = 2;
@@ -153,6 +168,29 @@ impl Driver {
                 peers.sort();
                 peers.dedup();
                 peers.truncate(max);
+                let _ = reply.send(peers);
+            }
+            Command::Admit { peers, reply } => {
+                let allow = &mut self.swarm.behaviour_mut().allow;
+                let new: Vec<libp2p::PeerId> = peers
+                    .into_iter()
+                    .filter(|p| !allow.allowed_peers().contains(p))
+                    .collect();
+                for peer in &new {
+                    allow.allow_peer(*peer);
+                }
+                let _ = reply.send(new);
+            }
+            Command::Trusted { reply } => {
+                let mut peers: Vec<libp2p::PeerId> = self
+                    .swarm
+                    .behaviour()
+                    .allow
+                    .allowed_peers()
+                    .iter()
+                    .copied()
+                    .collect();
+                peers.sort();
                 let _ = reply.send(peers);
             }
             Command::Dial { addr } => {
@@ -244,8 +282,14 @@ impl Driver {
                     // Lost rather than idle: its provider records outlive it,
                     // so leave it out until a dial shows it is back.
                     self.down.insert(peer_id, Instant::now());
-                    if let Err(e) = self.swarm.dial(peer_id) {
-                        tracing::debug!(peer = %peer_id, error = %e, "mesh redial not started");
+                    self.redials.retain(|_, at| at.elapsed() < REDIAL_EVERY);
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        self.redials.entry(peer_id)
+                    {
+                        e.insert(Instant::now());
+                        if let Err(e) = self.swarm.dial(peer_id) {
+                            tracing::debug!(peer = %peer_id, error = %e, "mesh redial not started");
+                        }
                     }
                 }
             }

@@ -78,6 +78,8 @@ pub struct Mesh {
     pub peer_id: libp2p::PeerId,
     /// The address to give to `--join` of another broker.
     pub addr: Multiaddr,
+    /// The brokers this one joined through.
+    join: Vec<Multiaddr>,
 }
 
 /// The mesh peer id of a broker key.
@@ -201,6 +203,7 @@ impl Mesh {
             records: HashMap::new(),
             published: HashMap::new(),
             down: HashMap::new(),
+            redials: HashMap::new(),
             queued: std::collections::VecDeque::new(),
             putting: std::collections::HashSet::new(),
             tasks: JoinSet::new(),
@@ -213,6 +216,7 @@ impl Mesh {
             commands,
             peer_id,
             addr: addr.with(Protocol::P2p(peer_id)),
+            join: settings.join,
         };
         Ok((mesh, task))
     }
@@ -240,6 +244,33 @@ impl Mesh {
     pub async fn providers(&self, shard: u8) -> Result<Vec<libp2p::PeerId>, MeshError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Providers { shard, reply })?;
+        answer.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Dials the brokers this one joined through again (when it knows no
+    /// other, e.g. they refused it before it was admitted).
+    pub fn rejoin(&self) -> Result<(), MeshError> {
+        for addr in &self.join {
+            self.send(Command::Dial { addr: addr.clone() })?;
+        }
+        Ok(())
+    }
+
+    /// Lets brokers into the mesh from now on; returns those that were not
+    /// trusted before.
+    pub async fn admit(
+        &self,
+        peers: Vec<libp2p::PeerId>,
+    ) -> Result<Vec<libp2p::PeerId>, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Admit { peers, reply })?;
+        answer.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Every broker this one lets into the mesh.
+    pub async fn trusted(&self) -> Result<Vec<libp2p::PeerId>, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Trusted { reply })?;
         answer.await.map_err(|_| MeshError::Stopped)
     }
 

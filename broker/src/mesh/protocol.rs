@@ -28,16 +28,21 @@ pub enum MeshRequest {
     /// Reserve a slot on one of the relay's nodes for an order whose ledger
     /// the asking broker keeps, and open the order port.
     Reserve(Reservation),
-    /// Something happened to an order the asking relay serves for the
-    /// answering broker's ledger; sent until acknowledged (at least once).
     /// Where nodes reach the answering broker's relay.
     Relay,
+    /// Something happened to an order the asking relay serves for the
+    /// answering broker's ledger; sent until acknowledged (at least once).
     Event {
         order_id: OrderId,
         /// 0, 1, 2, … per order; the ledger applies each number once.
         seq: u64,
         event: OrderEvent,
     },
+    /// The operator let these brokers (mesh peer ids) into the mesh: trust
+    /// them too, and tell the others.
+    Admit { peers: Vec<String> },
+    /// Every broker the answering one lets into the mesh.
+    Trusted,
 }
 
 /// An order placed through another broker.
@@ -84,6 +89,8 @@ pub enum MeshResponse {
     Offers(Vec<Vec<u8>>),
     Reserved(Reserved),
     Relay(RelayAddr),
+    /// Mesh peer ids.
+    Trusted(Vec<String>),
     /// The event was applied (or already had been).
     Acknowledged,
     Refused(String),

@@ -170,6 +170,11 @@ impl Orders {
         })
     }
 
+    /// The brokers' mesh, when this broker is in one.
+    pub fn mesh(&self) -> Option<&Mesh> {
+        self.mesh.as_ref()
+    }
+
     /// Orders the local relay serves for other brokers, when in a mesh.
     pub fn served(&self) -> Option<Arc<Served>> {
         self.served.clone()

@@ -5,6 +5,7 @@
 
 pub mod relays;
 pub mod served;
+pub mod trust;
 
 pub use served::Served;
 
@@ -13,9 +14,10 @@ use std::sync::Arc;
 use jusy_common::capacity;
 use tokio::sync::mpsc;
 
-use crate::mesh::{Inbound, MeshRequest, MeshResponse};
+use crate::mesh::{Inbound, Mesh, MeshRequest, MeshResponse};
 use crate::orders::Orders;
 use crate::relay::Relay;
+use crate::store::Store;
 use tokio::task::JoinSet;
 
 /// Answers requests until the mesh stops; each in its own task, since a
@@ -25,6 +27,8 @@ pub async fn serve(
     relay: Arc<Relay>,
     served: Arc<Served>,
     orders: Arc<Orders>,
+    mesh: Mesh,
+    store: Store,
 ) {
     let mut tasks = JoinSet::new();
     loop {
@@ -41,6 +45,7 @@ pub async fn serve(
             break;
         };
         let (relay, served, orders) = (relay.clone(), served.clone(), orders.clone());
+        let (mesh, store) = (mesh.clone(), store.clone());
         tasks.spawn(async move {
             let response = match request {
                 MeshRequest::Offers { shard } => MeshResponse::Offers(offers(&relay, shard)),
@@ -54,6 +59,18 @@ pub async fn serve(
                     seq,
                     event,
                 } => orders.apply_remote(from, order_id, seq, event),
+                MeshRequest::Admit { peers } => {
+                    match trust::admit(&mesh, &store, trust::parse_all(&peers)).await {
+                        Ok(_) => MeshResponse::Acknowledged,
+                        Err(e) => MeshResponse::Refused(e.to_string()),
+                    }
+                }
+                MeshRequest::Trusted => match mesh.trusted().await {
+                    Ok(peers) => {
+                        MeshResponse::Trusted(peers.iter().map(ToString::to_string).collect())
+                    }
+                    Err(e) => MeshResponse::Refused(e.to_string()),
+                },
             };
             let _ = reply.send(response);
         });

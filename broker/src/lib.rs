@@ -199,6 +199,7 @@ impl Broker {
                 m.mesh.clone(),
                 self.store.clone(),
             ));
+            let watching = tokio::spawn(self.orders.clone().watch_relays(m.stop.clone()));
             let trusting = tokio::spawn(remote::trust::keep(
                 m.mesh.clone(),
                 self.store.clone(),
@@ -209,7 +210,13 @@ impl Broker {
                 self.relay.clone(),
                 m.stop.clone(),
             ));
-            (m.task, m.stop, serving, served, [learning, trusting])
+            (
+                m.task,
+                m.stop,
+                serving,
+                served,
+                [learning, trusting, watching],
+            )
         });
         let orders = self.orders.clone();
         let api = api::Api::new(self.orders, self.relay, self.store.clone(), &self.cfg);

@@ -471,3 +471,97 @@ fn a_vanished_node_stops_being_offered_within_its_record_expiry() {
         Ok(())
     })
 }
+
+/// Orders from the laptop until one lands on `node` (each other one is used
+/// and left to end); returns that order's login.
+fn order_on(
+    scene: &Scene,
+    m: &Mesh,
+    laptop: &Site,
+    node: &mut Node,
+) -> anyhow::Result<(Value, Login)> {
+    let body = order(scene, &m.api, laptop, &m.client)?;
+    anyhow::ensure!(
+        body["node_id"] == node.node_id.as_str(),
+        "the order landed on {} instead of the only node",
+        body["node_id"]
+    );
+    let login = Login::from_order_at(scene, laptop, &body)?;
+    Ok((body, login))
+}
+
+#[test]
+fn orders_on_a_crashed_relay_end_as_node_lost() {
+    e2e("orders_on_a_crashed_relay_end_as_node_lost", |scene| {
+        let mut lab = Lab::new(scene)?;
+        let mut m = mesh(scene, &mut lab, 1)?;
+        let home = lab.home("home0", HomeOpts::default())?;
+        let mut node = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
+        let laptop = lab.public_host("client")?;
+        let (_, login) = order_on(scene, &m, &laptop, &mut node)?;
+        let mut long = login.ssh_command(&login.key, &[]);
+        long.arg("sleep 300")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut long = long.spawn()?;
+        wait_state(scene, &m.api, &m.client, &login.order_id, "CONNECTED")?;
+
+        // The relay dies with the order's port; the client's session with it.
+        m.relays[0].proc.kill()?;
+        let killed = Instant::now();
+        let deadline = killed + Duration::from_secs(45);
+        loop {
+            let (_, body) = m
+                .api
+                .get(scene, &format!("/order/{}/{}", m.client, login.order_id))?;
+            if body["state"] == "NODE_LOST" {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the order was not ended {:?} after its relay died: {body}",
+                killed.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        scene.note(&format!(
+            "ended as NODE_LOST {:?} after the kill",
+            killed.elapsed()
+        ));
+        let _ = long.kill();
+        let _ = long.wait();
+        Ok(())
+    })
+}
+
+#[test]
+fn an_api_broker_that_stops_ends_its_orders_on_other_relays() {
+    e2e("an_api_broker_that_stops_ends_remote_orders", |scene| {
+        let mut lab = Lab::new(scene)?;
+        let mut m = mesh(scene, &mut lab, 1)?;
+        let home = lab.home("home0", HomeOpts::default())?;
+        let mut node = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
+        let laptop = lab.public_host("client")?;
+        let (_, login) = order_on(scene, &m, &laptop, &mut node)?;
+        let mut long = login.ssh_command(&login.key, &[]);
+        long.arg("sleep 300; echo finished")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let long = long.spawn()?;
+        wait_state(scene, &m.api, &m.client, &login.order_id, "CONNECTED")?;
+
+        // The API broker settles the order as cancelled when it stops; the
+        // relay closes the port and the node ends the session.
+        assert!(m.api.proc.stop(Duration::from_secs(20))?, "API broker stop");
+        let reason = node.wait_session_end(&login.order_id, Duration::from_secs(20))?;
+        assert_eq!(reason, "CANCELLED");
+        let out = long.wait_with_output()?;
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("finished"),
+            "the session ran on after its ledger cancelled it"
+        );
+        let log = std::fs::read_to_string(scene.dir().join("relay0.err"))?;
+        assert!(log.contains("order cancelled by its ledger"), "relay log");
+        Ok(())
+    })
+}

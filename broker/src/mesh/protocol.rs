@@ -38,6 +38,9 @@ pub enum MeshRequest {
         seq: u64,
         event: OrderEvent,
     },
+    /// The asking broker, which keeps the order's ledger, cancelled it:
+    /// close its port and end its session.
+    Cancel { order_id: OrderId },
     /// The operator let these brokers (mesh peer ids) into the mesh: trust
     /// them too, and tell the others.
     Admit { peers: Vec<String> },

@@ -389,9 +389,17 @@ impl Orders {
     /// Ends every live order as cancelled by the broker (shutdown): settles
     /// it, tells its node, and closes its port.
     pub async fn cancel_all(&self) {
-        let live: Vec<(OrderId, PeerId)> =
-            self.live().iter().map(|(id, l)| (*id, l.node)).collect();
-        for (order_id, node) in live {
+        let live: Vec<(OrderId, PeerId, Option<libp2p::PeerId>)> = self
+            .live()
+            .iter()
+            .map(|(id, l)| (*id, l.node, l.relay))
+            .collect();
+        let remote: Vec<(OrderId, libp2p::PeerId)> = live
+            .iter()
+            .filter_map(|(id, _, relay)| relay.map(|r| (*id, r)))
+            .collect();
+        self.cancel_remote(remote).await;
+        for (order_id, node, _) in live {
             if let Some(link) = self.relay.nodes().into_iter().find(|n| n.id == node) {
                 link.cancel(order_id);
             }

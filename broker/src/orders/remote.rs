@@ -8,7 +8,7 @@ use std::time::Duration;
 use jusy_common::capacity::{SHARDS, SignedCapacity};
 use jusy_common::ledger::AccountId;
 use jusy_common::order::Order;
-use jusy_common::wire::OrderId;
+use jusy_common::wire::{EndReason, OrderId};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,15 @@ const STEP: Duration = Duration::from_secs(2);
 /// How long placing an order on another relay may take in all before it is
 /// refused for want of capacity (the client asks again).
 const PLACE: Duration = Duration::from_secs(10);
+
+/// How long a relay may take to confirm a cancellation at shutdown.
+const CANCEL: Duration = Duration::from_secs(3);
+
+/// How often relays serving live orders are asked whether they are there.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
+
+/// A relay silent this long is lost, and its orders with it.
+const RELAY_LOST: Duration = Duration::from_secs(20);
 
 /// How long a relay may take to reserve a slot and open the order port.
 const RESERVE: Duration = Duration::from_secs(5);
@@ -174,6 +183,80 @@ impl Orders {
             node_id: node_id.to_string(),
             price_sat: record.order.pricing.price_sat,
         })
+    }
+
+    /// Tells the relays serving these orders to close their ports and end
+    /// their sessions (this ledger is about to settle them); a relay that
+    /// does not answer within a few seconds is left to its connect window
+    /// and its own shutdown.
+    pub(super) async fn cancel_remote(&self, orders: Vec<(OrderId, libp2p::PeerId)>) {
+        let Some(mesh) = self.mesh.as_ref() else {
+            return;
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (order_id, relay) in orders {
+            let mesh = mesh.clone();
+            asks.spawn(async move {
+                let ask = mesh.request(relay, crate::mesh::MeshRequest::Cancel { order_id });
+                match timeout(CANCEL, ask).await {
+                    Ok(Ok(MeshResponse::Acknowledged)) => {}
+                    Ok(Ok(other)) => tracing::warn!(%order_id, %relay, answer = ?other, "relay did not cancel the order"),
+                    Ok(Err(e)) => tracing::warn!(%order_id, %relay, error = %e, "relay not told to cancel the order"),
+                    Err(_) => tracing::warn!(%order_id, %relay, "relay did not answer the cancellation in time"),
+                }
+            });
+        }
+        while asks.join_next().await.is_some() {}
+    }
+
+    /// Until `stop`: asks every few seconds each relay that serves live
+    /// orders of this ledger whether it is there; the orders of a relay
+    /// that has not answered for [`RELAY_LOST`] end as NODE_LOST (their
+    /// clients' connections went through it, so they are gone too).
+    pub async fn watch_relays(self: std::sync::Arc<Self>, stop: CancellationToken) {
+        let Some(mesh) = self.mesh.clone() else {
+            return;
+        };
+        let mut heard: std::collections::HashMap<libp2p::PeerId, Instant> =
+            std::collections::HashMap::new();
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let relays: std::collections::HashSet<libp2p::PeerId> =
+                self.live().values().filter_map(|l| l.relay).collect();
+            heard.retain(|r, _| relays.contains(r));
+            let mut asks = tokio::task::JoinSet::new();
+            for relay in relays {
+                let mesh = mesh.clone();
+                asks.spawn(async move {
+                    let ask = mesh.request(relay, crate::mesh::MeshRequest::Relay);
+                    (relay, matches!(timeout(WATCH_EVERY, ask).await, Ok(Ok(_))))
+                });
+            }
+            while let Some(Ok((relay, answered))) = asks.join_next().await {
+                let last = *heard.entry(relay).or_insert_with(Instant::now);
+                if answered {
+                    heard.insert(relay, Instant::now());
+                } else if last.elapsed() >= RELAY_LOST {
+                    tracing::warn!(%relay, silent = ?last.elapsed(), "relay lost; its orders end as NODE_LOST");
+                    let lost: Vec<OrderId> = self
+                        .live()
+                        .iter()
+                        .filter(|(_, l)| l.relay == Some(relay))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for order_id in lost {
+                        if let Err(e) = blocking(|| self.end(order_id, EndReason::NodeLost)) {
+                            tracing::error!(%order_id, error = %e, "ledger update failed");
+                        }
+                    }
+                    heard.remove(&relay);
+                }
+            }
+        }
     }
 
     /// Applies an event a relay forwarded for one of this ledger's orders.

@@ -59,6 +59,7 @@ pub async fn serve(
                     seq,
                     event,
                 } => orders.apply_remote(from, order_id, seq, event),
+                MeshRequest::Cancel { order_id } => served.cancel(from, order_id),
                 MeshRequest::Admit { peers } => {
                     match trust::admit(&mesh, &store, trust::parse_all(&peers)).await {
                         Ok(_) => MeshResponse::Acknowledged,

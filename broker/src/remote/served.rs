@@ -27,6 +27,8 @@ const GIVE_UP: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 struct ServedOrder {
+    /// The broker that keeps the order's ledger.
+    ledger: libp2p::PeerId,
     node: PeerId,
     link_id: u64,
     closed: CancellationToken,
@@ -94,6 +96,7 @@ impl Served {
         self.orders().insert(
             r.order_id,
             ServedOrder {
+                ledger,
                 node: link.id,
                 link_id: link.link_id,
                 closed: closed.clone(),
@@ -190,11 +193,48 @@ impl Served {
         None
     }
 
+    /// The order's ledger cancelled it (that broker is shutting down): its
+    /// port closes and its node ends the session.
+    pub fn cancel(&self, ledger: libp2p::PeerId, order_id: OrderId) -> MeshResponse {
+        let o = {
+            let mut orders = self.orders();
+            match orders.get(&order_id) {
+                None => return MeshResponse::Acknowledged,
+                Some(o) if o.ledger != ledger => {
+                    return MeshResponse::Refused("not this broker's order".into());
+                }
+                Some(_) => orders.remove(&order_id),
+            }
+        };
+        if let Some(o) = o {
+            self.end_here(order_id, &o);
+            let _ = o.events.send(OrderEvent::Ended {
+                reason: EndReason::Cancelled,
+            });
+            tracing::info!(%order_id, "order cancelled by its ledger");
+        }
+        MeshResponse::Acknowledged
+    }
+
+    /// Closes a served order's port and tells its node to end the session.
+    fn end_here(&self, order_id: OrderId, o: &ServedOrder) {
+        o.closed.cancel();
+        if let Some(link) = self
+            .relay
+            .nodes()
+            .into_iter()
+            .find(|n| n.id == o.node && n.link_id == o.link_id)
+        {
+            link.cancel(order_id);
+        }
+    }
+
     /// Shutdown: every served order is ended as cancelled by the broker,
     /// and its ledger is given a few seconds to hear of it.
     pub async fn shutdown(&self) {
-        for (_, o) in self.orders().drain() {
-            o.closed.cancel();
+        let orders: Vec<(OrderId, ServedOrder)> = self.orders().drain().collect();
+        for (order_id, o) in orders {
+            self.end_here(order_id, &o);
             let _ = o.events.send(OrderEvent::Ended {
                 reason: EndReason::Cancelled,
             });

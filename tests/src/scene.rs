@@ -70,7 +70,7 @@ impl Scene {
 
 impl Scene {
     /// Prints every registered log to stderr.
-    fn report(&self) {
+    pub fn report(&self) {
         let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         eprintln!(
             "\n===== {} failed; logs kept in {} =====",

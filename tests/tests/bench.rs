@@ -4,7 +4,6 @@
 use std::process::Command;
 
 #[test]
-#[ignore = "fails since the last merges: a tunnel's SSH banner never comes (see the closing note); run with --run-ignored all"]
 fn bench_runs_on_a_tiny_size() {
     if !jusy_tests::require_root("bench_runs_on_a_tiny_size") {
         return;

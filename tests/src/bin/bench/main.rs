@@ -133,7 +133,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("bench: removing user {}: {e}", user.name);
     }
     let table = result.inspect_err(|_| {
-        eprintln!("bench failed; logs kept in {}", scene.dir().display());
+        scene.report();
     })?;
     let text = report::markdown(&table, &opts_line(&opts));
     println!("{text}");

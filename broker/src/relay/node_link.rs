@@ -107,17 +107,15 @@ enum LinkError {
     Protocol(String),
 }
 
-async fn read_msg(
-    recv: &mut quinn::RecvStream,
-    dec: &mut Decoder,
-    buf: &mut [u8],
-) -> Result<NodeMsg, LinkError> {
+/// Reads the next control message. Chunks come straight from QUIC's receive
+/// buffers, so an idle link holds no read buffer of its own.
+async fn read_msg(recv: &mut quinn::RecvStream, dec: &mut Decoder) -> Result<NodeMsg, LinkError> {
     loop {
         if let Some(m) = dec.next_msg()? {
             return Ok(m);
         }
-        match recv.read(buf).await? {
-            Some(n) => dec.push(buf.get(..n).unwrap_or_default()),
+        match recv.read_chunk(usize::MAX, true).await? {
+            Some(chunk) => dec.push(&chunk.bytes),
             None => return Err(LinkError::Closed),
         }
     }
@@ -206,13 +204,9 @@ async fn serve(
         .await
         .map_err(|_| LinkError::Protocol("no control stream".into()))??;
     let mut dec = Decoder::default();
-    let mut buf = vec![0u8; 16 * 1024];
-    let hello = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_msg(&mut recv, &mut dec, &mut buf),
-    )
-    .await
-    .map_err(|_| LinkError::Protocol("no hello".into()))??;
+    let hello = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv, &mut dec))
+        .await
+        .map_err(|_| LinkError::Protocol("no hello".into()))??;
     let NodeMsg::Hello {
         protocol,
         host_key,
@@ -274,7 +268,7 @@ async fn serve(
             _ = tokio::time::sleep_until(next_check), if check.is_none() && relay.speed_test.rounds > 0 => {
                 check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
             }
-            msg = read_msg(&mut recv, &mut dec, &mut buf) => match msg? {
+            msg = read_msg(&mut recv, &mut dec) => match msg? {
                 NodeMsg::SlotsReady { slots } => {
                     let mut have = lock(&link.slots);
                     for s in slots {

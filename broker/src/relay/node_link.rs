@@ -26,7 +26,9 @@ pub struct NodeLink {
     /// The account that earns for this node's sessions.
     pub owner: Option<AccountId>,
     pub conn: quinn::Connection,
-    to_node: mpsc::UnboundedSender<BrokerMsg>,
+    /// Boxed: an unbounded channel allocates room for 32 messages up front,
+    /// per node, even when idle.
+    to_node: mpsc::UnboundedSender<Box<BrokerMsg>>,
     slots: Mutex<Vec<Slot>>,
     pending: Mutex<HashMap<OrderId, Answer>>,
     /// How long the last passed speed test took, as the broker measured it.
@@ -69,14 +71,14 @@ impl NodeLink {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(a.order_id, tx);
         self.to_node
-            .send(BrokerMsg::Assign(a))
+            .send(Box::new(BrokerMsg::Assign(a)))
             .map_err(|_| AssignError::Gone)?;
         Ok(rx)
     }
 
     /// Asks the node to end an order's session.
     pub fn cancel(&self, order_id: OrderId) {
-        let _ = self.to_node.send(BrokerMsg::Cancel { order_id });
+        let _ = self.to_node.send(Box::new(BrokerMsg::Cancel { order_id }));
     }
 
     pub(super) fn close(&self, why: &str) {

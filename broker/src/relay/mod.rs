@@ -123,6 +123,10 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(8)).ok());
     t.max_concurrent_bidi_streams(4u32.into());
+    // Nodes open no unidirectional streams and send no datagrams; quinn keeps
+    // per-connection state for every stream a peer may open.
+    t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(None);
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);

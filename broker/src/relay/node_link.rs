@@ -28,7 +28,9 @@ pub struct NodeLink {
     /// The account that earns for this node's sessions.
     pub owner: Option<AccountId>,
     pub conn: quinn::Connection,
-    to_node: mpsc::UnboundedSender<BrokerMsg>,
+    /// Boxed: an unbounded channel allocates room for 32 messages up front,
+    /// per node, even when idle.
+    to_node: mpsc::UnboundedSender<Box<BrokerMsg>>,
     slots: Mutex<Vec<Slot>>,
     pending: Mutex<HashMap<OrderId, Answer>>,
     /// How long the last passed speed test took, as the broker measured it.
@@ -78,14 +80,14 @@ impl NodeLink {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(a.order_id, tx);
         self.to_node
-            .send(BrokerMsg::Assign(a))
+            .send(Box::new(BrokerMsg::Assign(a)))
             .map_err(|_| AssignError::Gone)?;
         Ok(rx)
     }
 
     /// Asks the node to end an order's session.
     pub fn cancel(&self, order_id: OrderId) {
-        let _ = self.to_node.send(BrokerMsg::Cancel { order_id });
+        let _ = self.to_node.send(Box::new(BrokerMsg::Cancel { order_id }));
     }
 
     pub(super) fn close(&self, why: &str) {
@@ -116,17 +118,15 @@ enum LinkError {
     Protocol(String),
 }
 
-async fn read_msg(
-    recv: &mut quinn::RecvStream,
-    dec: &mut Decoder,
-    buf: &mut [u8],
-) -> Result<NodeMsg, LinkError> {
+/// Reads the next control message. Chunks come straight from QUIC's receive
+/// buffers, so an idle link holds no read buffer of its own.
+async fn read_msg(recv: &mut quinn::RecvStream, dec: &mut Decoder) -> Result<NodeMsg, LinkError> {
     loop {
         if let Some(m) = dec.next_msg()? {
             return Ok(m);
         }
-        match recv.read(buf).await? {
-            Some(n) => dec.push(buf.get(..n).unwrap_or_default()),
+        match recv.read_chunk(usize::MAX, true).await? {
+            Some(chunk) => dec.push(&chunk.bytes),
             None => return Err(LinkError::Closed),
         }
     }
@@ -215,13 +215,9 @@ async fn serve(
         .await
         .map_err(|_| LinkError::Protocol("no control stream".into()))??;
     let mut dec = Decoder::default();
-    let mut buf = vec![0u8; 16 * 1024];
-    let hello = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_msg(&mut recv, &mut dec, &mut buf),
-    )
-    .await
-    .map_err(|_| LinkError::Protocol("no hello".into()))??;
+    let hello = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv, &mut dec))
+        .await
+        .map_err(|_| LinkError::Protocol("no hello".into()))??;
     let NodeMsg::Hello {
         protocol,
         host_key,
@@ -304,7 +300,7 @@ async fn serve(
             _ = tokio::time::sleep_until(next_check), if check.is_none() && relay.speed_test.rounds > 0 => {
                 check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
             }
-            msg = read_msg(&mut recv, &mut dec, &mut buf) => match msg? {
+            msg = read_msg(&mut recv, &mut dec) => match msg? {
                 NodeMsg::SlotsReady { slots } => {
                     let mut have = lock(&link.slots);
                     for s in slots {

@@ -472,39 +472,39 @@ fn a_vanished_node_stops_being_offered_within_its_record_expiry() {
     })
 }
 
-/// Orders from the laptop until one lands on `node` (each other one is used
-/// and left to end); returns that order's login.
-fn order_on(
+/// An API broker and one relay with one node behind NAT, and a client's
+/// `ssh … <command>` connected through the relay; the order's login and
+/// the running `ssh` (its output piped).
+fn a_session_on_a_relay(
     scene: &Scene,
-    m: &Mesh,
-    laptop: &Site,
-    node: &mut Node,
-) -> anyhow::Result<(Value, Login)> {
-    let body = order(scene, &m.api, laptop, &m.client)?;
+    lab: &mut Lab,
+    command: &str,
+) -> anyhow::Result<(Mesh, Node, Login, std::process::Child)> {
+    let m = mesh(scene, lab, 1)?;
+    let home = lab.home("home0", HomeOpts::default())?;
+    let node = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
+    let laptop = lab.public_host("client")?;
+    let body = order(scene, &m.api, &laptop, &m.client)?;
     anyhow::ensure!(
         body["node_id"] == node.node_id.as_str(),
         "the order landed on {} instead of the only node",
         body["node_id"]
     );
-    let login = Login::from_order_at(scene, laptop, &body)?;
-    Ok((body, login))
+    let login = Login::from_order_at(scene, &laptop, &body)?;
+    let mut ssh = login.ssh_command(&login.key, &[]);
+    ssh.arg(command)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let ssh = ssh.spawn()?;
+    wait_state(scene, &m.api, &m.client, &login.order_id, "CONNECTED")?;
+    Ok((m, node, login, ssh))
 }
 
 #[test]
 fn orders_on_a_crashed_relay_end_as_node_lost() {
     e2e("orders_on_a_crashed_relay_end_as_node_lost", |scene| {
         let mut lab = Lab::new(scene)?;
-        let mut m = mesh(scene, &mut lab, 1)?;
-        let home = lab.home("home0", HomeOpts::default())?;
-        let mut node = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
-        let laptop = lab.public_host("client")?;
-        let (_, login) = order_on(scene, &m, &laptop, &mut node)?;
-        let mut long = login.ssh_command(&login.key, &[]);
-        long.arg("sleep 300")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let mut long = long.spawn()?;
-        wait_state(scene, &m.api, &m.client, &login.order_id, "CONNECTED")?;
+        let (mut m, _node, login, mut long) = a_session_on_a_relay(scene, &mut lab, "sleep 300")?;
 
         // The relay dies with the order's port; the client's session with it.
         m.relays[0].proc.kill()?;
@@ -538,17 +538,8 @@ fn orders_on_a_crashed_relay_end_as_node_lost() {
 fn an_api_broker_that_stops_ends_its_orders_on_other_relays() {
     e2e("an_api_broker_that_stops_ends_remote_orders", |scene| {
         let mut lab = Lab::new(scene)?;
-        let mut m = mesh(scene, &mut lab, 1)?;
-        let home = lab.home("home0", HomeOpts::default())?;
-        let mut node = Node::start_at(scene, "node0", &home.host, &m.relays[0], NODE_ARGS)?;
-        let laptop = lab.public_host("client")?;
-        let (_, login) = order_on(scene, &m, &laptop, &mut node)?;
-        let mut long = login.ssh_command(&login.key, &[]);
-        long.arg("sleep 300; echo finished")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let long = long.spawn()?;
-        wait_state(scene, &m.api, &m.client, &login.order_id, "CONNECTED")?;
+        let (mut m, mut node, login, long) =
+            a_session_on_a_relay(scene, &mut lab, "sleep 300; echo finished")?;
 
         // The API broker settles the order as cancelled when it stops; the
         // relay closes the port and the node ends the session.

@@ -45,10 +45,7 @@ fn take_random<T>(v: &mut Vec<T>) -> Option<T> {
 /// A free node somewhere else in the mesh, chosen at random: shards in a
 /// random order, for each a random provider (relay), and a random node of
 /// the statements it offers. Never a scan of all nodes.
-async fn find_offer(
-    mesh: &Mesh,
-    deadline: Instant,
-) -> Option<(libp2p::PeerId, SignedCapacity)> {
+async fn find_offer(mesh: &Mesh, deadline: Instant) -> Option<(libp2p::PeerId, SignedCapacity)> {
     let search = async {
         let mut shards: Vec<u8> = (0..SHARDS).collect();
         while let Some(shard) = take_random(&mut shards) {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use jusy_tests::client::{random_file, sha256_file};
+use jusy_tests::client::{COMMAND, random_file, sha256_file};
 use jusy_tests::jusy::user_exists;
 use jusy_tests::{Broker, Login, Node, Scene, e2e};
 
@@ -235,6 +235,37 @@ fn bulk_data_scp_sftp_and_rsync_keep_checksums() {
 
         let out = login.ssh(scene, "sha256sum up.scp up.sftp up.rsync", None)?;
         assert_eq!(out.text().matches(&want).count(), 3, "{}", out.text());
+        Ok(())
+    })
+}
+
+/// A program busy writing while its input piles up unread, with and without a
+/// terminal: its output still gets out. Input may wait (as with sshd), but the
+/// client's window adjustments behind it must not, or the output stops for
+/// good; and once the program reads, all of the input comes.
+#[test]
+fn output_flows_while_unread_input_piles_up() {
+    e2e("output_flows_while_unread_input_piles_up", |scene| {
+        let (broker, _node, client) = network(scene, 1)?;
+        let login = order(scene, &broker, &client)?;
+        let input = vec![0u8; 64 << 20];
+
+        let out = login.ssh(scene, "head -c 64M /dev/zero; wc -c", Some(&input))?;
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        let (zeros, count) = out.stdout.split_at(out.stdout.len().min(64 << 20));
+        assert!(zeros.len() == 64 << 20 && zeros.iter().all(|&b| b == 0));
+        assert_eq!(
+            String::from_utf8_lossy(count).trim(),
+            (64 << 20).to_string()
+        );
+
+        // Zeros are no control characters; the terminal echoes what arrives
+        // before `stty`, so there may be a little more output.
+        let mut tty = login.ssh_command(&login.key, &["-tt", "-e", "none"]);
+        tty.arg("stty raw -echo; head -c 64M /dev/zero");
+        let out = jusy_tests::process::run(scene, tty, Some(&input), COMMAND)?;
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        assert!(out.stdout.len() >= 64 << 20, "{} bytes", out.stdout.len());
         Ok(())
     })
 }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::Child;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::input::{self, Backlog};
 use super::pty::{Pty, WinSize};
 use crate::sandbox::Sandbox;
 use crate::sandbox::process::{Program, command, env_allowed};
@@ -32,7 +33,12 @@ struct Setup {
 }
 
 /// Runs a channel to its end.
-pub async fn run(channel: Channel<Msg>, ctx: Arc<ChannelCtx>, handle: Handle) {
+pub async fn run(
+    channel: Channel<Msg>,
+    ctx: Arc<ChannelCtx>,
+    backlog: Arc<Backlog>,
+    handle: Handle,
+) {
     let id = channel.id();
     let (mut reader, writer) = channel.split();
     let mut setup = Setup::default();
@@ -89,9 +95,9 @@ pub async fn run(channel: Channel<Msg>, ctx: Arc<ChannelCtx>, handle: Handle) {
         Some((term, size)) if program != Program::Sftp => {
             setup.env.retain(|(k, _)| k != "TERM");
             setup.env.push(("TERM".to_owned(), term));
-            run_with_pty(&ctx, &program, &setup, size, &mut reader, &writer).await
+            run_with_pty(&ctx, &program, &setup, size, backlog, &mut reader, &writer).await
         }
-        _ => run_with_pipes(&ctx, &program, &setup, &mut reader, &writer).await,
+        _ => run_with_pipes(&ctx, &program, &setup, backlog, &mut reader, &writer).await,
     };
     finish(id, status, &writer, &handle).await;
 }
@@ -100,6 +106,7 @@ async fn run_with_pipes(
     ctx: &ChannelCtx,
     program: &Program,
     setup: &Setup,
+    backlog: Arc<Backlog>,
     reader: &mut ChannelReadHalf,
     writer: &ChannelWriteHalf<Msg>,
 ) -> Option<ExitStatus> {
@@ -123,36 +130,18 @@ async fn run_with_pipes(
     let mut output_done = AbortOnDropHandle::new(tokio::spawn(async move {
         tokio::join!(out, err);
     }));
-    // Input is fed by its own task too, through a queue, so that this loop
-    // keeps taking the channel's messages while the program is busy. russh
-    // delivers a connection's packets in order: if this loop stopped reading
-    // (blocked on a full stdin pipe), the client's window adjustments would sit
-    // behind the data and the program's output could never drain — a
-    // deadlock. The queue is bounded (about 16 MiB of SSH packets), far more
-    // than the SSH window lets a client have in flight.
-    let (feed, mut queue) = tokio::sync::mpsc::channel::<Vec<u8>>(512);
-    let _feeder = AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut stdin = stdin;
-        while let Some(chunk) = queue.recv().await {
-            if stdin.write_all(&chunk).await.is_err() {
-                break;
-            }
-        }
-    }));
-    let mut feed = Some(feed);
+    // Input is fed by its own task too, so that this loop never waits: as long
+    // as it takes the channel's messages, russh keeps reading the connection,
+    // and the client's window adjustments on it (see `input`).
+    let (input, feed) = input::queue(backlog);
+    let _feeder = AbortOnDropHandle::new(tokio::spawn(feed.write_to(stdin)));
     loop {
         tokio::select! {
             _ = &mut output_done => break,
             msg = reader.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    if let Some(f) = feed.as_ref()
-                        && f.send(data.to_vec()).await.is_err()
-                    {
-                        feed = None;
-                    }
-                }
+                Some(ChannelMsg::Data { data }) => input.push(&data),
                 // The feeder closes stdin once it has written what is queued.
-                Some(ChannelMsg::Eof) => feed = None,
+                Some(ChannelMsg::Eof) => input.end(),
                 Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal),
                 Some(ChannelMsg::Close) | None => {
                     // The client is gone: stop the program like sshd does.
@@ -163,7 +152,9 @@ async fn run_with_pipes(
             }
         }
     }
-    drop(feed);
+    // The channel is not read any more: the program's input ends with what
+    // is queued.
+    input.end();
     child.wait().await.ok()
 }
 
@@ -172,6 +163,7 @@ async fn run_with_pty(
     program: &Program,
     setup: &Setup,
     size: WinSize,
+    backlog: Arc<Backlog>,
     reader: &mut ChannelReadHalf,
     writer: &ChannelWriteHalf<Msg>,
 ) -> Option<ExitStatus> {
@@ -195,10 +187,12 @@ async fn run_with_pty(
     // the child and everything it started have let go of the terminal.
     drop(pty.slave);
     let master = pty.master;
-    let mut input = master.clone();
-    // Its own task, so that writing input never waits on undrained output.
+    // Output and input have their own tasks, so that this loop never waits
+    // (see `run_with_pipes`).
     let mut output =
         AbortOnDropHandle::new(tokio::spawn(pump(master.clone(), writer.make_writer())));
+    let (input, feed) = input::queue(backlog);
+    let _feeder = AbortOnDropHandle::new(tokio::spawn(feed.write_to(master.clone())));
     let mut status = None;
     loop {
         tokio::select! {
@@ -211,11 +205,7 @@ async fn run_with_pty(
                 break;
             }
             msg = reader.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    if input.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
+                Some(ChannelMsg::Data { data }) => input.push(&data),
                 Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
                     let _ = master.resize(WinSize { cols: col_width, rows: row_height, px_width: pix_width, px_height: pix_height });
                 }

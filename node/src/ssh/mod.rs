@@ -4,6 +4,7 @@
 //! other subsystems, other environment variables) is refused.
 
 pub mod channel;
+pub mod input;
 pub mod pty;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::sandbox::process::env_allowed;
 use channel::ChannelCtx;
+use input::Backlog;
 
 /// Server settings shared by all connections.
 pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
@@ -35,6 +37,8 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         max_auth_attempts: 6,
+        // The first window; later ones are the connection's `Backlog::window`.
+        window_size: input::WINDOW,
         ..Default::default()
     })
 }
@@ -64,6 +68,7 @@ where
 {
     let handler = ConnHandler {
         access,
+        backlog: Arc::default(),
         channels: JoinSet::new(),
     };
     let session = russh::server::run_stream(config, stream, handler).await?;
@@ -74,6 +79,8 @@ where
 /// aborts its channel tasks.
 struct ConnHandler {
     access: Arc<Access>,
+    /// Client input its channels have queued; it sets the client's window.
+    backlog: Arc<Backlog>,
     channels: JoinSet<()>,
 }
 
@@ -114,8 +121,30 @@ impl russh::server::Handler for ConnHandler {
         self.channels.spawn(channel::run(
             channel,
             self.access.ctx.clone(),
+            self.backlog.clone(),
             session.handle(),
         ));
+        Ok(())
+    }
+
+    /// russh asks this each time it has refilled a channel's receive window,
+    /// for the size of the next refill (on any channel of the connection).
+    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
+        self.backlog.window()
+    }
+
+    /// The data itself reaches the channel's task; this only paces a client
+    /// that is held to a trickle of window (see `input`). A timer, never a
+    /// wait on the client: the connection must keep being read.
+    async fn data(
+        &mut self,
+        _channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(pause) = self.backlog.pause(data.len()) {
+            tokio::time::sleep(pause).await;
+        }
         Ok(())
     }
 

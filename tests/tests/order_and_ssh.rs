@@ -388,13 +388,30 @@ fn session_ends_after_last_connection_and_leaves_nothing() {
                 "home {home} still exists"
             );
 
-            // The order port is closed, and the order says why it ended.
-            let refused = std::net::TcpStream::connect((login.host.as_str(), login.port));
-            assert!(refused.is_err(), "port of a finished order still accepts");
-            let (status, body) =
-                broker.get(scene, &format!("/order/{client}/{}", login.order_id))?;
-            assert_eq!(status, 200, "{body}");
-            assert_eq!(body["state"], "CLIENT_CLOSED", "{body}");
+            // The order says why it ended, and its port is closed (the broker
+            // settles and closes it when the node's end arrives, a moment
+            // after the node reports it).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let (status, body) =
+                    broker.get(scene, &format!("/order/{client}/{}", login.order_id))?;
+                assert_eq!(status, 200, "{body}");
+                if body["state"] == "CLIENT_CLOSED" {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the order never ended as CLIENT_CLOSED: {body}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            while std::net::TcpStream::connect((login.host.as_str(), login.port)).is_ok() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "port of a finished order still accepts"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
             Ok(())
         },
     )

@@ -154,9 +154,18 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // The puts run in the background (at most 2 at once per broker); give
-    // them time to land.
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    // The puts run in the background (at most 2 at once per broker): wait
+    // until every relay has finished its own.
+    loop {
+        let mut pending = 0;
+        for b in &all {
+            pending += b.mesh.publishing().await?;
+        }
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     eprintln!("{nodes} statements published in {:?}", publish.elapsed());
 
     let mut rng = Rng(7);

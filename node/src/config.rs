@@ -166,6 +166,18 @@ mod tests {
     }
 
     #[test]
+    fn defaults_are_the_services_terms() {
+        let cfg: Config = toml::from_str("broker = \"relay:7443\"").expect("minimal config");
+        assert_eq!(cfg.grace_secs, 5);
+        assert_eq!(cfg.cpu_budget_secs, 3600);
+        assert_eq!(cfg.wall_secs, 3 * 3600);
+        assert_eq!(cfg.memory_mib, 2048);
+        assert_eq!(cfg.max_processes, 50);
+        assert_eq!(cfg.disk_mib, 5120);
+        assert!(!cfg.net_allow_private);
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         assert!(toml::from_str::<Config>("brokr = \"x\"").is_err());
     }

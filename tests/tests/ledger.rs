@@ -1,6 +1,6 @@
 //! Money through the real binaries: charges, refunds, 402s, deposits through the
-//! operator API, clients' own SSH keys, and a broker killed at random moments
-//! that loses no money.
+//! operator API, clients' own SSH keys, a broker killed at random moments
+//! that loses no money, and concurrent orders that never overdraw.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
@@ -25,14 +25,27 @@ fn wait_settled(
     client: &str,
     order_id: &str,
 ) -> anyhow::Result<Value> {
+    wait_order(scene, broker, client, order_id, |body| {
+        body["finished"] == true
+    })
+}
+
+/// Polls the order's status until `done` holds for it.
+fn wait_order(
+    scene: &Scene,
+    broker: &Broker,
+    client: &str,
+    order_id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = broker.get(scene, &format!("/order/{client}/{order_id}"))?;
         anyhow::ensure!(status == 200, "order status {status}: {body}");
-        if body["finished"] == true {
+        if done(&body) {
             return Ok(body);
         }
-        anyhow::ensure!(Instant::now() < deadline, "order never settled: {body}");
+        anyhow::ensure!(Instant::now() < deadline, "order never got there: {body}");
         // Slower than the broker's per-hash rate limit refills.
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -406,13 +419,17 @@ fn owners_are_paid_what_receipts_prove() {
             .wait_event_where("receipt", Duration::from_secs(30), |v| {
                 v["order_id"] == login.order_id.as_str() && v["cpu_us"].as_u64() > Some(500_000)
             })?;
+        // The node prints a receipt as it sends it: kill it only once the
+        // broker has verified one, so that there is something proven to pay.
+        wait_order(scene, &broker, &client, &login.order_id, |body| {
+            body["proven_cpu_us"].as_u64() > Some(0)
+        })?;
         node.proc.kill()?;
         let settled = wait_settled(scene, &broker, &client, &login.order_id)?;
         let _ = burner.kill();
         let _ = burner.wait();
         assert_eq!(settled["reason"], "NODE_LOST", "{settled}");
-        // What reached the broker before the node died: at least the receipt
-        // before the one the node was seen signing.
+        // What reached the broker before the node died.
         let proven = settled["proven_cpu_us"].as_u64().unwrap_or_default();
         assert!(proven > 0, "{settled}");
         let (used, owner_share) = worth(HOUR_PRICE, proven);
@@ -436,6 +453,79 @@ fn owners_are_paid_what_receipts_prove() {
         drop(node);
         let left = jusy_tests::leftovers::of_node(&node_id, &data_dir);
         assert!(left.is_empty(), "left behind: {left:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn concurrent_orders_over_http_never_overdraw() {
+    e2e("concurrent_orders_over_http_never_overdraw", |scene| {
+        const CLIENTS: usize = 20;
+        const AFFORD: usize = 5;
+        let data = scene.subdir("broker")?;
+        let clients = (0..CLIENTS)
+            .map(|_| Broker::add_account(scene, &data, "client", AFFORD as u64 * PRICE))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let flags = [
+            "--rate-limit-per-sec",
+            "1000",
+            "--rate-limit-burst",
+            "1000",
+            "--operator-token",
+            TOKEN,
+        ];
+        let broker = Broker::start_with(scene, "broker", data, 0, &flags)?;
+        // More ready slots than the clients can pay for, so that money, not
+        // capacity, is what runs out. No disk images: they are not what is
+        // tested here, and 100 of them would only slow the test.
+        let ready = (CLIENTS * AFFORD).to_string();
+        let _node = Node::start(
+            scene,
+            "node",
+            &broker,
+            &["--ready-slots", &ready, "--disk-mib", "0"],
+        )?;
+        broker.wait_capacity(scene, (CLIENTS * AFFORD) as u64)?;
+
+        // Every client sends twice what it can pay for, all at once.
+        let answers = std::thread::scope(|s| {
+            let asks: Vec<_> = clients
+                .iter()
+                .flat_map(|c| std::iter::repeat_n(c, 2 * AFFORD))
+                .map(|client| {
+                    let broker = &broker;
+                    s.spawn(move || (client, broker.order(scene, client)))
+                })
+                .collect();
+            asks.into_iter()
+                .map(|h| h.join().expect("order thread"))
+                .collect::<Vec<_>>()
+        });
+        let mut won: HashMap<&String, usize> = HashMap::new();
+        for (client, answer) in answers {
+            let (status, body) = answer?;
+            match status {
+                200 => *won.entry(client).or_default() += 1,
+                402 => assert_eq!(body["status"], "ERROR", "{body}"),
+                other => panic!("order answered {other}: {body}"),
+            }
+        }
+        assert_eq!(won.values().sum::<usize>(), CLIENTS * AFFORD, "{won:?}");
+        for client in &clients {
+            assert_eq!(won.get(client), Some(&AFFORD), "{won:?}");
+            let (status, account) = broker.get(scene, &format!("/account/{client}"))?;
+            assert_eq!(status, 200, "{account}");
+            assert_eq!(account["balance_sat"], 0, "{account}");
+        }
+        let (status, audit) = broker.request(
+            scene,
+            "GET",
+            "/admin/audit",
+            &[&format!("Authorization: Bearer {TOKEN}")],
+            None,
+        )?;
+        assert_eq!(status, 200, "{audit}");
+        assert_eq!(audit["ok"], true, "{audit}");
         Ok(())
     });
 }

@@ -336,6 +336,13 @@ fn session_survives_a_new_nat_mapping() {
             flow.contains(&format!("dst={new} ")) && !flow.contains(&format!("dst={old} ")),
             "the flow is not on the new address {new}: {table}"
         );
+        // And the relay says so in its log.
+        let log = std::fs::read_to_string(scene.dir().join("broker.err"))?;
+        assert!(
+            log.lines()
+                .any(|l| l.contains("migrated to a new address") && l.contains(&new.to_string())),
+            "the relay did not report the migration"
+        );
         scene.note(&format!("QUIC migrated from {old} to {new}"));
         Ok(())
     })

@@ -287,12 +287,20 @@ fn master_connection_and_parallel_connections() {
         let out = jusy_tests::process::run(scene, master, None, Duration::from_secs(60))?;
         assert_eq!(out.status, Some(0), "master: {}", out.stderr);
 
-        // Five commands at once through the one master connection.
+        let mut check = login.ssh_command(&login.key, &["-o", &control, "-O", "check"]);
+        check.arg("true");
+        let out = jusy_tests::process::run(scene, check, None, Duration::from_secs(30))?;
+        assert_eq!(out.status, Some(0), "master not running: {}", out.stderr);
+
+        // Five commands at once through the one master connection. They
+        // carry no usable key, so a command that opened a connection of its
+        // own instead of a channel on the master's would be refused.
+        let no_key = scene.dir().join("no-such-key");
         let children: Vec<_> = (0..5)
             .map(|i| {
                 let mut cmd =
-                    login.ssh_command(&login.key, &["-o", "ControlMaster=no", "-o", &control]);
-                cmd.arg(format!("echo channel-{i}"));
+                    login.ssh_command(&no_key, &["-o", "ControlMaster=no", "-o", &control]);
+                cmd.arg(format!("echo channel-{i}; exit {i}"));
                 cmd.stdout(std::process::Stdio::piped()).spawn()
             })
             .collect::<Result<_, _>>()?;
@@ -302,6 +310,7 @@ fn master_connection_and_parallel_connections() {
                 String::from_utf8_lossy(&out.stdout),
                 format!("channel-{i}\n")
             );
+            assert_eq!(out.status.code(), Some(i32::try_from(i)?), "channel-{i}");
         }
 
         // Three separate TCP connections to the same order, open at the same time.

@@ -197,7 +197,12 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
         let text = b.wait_text(&row, Duration::from_secs(30), |t| {
             t.contains("cancelled") || t.contains("finished")
         })?;
-        assert!(!text.contains("fails"), "receipts must verify: {text}");
+        // At least the final receipt, checked by the page as a client would.
+        assert!(text.contains("· verified"), "receipts must verify: {text}");
+        assert!(
+            !text.contains("none yet"),
+            "the final receipt must be shown: {text}"
+        );
         assert!(b.try_find("svg.chart rect.bar")?.is_some(), "CPU chart");
         b.screenshot("web-client-history")?;
         Ok(())
@@ -210,7 +215,9 @@ fn node_owner_runs_the_shown_command_and_sees_the_node_online() {
         return;
     }
     e2e("web_owner", |scene| {
-        let broker = Broker::start(scene, "broker", scene.subdir("broker")?, 0)?;
+        let data = scene.subdir("broker")?;
+        let client = Broker::add_client(scene, &data)?;
+        let broker = Broker::start(scene, "broker", data, 0)?;
         let base = format!("http://{}", broker.api);
         let b = Browser::start(scene, "chromedriver")?;
         b.goto(&format!("{base}/signup"))?;
@@ -233,14 +240,34 @@ fn node_owner_runs_the_shown_command_and_sees_the_node_online() {
             .arg("--data-dir")
             .arg(scene.subdir("node")?)
             .args(["--ready-slots", "1"])
+            // A test-sized CPU hour: the session below uses it up (DONE),
+            // which pays the owner, where a short session would be refunded.
+            .args(["--cpu-budget-secs", "1", "--receipt-secs", "1"])
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
         let mut node = Proc::start(scene, "node", cmd)?;
         node.wait_event("registered", Duration::from_secs(30))?;
 
         let state = b.wait_text("tr.node", Duration::from_secs(30), |t| t.contains("online"))?;
         assert!(state.contains("online"), "{state}");
-        assert!(b.try_find("#earnings")?.is_some());
+        let before = b.text("#earnings-amount")?;
         b.screenshot("web-owner")?;
+
+        // A client's session on the node: its earnings appear on the page.
+        broker.wait_capacity(scene, 1)?;
+        let (status, order) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{order}");
+        let login = jusy_tests::Login::from_order(scene, &order)?;
+        let burn = "perl -e 'my ($u, $s) = times; ($u, $s) = times while $u + $s < 30'";
+        let _ = login.ssh(scene, burn, None)?;
+        let ended = node.wait_event_where("session_ended", Duration::from_secs(60), |v| {
+            v["order_id"] == login.order_id.as_str()
+        })?;
+        assert_eq!(ended["reason"], "DONE", "{ended}");
+        b.goto(&format!("{base}/node-owner"))?;
+        let earned = b.wait_text("#earnings-amount", Duration::from_secs(30), |t| t != before)?;
+        assert!(earned != before, "earnings stayed at {before}");
+        assert!(b.text("#earnings")?.contains("1 session(s) served"));
+        b.screenshot("web-owner-earnings")?;
         Ok(())
     });
 }

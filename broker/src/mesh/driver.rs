@@ -57,6 +57,10 @@ pub(super) enum Command {
         max: usize,
         reply: oneshot::Sender<Vec<libp2p::PeerId>>,
     },
+    /// How many publications are queued or under way.
+    Publishing {
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 pub(super) struct Driver {
@@ -169,6 +173,9 @@ impl Driver {
                 peers.dedup();
                 peers.truncate(max);
                 let _ = reply.send(peers);
+            }
+            Command::Publishing { reply } => {
+                let _ = reply.send(self.queued.len() + self.putting.len());
             }
             Command::Admit { peers, reply } => {
                 let allow = &mut self.swarm.behaviour_mut().allow;

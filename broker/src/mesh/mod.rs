@@ -281,6 +281,14 @@ impl Mesh {
         answer.await.map_err(|_| MeshError::Stopped)
     }
 
+    /// How many of this relay's statements are waiting to be published or
+    /// being published now.
+    pub async fn publishing(&self) -> Result<usize, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Publishing { reply })?;
+        answer.await.map_err(|_| MeshError::Stopped)
+    }
+
     /// A node's current statement from the DHT, if one is stored and valid.
     pub async fn record(&self, node_id: PeerId) -> Result<Option<SignedCapacity>, MeshError> {
         let (reply, answer) = oneshot::channel();

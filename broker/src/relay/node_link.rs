@@ -37,6 +37,8 @@ pub struct NodeLink {
     speed: Mutex<Option<Duration>>,
     /// The node's latest signed capacity statement, when advertised.
     capacity: Mutex<Option<SignedCapacity>>,
+    /// The address the node's packets came from when last looked at.
+    path: Mutex<std::net::SocketAddr>,
 }
 
 /// The node's identity from its TLS certificate.
@@ -57,6 +59,18 @@ impl NodeLink {
     /// The node's latest signed capacity statement, if it is advertised.
     pub fn capacity(&self) -> Option<SignedCapacity> {
         lock(&self.capacity).clone()
+    }
+
+    /// Notes where the node's packets come from now. A home router that
+    /// renumbers or forgets its mapping moves the node to a new address and
+    /// port; QUIC follows it without a new handshake (connection migration),
+    /// which is said here because nothing else would show it.
+    pub fn follow_path(&self) {
+        let now = self.conn.remote_address();
+        let before = std::mem::replace(&mut *lock(&self.path), now);
+        if before != now {
+            tracing::info!(node_id = %self.id, from = %before, to = %now, "node's connection migrated to a new address");
+        }
     }
 
     pub fn free_slots(&self) -> usize {
@@ -253,6 +267,7 @@ async fn serve(
         pending: Mutex::default(),
         speed: Mutex::default(),
         capacity: Mutex::default(),
+        path: Mutex::new(conn.remote_address()),
     });
     send.write_all(&frame::encode(&BrokerMsg::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -300,7 +315,7 @@ async fn serve(
             _ = tokio::time::sleep_until(next_check), if check.is_none() && relay.speed_test.rounds > 0 => {
                 check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
             }
-            msg = read_msg(&mut recv, &mut dec) => match msg? {
+            msg = read_msg(&mut recv, &mut dec) => match msg.inspect(|_| link.follow_path())? {
                 NodeMsg::SlotsReady { slots } => {
                     let mut have = lock(&link.slots);
                     for s in slots {

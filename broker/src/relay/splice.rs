@@ -89,9 +89,13 @@ pub async fn serve(
 
 async fn splice(mut tcp: TcpStream, link: &NodeLink, order_id: OrderId) -> io::Result<(u64, u64)> {
     tcp.set_nodelay(true)?;
+    link.follow_path();
     let (mut send, recv) = link.conn.open_bi().await.map_err(io::Error::other)?;
     // The header rides in the same packet as the first client bytes.
     send.write_all(&StreamHeader { order_id }.encode()).await?;
     let mut quic = tokio::io::join(recv, send);
-    tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, COPY_BUF, COPY_BUF).await
+    let copied =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, COPY_BUF, COPY_BUF).await;
+    link.follow_path();
+    copied
 }

@@ -493,8 +493,15 @@ fn concurrent_orders_over_http_never_overdraw() {
                 .iter()
                 .flat_map(|c| std::iter::repeat_n(c, 2 * AFFORD))
                 .map(|client| {
-                    let broker = &broker;
-                    s.spawn(move || (client, broker.order(scene, client)))
+                    let api = broker.api;
+                    s.spawn(move || {
+                        let path = format!("/order/{client}");
+                        let site = jusy_tests::Site::local();
+                        (
+                            client,
+                            api_request(scene, &site, api, "GET", &path, &[], None),
+                        )
+                    })
                 })
                 .collect();
             asks.into_iter()
@@ -525,7 +532,10 @@ fn concurrent_orders_over_http_never_overdraw() {
             None,
         )?;
         assert_eq!(status, 200, "{audit}");
-        assert_eq!(audit["ok"], true, "{audit}");
+        let books = &audit["audit"];
+        assert_eq!(books["ok"], true, "problems: {}", books["problems"]);
+        let held = (CLIENTS * AFFORD) as u64 * PRICE;
+        assert_eq!(books["held"], held, "escrow: {}", books["held"]);
         Ok(())
     });
 }

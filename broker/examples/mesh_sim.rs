@@ -4,8 +4,8 @@
 //! and how fast a random broker finds a random node's record, and finds a
 //! relay offering capacity in a random shard.
 //!
-//! `cargo run --example mesh_sim -- <brokers> <nodes> <lookups>`
-//! (defaults 100 5000 1000). Results: `docs/mesh-scale.md`.
+//! `cargo run --release --example mesh_sim -- <brokers> <nodes> <lookups>
+//! <slowdown>` (defaults 100 5000 1000 10). Results: `docs/mesh-scale.md`.
 
 // A tool: a failed step is reported by aborting the run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use jusy_broker::mesh::{Mesh, MeshSettings, libp2p_id};
+use jusy_broker::mesh::{Mesh, MeshSettings, Pace, libp2p_id};
 use jusy_broker::relay::CapacityUpdate;
 use jusy_common::capacity::{Capacity, SHARDS, SignedCapacity, Terms};
 use jusy_common::identity::PeerId;
@@ -67,6 +67,17 @@ async fn main() -> anyhow::Result<()> {
     let brokers = args.first().copied().unwrap_or(100);
     let nodes = args.get(1).copied().unwrap_or(5000);
     let lookups = args.get(2).copied().unwrap_or(1000);
+    // Every broker here shares one machine with all the others, so that
+    // machine carries 100 machines' worth of the mesh's periodic background
+    // work (keep-alives to ~99 peers each, provider records of 16 shards
+    // each renewed every 30 s). It runs `slow` times slower than in
+    // production (default 10; 1 is production's pace); publications and
+    // lookups, what is measured, are not slowed.
+    let slow = args.get(3).copied().unwrap_or(10).max(1) as u32;
+    let pace = Pace {
+        keep_alive: Pace::PRODUCTION.keep_alive * slow,
+        provider_ttl: Pace::PRODUCTION.provider_ttl * slow,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -93,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
             public_ip: None,
             join,
             trust: trust.clone(),
+            pace,
         };
         let (updates, capacity) = mpsc::unbounded_channel();
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
@@ -167,6 +179,17 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("{nodes} statements published in {:?}", publish.elapsed());
+    // How many brokers keep a copy of each statement (the relay's own among them).
+    let mut copies = Vec::new();
+    for (node, _) in node_ids.iter().take(50) {
+        let mut n = 0;
+        for b in &all {
+            n += usize::from(b.mesh.holds(*node).await?);
+        }
+        copies.push(n);
+    }
+    copies.sort_unstable();
+    eprintln!("copies per statement (50 sampled): {copies:?}");
 
     let mut rng = Rng(7);
     // Eight lookups at a time, like a busy API broker.

@@ -192,6 +192,7 @@ impl Config {
             public_ip: self.public_host.parse().ok(),
             join,
             trust,
+            pace: crate::mesh::Pace::PRODUCTION,
         }))
     }
 

@@ -12,6 +12,7 @@
 //!   or cancelled) and how its price is paid out.
 //! * [`ledger`] — double-entry bookkeeping: accounts, entries, balances and the
 //!   invariant that money is neither made nor lost.
+//! * [`rating`] — node ratings from how their sessions ended.
 //! * [`receipt`] — signed usage receipts: canonical bytes, signing, the hash
 //!   chain and its verifier.
 //! * [`speed`] — the deterministic single-core workload of the node speed test,
@@ -28,6 +29,7 @@ pub mod frame;
 pub mod identity;
 pub mod ledger;
 pub mod order;
+pub mod rating;
 pub mod receipt;
 pub mod session;
 pub mod speed;

@@ -136,6 +136,11 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
         b.click("#deposit-button")?;
         assert!(b.text("#notice")?.contains("Credited"), "{}", b.source()?);
         assert_eq!(b.text("#audit")?, "balanced");
+        let relays = b.text("#relays")?;
+        assert!(
+            relays.contains(&format!(":{}", broker.relay.port())) && relays.contains(&broker.key),
+            "the operator page lists this relay: {relays}"
+        );
         b.screenshot("web-operator")?;
 
         // Order now: the page's command, key download and known_hosts line
@@ -267,6 +272,9 @@ fn node_owner_runs_the_shown_command_and_sees_the_node_online() {
         let earned = b.wait_text("#earnings-amount", Duration::from_secs(30), |t| t != before)?;
         assert!(earned != before, "earnings stayed at {before}");
         assert!(b.text("#earnings")?.contains("1 session(s) served"));
+        // One session kept to its end: the node's rating (90 % for a new
+        // node, pulled up by every kept session) shows in its row.
+        assert_eq!(b.text("tr.node td.rating")?, "90 %");
         b.screenshot("web-owner-earnings")?;
         Ok(())
     });

@@ -61,6 +61,11 @@ pub(super) enum Command {
     Publishing {
         reply: oneshot::Sender<usize>,
     },
+    /// Whether this broker's own store holds a record for the node.
+    Holds {
+        node_id: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 pub(super) struct Driver {
@@ -90,9 +95,12 @@ pub(super) struct Driver {
     pub redials: HashMap<libp2p::PeerId, Instant>,
     /// Records waiting to be published, at most one per key (the newest).
     pub queued: VecDeque<kad::Record>,
-    /// Publications under way: a burst of them over one connection would
-    /// exceed the peers' inbound stream limit and be dropped.
-    pub putting: HashSet<kad::QueryId>,
+    /// Publications under way, and what they publish: a burst of them over
+    /// one connection would exceed the peers' inbound stream limit and be
+    /// dropped.
+    pub putting: HashMap<kad::QueryId, kad::Record>,
+    /// How long a lost broker's provider records may still be found.
+    pub provider_ttl: Duration,
     pub tasks: JoinSet<()>,
 }
 
@@ -174,6 +182,10 @@ impl Driver {
                 peers.truncate(max);
                 let _ = reply.send(peers);
             }
+            Command::Holds { node_id, reply } => {
+                let key: kad::RecordKey = capacity::node_key(&node_id).into();
+                let _ = reply.send(self.kad().store_mut().get(&key).is_some());
+            }
             Command::Publishing { reply } => {
                 let _ = reply.send(self.queued.len() + self.putting.len());
             }
@@ -248,15 +260,27 @@ impl Driver {
         }
     }
 
+    /// Queues a publication that timed out again (a busy mesh times queries
+    /// out), unless the statement has expired, its node is no
+    /// longer advertised, or a newer statement for it is queued already.
+    fn retry(&mut self, record: kad::Record) {
+        let current = record.expires.is_some_and(|e| e > Instant::now())
+            && capacity::node_of_key(record.key.as_ref())
+                .is_some_and(|node| self.published.contains_key(&node));
+        if current && !self.queued.iter().any(|r| r.key == record.key) {
+            self.queued.push_back(record);
+        }
+    }
+
     /// Starts queued publications while fewer than [`MAX_PUTS`] run.
     fn pump(&mut self) {
         while self.putting.len() < MAX_PUTS {
             let Some(record) = self.queued.pop_front() else {
                 return;
             };
-            match self.kad().put_record(record, kad::Quorum::One) {
+            match self.kad().put_record(record.clone(), kad::Quorum::One) {
                 Ok(id) => {
-                    self.putting.insert(id);
+                    self.putting.insert(id, record);
                 }
                 Err(e) => tracing::warn!(error = %e, "capacity record not stored"),
             }
@@ -371,7 +395,7 @@ impl Driver {
                     seen.extend(providers);
                 }
                 self.down
-                    .retain(|_, since| since.elapsed() < super::protocol::PROVIDER_TTL);
+                    .retain(|_, since| since.elapsed() < self.provider_ttl);
                 seen.retain(|p| !self.down.contains_key(p));
                 // Some capacity is enough: the first answer that names a live
                 // provider ends the lookup (the local store's, often).
@@ -411,12 +435,22 @@ impl Driver {
                 }
             }
             kad::QueryResult::PutRecord(result) => {
+                if !last {
+                    return;
+                }
+                let Some(record) = self.putting.remove(&id) else {
+                    return;
+                };
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "capacity record reached no other broker");
+                    // A query that timed out took its time; one that found no
+                    // broker to store at fails at once and waits for the
+                    // relay's next refresh instead of spinning here.
+                    if matches!(e, kad::PutRecordError::Timeout { .. }) {
+                        self.retry(record);
+                    }
                 }
-                if last && self.putting.remove(&id) {
-                    self.pump();
-                }
+                self.pump();
             }
             _ => {}
         }

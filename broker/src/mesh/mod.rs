@@ -60,6 +60,30 @@ pub struct MeshSettings {
     pub join: Vec<Multiaddr>,
     /// Brokers allowed to connect, publish records and ask for slots.
     pub trust: Vec<libp2p::PeerId>,
+    /// The mesh's background traffic: [`Pace::PRODUCTION`].
+    pub pace: Pace,
+}
+
+/// How often the mesh does its periodic work. Production brokers use
+/// [`Pace::PRODUCTION`]; a simulation of many brokers on one machine slows
+/// it down, since that machine carries every broker's share of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// How often an idle connection to another broker is probed; one silent
+    /// for four times this is lost.
+    pub keep_alive: std::time::Duration,
+    /// How long a relay's provider record for a shard lives unless renewed
+    /// (every third of it); a relay that died stops being found after this.
+    pub provider_ttl: std::time::Duration,
+}
+
+impl Pace {
+    /// A broker that dies is noticed within seconds (orders stop waiting for
+    /// it and go elsewhere) and stops being found as a provider within 90 s.
+    pub const PRODUCTION: Pace = Pace {
+        keep_alive: std::time::Duration::from_secs(1),
+        provider_ttl: protocol::PROVIDER_TTL,
+    };
 }
 
 /// A request another broker sent; answer it through `reply`.
@@ -147,13 +171,17 @@ impl Mesh {
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_quic_config(|mut c| {
-                // A broker that dies is noticed within seconds, so orders stop
-                // waiting for it and go elsewhere.
-                c.max_idle_timeout = 4_000;
-                c.keep_alive_interval = std::time::Duration::from_secs(1);
+                let keep_alive = settings
+                    .pace
+                    .keep_alive
+                    .max(std::time::Duration::from_millis(100));
+                c.max_idle_timeout = u32::try_from(keep_alive.as_millis() * 4).unwrap_or(u32::MAX);
+                c.keep_alive_interval = keep_alive;
                 c
             })
-            .with_behaviour(|key| protocol::Behaviour::new(key, &trusted))
+            .with_behaviour(|key| {
+                protocol::Behaviour::new(key, &trusted, settings.pace.provider_ttl)
+            })
             .map_err(|e| MeshError::Identity(e.to_string()))?
             .with_swarm_config(|c| {
                 c.with_idle_connection_timeout(std::time::Duration::from_secs(300))
@@ -205,7 +233,8 @@ impl Mesh {
             down: HashMap::new(),
             redials: HashMap::new(),
             queued: std::collections::VecDeque::new(),
-            putting: std::collections::HashSet::new(),
+            putting: HashMap::new(),
+            provider_ttl: settings.pace.provider_ttl,
             tasks: JoinSet::new(),
         };
         let task = tokio::spawn(driver.run(stop));
@@ -286,6 +315,14 @@ impl Mesh {
     pub async fn publishing(&self) -> Result<usize, MeshError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Publishing { reply })?;
+        answer.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Whether this broker keeps a copy of the node's statement itself (as
+    /// one of the brokers closest to its key, or as its relay).
+    pub async fn holds(&self, node_id: PeerId) -> Result<bool, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Holds { node_id, reply })?;
         answer.await.map_err(|_| MeshError::Stopped)
     }
 

@@ -117,12 +117,16 @@ impl std::fmt::Debug for Behaviour {
     }
 }
 
-/// How long provider records of a shard live without being republished; a
-/// relay that died stops being found as a provider after this.
+/// How long provider records of a shard live without being republished in
+/// production (see [`super::Pace`]).
 pub const PROVIDER_TTL: Duration = Duration::from_secs(90);
 
 impl Behaviour {
-    pub fn new(key: &libp2p::identity::Keypair, trusted: &[libp2p::PeerId]) -> Self {
+    pub fn new(
+        key: &libp2p::identity::Keypair,
+        trusted: &[libp2p::PeerId],
+        provider_ttl: Duration,
+    ) -> Self {
         let local = key.public().to_peer_id();
         let mut allow = allow_block_list::Behaviour::default();
         for peer in trusted {
@@ -137,8 +141,8 @@ impl Behaviour {
             .set_replication_interval(None)
             .set_publication_interval(None)
             .set_record_ttl(None)
-            .set_provider_record_ttl(Some(PROVIDER_TTL))
-            .set_provider_publication_interval(Some(PROVIDER_TTL / 3))
+            .set_provider_record_ttl(Some(provider_ttl))
+            .set_provider_publication_interval(Some(provider_ttl / 3))
             .set_query_timeout(Duration::from_secs(10));
         let store = kad::store::MemoryStore::with_config(
             local,

@@ -31,6 +31,7 @@ async fn broker(
         public_ip: None,
         join,
         trust,
+        pace: super::Pace::PRODUCTION,
     };
     let (updates, capacity) = mpsc::unbounded_channel();
     let (inbound_tx, mut inbound) = mpsc::unbounded_channel::<Inbound>();

@@ -270,6 +270,11 @@ impl Relay {
         });
     }
 
+    /// The other relays of the mesh, as attached nodes are told them.
+    pub fn other_relays(&self) -> Vec<RelayAddr> {
+        self.others.borrow().clone()
+    }
+
     /// Every attached node.
     pub fn nodes(&self) -> Vec<Arc<NodeLink>> {
         lock(&self.nodes).values().cloned().collect()

@@ -1,5 +1,8 @@
-//! The operator's page (logged in with the operator token): attached nodes,
-//! the books' audit and totals, every order, and crediting a deposit.
+//! The operator's page (logged in with the operator token): the relays, the
+//! attached nodes with their ratings, the books' audit and totals, every
+//! order, and crediting a deposit.
+
+use std::collections::HashMap;
 
 use askama::Template;
 use axum::Form;
@@ -9,6 +12,7 @@ use axum::http::StatusCode;
 use axum::http::header::HeaderMap;
 use axum::response::Response;
 use jusy_common::ledger::{Account, AccountId};
+use jusy_common::rating::Tally;
 use serde::Deserialize;
 
 use super::session::{Session, Who};
@@ -24,6 +28,15 @@ struct NodeRow {
     id: String,
     owner: String,
     free_slots: usize,
+    rating: u8,
+}
+
+/// A relay of the mesh: this broker's own, then the others nodes are told.
+#[derive(Debug)]
+struct RelayRow {
+    addr: String,
+    key: String,
+    this: bool,
 }
 
 #[derive(Template)]
@@ -31,6 +44,7 @@ struct NodeRow {
 struct Dashboard {
     nav: Option<Nav>,
     csrf: String,
+    relays: Vec<RelayRow>,
     nodes: Vec<NodeRow>,
     free_slots: usize,
     audit_ok: bool,
@@ -71,22 +85,49 @@ fn render_dashboard(
         .map(|(id, rec)| OrderRow::new(*id, rec, &[]))
         .collect();
     let (_, free_slots) = web.api.relay.capacity();
+    let mut tallies: HashMap<&str, Tally> = HashMap::new();
+    for (_, rec) in &all {
+        tallies
+            .entry(rec.node_id.as_str())
+            .or_default()
+            .add(rec.order.state);
+    }
     let nodes = web
         .api
         .relay
         .nodes()
         .iter()
-        .map(|n| NodeRow {
-            id: short(&n.id.to_string()),
-            owner: n
-                .owner
-                .map_or_else(|| "none".to_owned(), |o| short(&o.to_string())),
-            free_slots: n.free_slots(),
+        .map(|n| {
+            let id = n.id.to_string();
+            NodeRow {
+                rating: tallies
+                    .get(id.as_str())
+                    .copied()
+                    .unwrap_or_default()
+                    .percent(),
+                id: short(&id),
+                owner: n
+                    .owner
+                    .map_or_else(|| "none".to_owned(), |o| short(&o.to_string())),
+                free_slots: n.free_slots(),
+            }
         })
         .collect();
+    let this = RelayRow {
+        addr: web.relay.clone(),
+        key: web.broker_key.clone(),
+        this: true,
+    };
+    let others = web.api.relay.other_relays().into_iter().map(|r| RelayRow {
+        addr: r.addr,
+        key: r.key.to_string(),
+        this: false,
+    });
+    let relays = std::iter::once(this).chain(others).collect();
     let page = Dashboard {
         nav: Nav::of(session),
         csrf: session.csrf.clone(),
+        relays,
         nodes,
         free_slots,
         audit_ok: audit.ok,

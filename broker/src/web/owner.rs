@@ -1,6 +1,6 @@
 //! The node owner's page: the command that runs a node for them, their nodes
-//! (online now or seen in orders) with sessions served and earnings, and a
-//! chart of earnings over time.
+//! (online now or seen in orders) with sessions served, rating and earnings,
+//! and a chart of earnings over time.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::http::header::HeaderMap;
 use axum::response::Response;
 use jusy_common::ledger::Account;
+use jusy_common::rating::Tally;
 
 use super::session::Who;
 use super::view::{Chart, HEIGHT, WIDTH, sat, short, utc};
@@ -25,6 +26,8 @@ struct NodeRow {
     /// The last passed speed test, as the relay timed it ("–" when offline).
     speed: String,
     sessions: usize,
+    /// How its sessions ended, for its rating.
+    tally: Tally,
     earned: u64,
     earned_text: String,
 }
@@ -83,6 +86,7 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
         sessions += 1;
         let row = nodes.entry(rec.node_id.clone()).or_default();
         row.sessions += 1;
+        row.tally.add(rec.order.state);
         let earned = rec.order.settlement.map_or(0, |s| s.owner);
         row.earned = row.earned.saturating_add(earned);
         if earned > 0 {

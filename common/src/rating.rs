@@ -1,0 +1,119 @@
+//! Node ratings from how their sessions ended: a node that drops sessions
+//! (lost, failed, shut down under a client) is rated down automatically,
+//! with no one voting by hand. I/O-free, so every page and broker that
+//! counts the same orders shows the same rating.
+
+use crate::order::OrderState;
+use crate::wire::EndReason;
+
+/// How many of a node's sessions it kept to their end and how many it
+/// dropped. Sessions that never started (the client did not connect) and
+/// orders the broker cancelled say nothing about the node and are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub kept: u32,
+    pub dropped: u32,
+}
+
+/// A new node is trusted as if it had kept this many of this many sessions,
+/// so that one early loss does not sink it and a few good sessions do not
+/// make a bad node look perfect.
+const PRIOR_KEPT: u64 = 9;
+const PRIOR_TOTAL: u64 = 10;
+
+impl Tally {
+    /// Counts one order of the node, by its state.
+    pub fn add(&mut self, state: OrderState) {
+        let (OrderState::Finished(reason) | OrderState::Cancelled(reason)) = state else {
+            return;
+        };
+        match reason {
+            EndReason::NodeLost | EndReason::NodeFailed | EndReason::NodeShutdown => {
+                self.dropped = self.dropped.saturating_add(1);
+            }
+            EndReason::NeverConnected | EndReason::Cancelled => {}
+            EndReason::ClientClosed
+            | EndReason::WallClock
+            | EndReason::CpuDone
+            | EndReason::MemoryLimit
+            | EndReason::ProcessLimit
+            | EndReason::DiskLimit => self.kept = self.kept.saturating_add(1),
+        }
+    }
+
+    /// The rating in percent, 0 to 100: the share of sessions kept, pulled
+    /// towards 90 % while the node has served few.
+    pub fn percent(&self) -> u8 {
+        let kept = u64::from(self.kept) + PRIOR_KEPT;
+        let total = u64::from(self.kept) + u64::from(self.dropped) + PRIOR_TOTAL;
+        // kept ≤ total, so the quotient is at most 100.
+        u8::try_from(kept * 100 / total).unwrap_or(100)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tally(states: &[OrderState]) -> Tally {
+        let mut t = Tally::default();
+        for s in states {
+            t.add(*s);
+        }
+        t
+    }
+
+    #[test]
+    fn a_new_node_starts_at_ninety() {
+        assert_eq!(Tally::default().percent(), 90);
+    }
+
+    #[test]
+    fn dropped_sessions_pull_the_rating_down_and_kept_ones_up() {
+        let lost = OrderState::Finished(EndReason::NodeLost);
+        let done = OrderState::Finished(EndReason::CpuDone);
+        let bad = tally(&[lost; 10]);
+        assert_eq!(
+            bad,
+            Tally {
+                kept: 0,
+                dropped: 10
+            }
+        );
+        assert_eq!(bad.percent(), 45);
+        let good = tally(&[done; 90]);
+        assert_eq!(good.percent(), 99);
+        assert!(tally(&[lost]).percent() < Tally::default().percent());
+    }
+
+    #[test]
+    fn ends_that_say_nothing_about_the_node_are_not_counted() {
+        let t = tally(&[
+            OrderState::Reserved,
+            OrderState::Connected,
+            OrderState::Cancelled(EndReason::NeverConnected),
+            OrderState::Cancelled(EndReason::Cancelled),
+        ]);
+        assert_eq!(t, Tally::default());
+        // A client closing early is cancelled (refunded) but the node kept it.
+        let early = tally(&[OrderState::Cancelled(EndReason::ClientClosed)]);
+        assert_eq!(early.kept, 1);
+    }
+
+    #[test]
+    fn limits_broken_by_the_client_are_not_the_nodes_fault() {
+        let t = tally(&[
+            OrderState::Finished(EndReason::MemoryLimit),
+            OrderState::Finished(EndReason::ProcessLimit),
+            OrderState::Finished(EndReason::DiskLimit),
+            OrderState::Finished(EndReason::WallClock),
+        ]);
+        assert_eq!(
+            t,
+            Tally {
+                kept: 4,
+                dropped: 0
+            }
+        );
+    }
+}

@@ -36,6 +36,7 @@ struct NodeRow {
 struct RelayRow {
     addr: String,
     key: String,
+    short_key: String,
     this: bool,
 }
 
@@ -113,16 +114,19 @@ fn render_dashboard(
             }
         })
         .collect();
-    let this = RelayRow {
-        addr: web.relay.clone(),
-        key: web.broker_key.clone(),
-        this: true,
+    let row = |addr: String, key: String, this: bool| RelayRow {
+        addr,
+        short_key: short(&key),
+        key,
+        this,
     };
-    let others = web.api.relay.other_relays().into_iter().map(|r| RelayRow {
-        addr: r.addr,
-        key: r.key.to_string(),
-        this: false,
-    });
+    let this = row(web.relay.clone(), web.broker_key.clone(), true);
+    let others = web
+        .api
+        .relay
+        .other_relays()
+        .into_iter()
+        .map(|r| row(r.addr, r.key.to_string(), false));
     let relays = std::iter::once(this).chain(others).collect();
     let page = Dashboard {
         nav: Nav::of(session),

@@ -22,9 +22,14 @@ pub fn sat(amount: u64) -> String {
     format!("{out} sat")
 }
 
-/// CPU time in seconds with one decimal.
+/// CPU time: milliseconds under a second (a short session's few
+/// milliseconds would read as "0.0 s"), else seconds with one decimal.
 pub fn cpu(us: u64) -> String {
-    format!("{}.{} s", us / 1_000_000, (us % 1_000_000) / 100_000)
+    if us < 1_000_000 {
+        format!("{} ms", us / 1_000)
+    } else {
+        format!("{}.{} s", us / 1_000_000, (us % 1_000_000) / 100_000)
+    }
 }
 
 /// A Unix time in milliseconds as `YYYY-MM-DD HH:MM` UTC.
@@ -237,6 +242,7 @@ mod tests {
         assert_eq!(sat(20_000), "20\u{202f}000 sat");
         assert_eq!(sat(7), "7 sat");
         assert_eq!(cpu(1_250_000), "1.2 s");
+        assert_eq!(cpu(43_900), "43 ms");
         assert_eq!(utc(0), "1970-01-01 00:00");
         assert_eq!(utc(1_709_210_096_000), "2024-02-29 12:34");
     }

@@ -539,3 +539,141 @@ fn concurrent_orders_over_http_never_overdraw() {
         Ok(())
     });
 }
+
+#[test]
+fn every_endpoint_refuses_malformed_input_with_json() {
+    e2e(
+        "every_endpoint_refuses_malformed_input_with_json",
+        |scene| {
+            let data = scene.subdir("broker")?;
+            let client = Broker::add_client(scene, &data)?;
+            let flags = [
+                "--operator-token",
+                TOKEN,
+                "--rate-limit-per-sec",
+                "1000",
+                "--rate-limit-burst",
+                "1000",
+            ];
+            let broker = Broker::start_with(scene, "broker", data, 0, &flags)?;
+            let auth = format!("Authorization: Bearer {TOKEN}");
+            let json = "Content-Type: application/json";
+            let unknown = "0".repeat(64);
+            let huge = vec![b'x'; 2 << 20];
+            // Every refusal is `{"status":"ERROR","error":…}` (`request` fails on
+            // anything that is not JSON) with the status it should have.
+            let refused =
+                |method: &str, path: &str, headers: &[&str], body: Option<&[u8]>, want: u16| {
+                    let (status, reply) = broker.request(scene, method, path, headers, body)?;
+                    anyhow::ensure!(
+                        status == want,
+                        "{method} {path}: {status} {reply}, not {want}"
+                    );
+                    anyhow::ensure!(reply["status"] == "ERROR", "{method} {path}: {reply}");
+                    anyhow::ensure!(reply["error"].is_string(), "{method} {path}: {reply}");
+                    Ok(())
+                };
+            // Hashes: malformed, unknown.
+            for path in [
+                "/order/nothex",
+                "/account/nothex",
+                "/owner/nothex",
+                "/order/nothex/abc",
+            ] {
+                refused("GET", path, &[], None, 400)?;
+            }
+            refused("GET", &format!("/order/{unknown}"), &[], None, 401)?;
+            refused("GET", &format!("/account/{unknown}"), &[], None, 401)?;
+            refused("DELETE", "/account/nothex/keys", &[], None, 400)?;
+            refused(
+                "DELETE",
+                &format!("/account/{unknown}/keys"),
+                &[],
+                None,
+                401,
+            )?;
+            refused(
+                "PUT",
+                &format!("/account/{unknown}/keys"),
+                &[],
+                Some(b"ssh-ed25519 AAAA"),
+                401,
+            )?;
+            // Order ids: malformed, and one that is no order of this client.
+            refused("GET", &format!("/order/{client}/not-an-id"), &[], None, 400)?;
+            refused(
+                "GET",
+                &format!("/order/{client}/{}", "ab".repeat(12)),
+                &[],
+                None,
+                404,
+            )?;
+            // Bodies: too large, or not what the endpoint takes.
+            refused(
+                "PUT",
+                &format!("/account/{client}/keys"),
+                &[],
+                Some(&huge),
+                413,
+            )?;
+            refused("POST", "/admin/deposits", &[&auth, json], Some(&huge), 413)?;
+            refused(
+                "POST",
+                "/admin/deposits",
+                &[&auth, json],
+                Some(b"[1,2]"),
+                422,
+            )?;
+            // Operator endpoints without the token.
+            for (method, path) in [
+                ("POST", "/admin/clients"),
+                ("POST", "/admin/owners"),
+                ("POST", "/admin/deposits"),
+                ("GET", "/admin/orders"),
+                ("GET", "/admin/audit"),
+                ("GET", "/admin/mesh"),
+                ("POST", "/admin/mesh/trust"),
+            ] {
+                refused(method, path, &[], None, 401)?;
+                refused(
+                    method,
+                    path,
+                    &["Authorization: Bearer not-the-token"],
+                    None,
+                    401,
+                )?;
+            }
+            // A broker outside a mesh says so.
+            let peer = br#"{"peer":"not a key"}"#;
+            let (status, reply) = broker.request(
+                scene,
+                "POST",
+                "/admin/mesh/trust",
+                &[&auth, json],
+                Some(peer),
+            )?;
+            assert!((400..500).contains(&status), "{status} {reply}");
+            assert_eq!(reply["status"], "ERROR", "{reply}");
+
+            // And the same endpoints work when asked properly.
+            let (status, made) = broker.request(scene, "POST", "/admin/clients", &[&auth], None)?;
+            assert_eq!(status, 201, "{made}");
+            let made_hash = made["client_hash"].as_str().unwrap_or_default();
+            let (status, _) = broker.get(scene, &format!("/account/{made_hash}"))?;
+            assert_eq!(status, 200);
+            let (status, made) = broker.request(scene, "POST", "/admin/owners", &[&auth], None)?;
+            assert_eq!(status, 201, "{made}");
+            let (status, orders) = broker.request(scene, "GET", "/admin/orders", &[&auth], None)?;
+            assert_eq!(status, 200, "{orders}");
+            let (status, removed) = broker.request(
+                scene,
+                "DELETE",
+                &format!("/account/{client}/keys"),
+                &[],
+                None,
+            )?;
+            assert_eq!(status, 200, "{removed}");
+            Ok(())
+        },
+    );
+}

@@ -168,6 +168,9 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
             href
         };
         let cookie = b.cookie("jusy_session")?;
+        // The session cookie is out of scripts' reach and never sent cross-site.
+        assert_eq!(cookie["httpOnly"], true, "{cookie}");
+        assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
         let mut curl = Command::new("curl");
         curl.args(["-sSf", "-b"])
             .arg(format!(
@@ -290,6 +293,25 @@ fn forms_reject_bad_input_and_log_in_is_rate_limited() {
         let broker = Broker::start(scene, "broker", scene.subdir("broker")?, 0)?;
         let base = format!("http://{}", broker.api);
         let b = Browser::start(scene, "chromedriver")?;
+
+        // Every page is sent with a strict policy: no inline script or
+        // style, no framing.
+        let mut head = Command::new("curl");
+        head.args(["-sS", "-D", "-", "-o", "/dev/null"])
+            .arg(format!("{base}/login"));
+        let headers = process::run(scene, head, None, Duration::from_secs(30))?
+            .text()
+            .to_ascii_lowercase();
+        let csp = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-security-policy: "))
+            .with_context(|| format!("no CSP: {headers}"))?;
+        assert!(
+            csp.contains("default-src 'none'") || csp.contains("default-src 'self'"),
+            "{csp}"
+        );
+        assert!(!csp.contains("unsafe-inline"), "{csp}");
+        assert!(headers.contains("x-frame-options: deny"), "{headers}");
 
         // Unknown paths get the 404 page.
         b.goto(&format!("{base}/no/such/page"))?;

@@ -69,7 +69,12 @@ pub async fn order_status(
 ) -> Result<Response, ApiError> {
     let (client, _) = api.account(peer, Role::Client, &hash)?;
     let not_found = || ApiError(StatusCode::NOT_FOUND, "no such order".into());
-    let id: OrderId = order_id.parse().map_err(|_| not_found())?;
+    let id: OrderId = order_id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "malformed order id: 24 hexadecimal characters".into(),
+        )
+    })?;
     // Another client's order answers exactly like a missing one.
     let rec = api
         .orders

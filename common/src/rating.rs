@@ -1,7 +1,8 @@
 //! Node ratings from how their sessions ended: a node that drops sessions
 //! (lost, failed, shut down under a client) is rated down automatically,
-//! with no one voting by hand. I/O-free, so every page and broker that
-//! counts the same orders shows the same rating.
+//! with no one voting by hand, and is picked for orders less often in
+//! proportion. I/O-free, so every page and broker that counts the same
+//! orders shows the same rating.
 
 use crate::order::OrderState;
 use crate::wire::EndReason;
@@ -24,9 +25,13 @@ const PRIOR_TOTAL: u64 = 10;
 impl Tally {
     /// Counts one order of the node, by its state.
     pub fn add(&mut self, state: OrderState) {
-        let (OrderState::Finished(reason) | OrderState::Cancelled(reason)) = state else {
-            return;
-        };
+        if let OrderState::Finished(reason) | OrderState::Cancelled(reason) = state {
+            self.add_end(reason);
+        }
+    }
+
+    /// Counts one session of the node that ended for `reason`.
+    pub fn add_end(&mut self, reason: EndReason) {
         match reason {
             EndReason::NodeLost | EndReason::NodeFailed | EndReason::NodeShutdown => {
                 self.dropped = self.dropped.saturating_add(1);
@@ -51,6 +56,22 @@ impl Tally {
     }
 }
 
+/// Picks an index from `weights` at random, each in proportion to its
+/// weight (a weight of 0 counts as 1, so no candidate is ruled out for
+/// good); `roll` is a random number. `None` for no candidates.
+pub fn pick_weighted(weights: &[u64], roll: u64) -> Option<usize> {
+    let total: u64 = weights.iter().map(|w| (*w).max(1)).sum();
+    let mut left = roll.checked_rem(total)?;
+    for (i, w) in weights.iter().enumerate() {
+        let w = (*w).max(1);
+        if left < w {
+            return Some(i);
+        }
+        left -= w;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +82,20 @@ mod tests {
             t.add(*s);
         }
         t
+    }
+
+    #[test]
+    fn picks_follow_the_weights() {
+        assert_eq!(pick_weighted(&[], 7), None);
+        assert_eq!(pick_weighted(&[90], 12345), Some(0));
+        // Rolls 0..90 land on the first, 90..135 on the second.
+        let picks: Vec<_> = (0..135)
+            .filter_map(|r| pick_weighted(&[90, 45], r))
+            .collect();
+        assert_eq!(picks.iter().filter(|i| **i == 0).count(), 90);
+        assert_eq!(picks.iter().filter(|i| **i == 1).count(), 45);
+        // A node rated 0 is still tried now and then.
+        assert_eq!(pick_weighted(&[0, 0], 1), Some(1));
     }
 
     #[test]

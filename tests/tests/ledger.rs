@@ -450,6 +450,17 @@ fn owners_are_paid_what_receipts_prove() {
             &broker,
             &node_args,
         )?;
+        // The session it dropped counts against it: rated down from a new
+        // node's 90 % to 9 of 11.
+        broker.wait_capacity(scene, 1)?;
+        let (_, owned) = broker.get(scene, &format!("/owner/{owner}"))?;
+        let rated = owned["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["node_id"] == node_id.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(rated["sessions_dropped"], 1, "{owned}");
+        assert_eq!(rated["rating_percent"], 81, "{owned}");
         drop(node);
         let left = jusy_tests::leftovers::of_node(&node_id, &data_dir);
         assert!(left.is_empty(), "left behind: {left:?}");

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::{self as books, Account, AccountId};
 use jusy_common::order::{Order, Settlement};
+use jusy_common::rating::Tally;
 use jusy_common::receipt::{Accepted, ChainVerifier, SignedReceipt};
 use jusy_common::wire::{Assignment, EndReason, OrderId, Slot};
 use russh::keys::PrivateKey;
@@ -113,6 +114,9 @@ pub struct Orders {
     /// Orders the local relay serves for other brokers' ledgers.
     served: Option<Arc<Served>>,
     live: Mutex<HashMap<OrderId, Live>>,
+    /// How each node's sessions ended, for its rating: nodes that drop
+    /// sessions are offered less often.
+    ratings: Mutex<HashMap<PeerId, Tally>>,
     ports: TaskTracker,
 }
 
@@ -158,6 +162,17 @@ impl Orders {
         mesh: Option<(Mesh, Arc<Served>)>,
     ) -> Arc<Self> {
         let (mesh, served) = mesh.unzip();
+        let mut ratings: HashMap<PeerId, Tally> = HashMap::new();
+        match ledger.orders() {
+            Ok(all) => {
+                for (_, rec) in all {
+                    if let Ok(node) = rec.node_id.parse::<PeerId>() {
+                        ratings.entry(node).or_default().add(rec.order.state);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "node ratings start afresh: orders unreadable"),
+        }
         Arc::new(Self {
             cfg,
             store,
@@ -166,8 +181,15 @@ impl Orders {
             mesh,
             served,
             live: Mutex::default(),
+            ratings: Mutex::new(ratings),
             ports: TaskTracker::new(),
         })
+    }
+
+    /// A node's rating in percent (see [`Tally`]).
+    pub fn rating(&self, node: &PeerId) -> u8 {
+        let ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
+        ratings.get(node).copied().unwrap_or_default().percent()
     }
 
     /// The brokers' mesh, when this broker is in one.
@@ -196,7 +218,7 @@ impl Orders {
         if balance < price {
             return Err(OrderError::Insufficient { balance, price });
         }
-        match self.relay.claim_slot() {
+        match self.relay.claim_slot(|node| u64::from(self.rating(node))) {
             Some((link, slot)) => self.place(client, account, link, slot).await,
             None => self.place_remote(client, account).await,
         }
@@ -371,12 +393,17 @@ impl Orders {
 
     /// Ends an order: closes its port and settles it.
     fn end(&self, order_id: OrderId, reason: EndReason) -> Result<Option<Settlement>, LedgerError> {
-        if let Some(live) = self.live().remove(&order_id) {
+        let node = self.live().remove(&order_id).map(|live| {
             live.closed.cancel();
-        }
+            live.node
+        });
         let settled = self
             .ledger
             .update(order_id, |o| o.handle_end(now_ms(), reason));
+        if let (Ok(Some(_)), Some(node)) = (&settled, node) {
+            let mut ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
+            ratings.entry(node).or_default().add_end(reason);
+        }
         match settled {
             Err(LedgerError::UnknownOrder(_)) => {
                 tracing::warn!(%order_id, reason = reason.code(), "end of an unknown order ignored");

@@ -243,16 +243,15 @@ impl Relay {
         let _ = self.events.send(ev);
     }
 
-    /// Takes a ready slot from a node chosen at random among those that have one.
-    pub fn claim_slot(&self) -> Option<(Arc<NodeLink>, Slot)> {
+    /// Takes a ready slot from a node chosen at random among those that have
+    /// one, each in proportion to its `weight` (its rating).
+    pub fn claim_slot(&self, weight: impl Fn(&PeerId) -> u64) -> Option<(Arc<NodeLink>, Slot)> {
         let nodes = lock(&self.nodes);
         let with_slots: Vec<_> = nodes.values().filter(|n| n.free_slots() > 0).collect();
-        if with_slots.is_empty() {
-            return None;
-        }
+        let weights: Vec<u64> = with_slots.iter().map(|n| weight(&n.id)).collect();
         let mut r = [0u8; 8];
         let _ = getrandom::fill(&mut r);
-        let pick = (u64::from_le_bytes(r) % with_slots.len() as u64) as usize;
+        let pick = jusy_common::rating::pick_weighted(&weights, u64::from_le_bytes(r))?;
         let link = (*with_slots.get(pick)?).clone();
         drop(nodes);
         let slot = link.take_slot()?;

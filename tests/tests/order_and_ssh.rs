@@ -1,5 +1,6 @@
 //! The documented client flow against real binaries on loopback: `curl` an order,
-//! log in with the stock OpenSSH tools, move data, and watch the session end.
+//! log in with the stock OpenSSH tools, move data, and watch the session end;
+//! and README's one-command devnet.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
@@ -533,4 +534,44 @@ fn hammering_the_api_is_answered_with_429() {
         assert_eq!(status, 200);
         Ok(())
     })
+}
+
+#[test]
+fn devnet_gives_a_shell_with_one_command() {
+    e2e("devnet_gives_a_shell_with_one_command", |scene| {
+        // README's first command, on a free port: a broker, a node and a
+        // demo client with funds.
+        let data = scene.subdir("devnet")?;
+        let mut cmd = std::process::Command::new(jusy_tests::process::bin("jusy-broker")?);
+        cmd.args(["devnet", "--api-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("RUST_LOG", "info,quinn=warn");
+        let mut devnet = jusy_tests::process::Proc::start(scene, "devnet", cmd)?;
+        let ready = devnet.wait_event("ready", 2 * jusy_tests::jusy::READY)?;
+        let api: std::net::SocketAddr = ready["api"].as_str().unwrap_or_default().parse()?;
+        let client = ready["client_hash"].as_str().unwrap_or_default();
+        let (status, body) = jusy_tests::jusy::api_request(
+            scene,
+            &jusy_tests::Site::local(),
+            api,
+            "GET",
+            &format!("/order/{client}"),
+            &[],
+            None,
+        )?;
+        assert_eq!(status, 200, "{body}");
+        let login = Login::from_order(scene, &body)?;
+        let out = login.ssh(scene, "echo hi from devnet", None)?;
+        assert_eq!(out.text(), "hi from devnet\n", "{}", out.stderr);
+
+        // Ctrl-C (here SIGTERM) ends the sessions and removes their users.
+        assert!(
+            devnet.stop(Duration::from_secs(30))?,
+            "devnet did not stop cleanly"
+        );
+        let node_id = body["node_id"].as_str().unwrap_or_default();
+        let left = jusy_tests::leftovers::of_node(node_id, &data.join("node"));
+        assert!(left.is_empty(), "left behind: {left:?}");
+        Ok(())
+    });
 }

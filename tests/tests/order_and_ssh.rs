@@ -167,17 +167,27 @@ fn bad_input_is_refused_clearly() {
             out.stderr
         );
 
-        // Port forwarding is refused.
+        // Port forwarding is refused by the server, both ways: a channel to
+        // an address from the node (what `-L` and `-W` open) and a listener
+        // on the node (`-R`).
+        let cmd = login.ssh_command(&login.key, &["-W", "127.0.0.1:22"]);
+        let out = jusy_tests::process::run(scene, cmd, Some(b""), Duration::from_secs(60))?;
+        assert_eq!(out.status, Some(255), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("open failed"),
+            "the node must refuse the forwarding channel: {}",
+            out.stderr
+        );
         let mut cmd = login.ssh_command(
             &login.key,
-            &["-o", "ExitOnForwardFailure=yes", "-L", "0:127.0.0.1:22"],
+            &["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:22"],
         );
         cmd.arg("true");
         let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
-        assert_ne!(
-            out.status,
-            Some(0),
-            "local forwarding must fail: {}",
+        assert_eq!(out.status, Some(255), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("remote port forwarding failed"),
+            "the node must refuse to listen: {}",
             out.stderr
         );
         Ok(())

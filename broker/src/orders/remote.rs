@@ -1,11 +1,12 @@
-//! Orders placed on other relays of the mesh: find a free node at random
-//! through the DHT, ask its relay to reserve a slot and open the order port,
-//! charge, and keep the order's ledger here; then apply the events that relay
-//! forwards, each sequence number once.
+//! Orders placed on other relays of the mesh: find a free node at random (in
+//! proportion to its rating) through the DHT, ask its relay to reserve a slot
+//! and open the order port, charge, and keep the order's ledger here; then
+//! apply the events that relay forwards, each sequence number once.
 
 use std::time::Duration;
 
 use jusy_common::capacity::{SHARDS, SignedCapacity};
+use jusy_common::identity::PeerId;
 use jusy_common::ledger::AccountId;
 use jusy_common::order::Order;
 use jusy_common::wire::{EndReason, OrderId};
@@ -52,9 +53,13 @@ fn take_random<T>(v: &mut Vec<T>) -> Option<T> {
 }
 
 /// A free node somewhere else in the mesh, chosen at random: shards in a
-/// random order, for each a random provider (relay), and a random node of
-/// the statements it offers. Never a scan of all nodes.
-async fn find_offer(mesh: &Mesh, deadline: Instant) -> Option<(libp2p::PeerId, SignedCapacity)> {
+/// random order, for each a random provider (relay), and one of the nodes it
+/// offers, at random in proportion to `rating`. Never a scan of all nodes.
+async fn find_offer(
+    mesh: &Mesh,
+    deadline: Instant,
+    rating: impl Fn(&PeerId) -> u64,
+) -> Option<(libp2p::PeerId, SignedCapacity)> {
     let search = async {
         let mut shards: Vec<u8> = (0..SHARDS).collect();
         while let Some(shard) = take_random(&mut shards) {
@@ -73,8 +78,13 @@ async fn find_offer(mesh: &Mesh, deadline: Instant) -> Option<(libp2p::PeerId, S
                 };
                 match timeout(STEP, mesh.offers(relay, shard, now_ms())).await {
                     Ok(Ok(mut offers)) => {
-                        if let Some(offer) = take_random(&mut offers) {
-                            return Some((relay, offer));
+                        let weights: Vec<u64> = offers
+                            .iter()
+                            .map(|o| rating(&o.capacity().node_id))
+                            .collect();
+                        let roll = random::<8>().map_or(0, u64::from_le_bytes);
+                        if let Some(i) = jusy_common::rating::pick_weighted(&weights, roll) {
+                            return Some((relay, offers.swap_remove(i)));
                         }
                     }
                     Ok(Err(e)) => tracing::info!(%relay, error = %e, "relay gave no offers"),
@@ -101,7 +111,7 @@ impl Orders {
         authorized_keys.extend(account.ssh_keys);
         let deadline = Instant::now() + PLACE;
         for _ in 0..ATTEMPTS {
-            let (relay, offer) = find_offer(mesh, deadline)
+            let (relay, offer) = find_offer(mesh, deadline, |node| u64::from(self.rating(node)))
                 .await
                 .ok_or(OrderError::NoCapacity)?;
             let node_id = offer.capacity().node_id;

@@ -186,6 +186,12 @@ impl Orders {
         })
     }
 
+    /// Counts a session of `node` that ended for `reason` in its rating.
+    fn rate(&self, node: PeerId, reason: EndReason) {
+        let mut ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
+        ratings.entry(node).or_default().add_end(reason);
+    }
+
     /// A node's rating in percent (see [`Tally`]).
     pub fn rating(&self, node: &PeerId) -> u8 {
         let ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,6 +276,7 @@ impl Orders {
                 self.ledger
                     .update(order_id, |o| o.handle_end(now_ms(), EndReason::NodeFailed))
             })?;
+            self.rate(link.id, EndReason::NodeFailed);
             return Err(e.into());
         }
         let closed = CancellationToken::new();
@@ -401,8 +408,7 @@ impl Orders {
             .ledger
             .update(order_id, |o| o.handle_end(now_ms(), reason));
         if let (Ok(Some(_)), Some(node)) = (&settled, node) {
-            let mut ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
-            ratings.entry(node).or_default().add_end(reason);
+            self.rate(node, reason);
         }
         match settled {
             Err(LedgerError::UnknownOrder(_)) => {

@@ -102,6 +102,29 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], StoreError> {
     }
 }
 
+/// How long opening waits for a database this process just closed: sled's
+/// flusher thread lets go of the file lock shortly after the last handle is
+/// dropped, not at once.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens the sled database at `path`, waiting up to [`LOCK_WAIT`] while its
+/// file lock is still held; a lock another running process holds still
+/// fails, after that wait.
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::open(path) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DigestKey {
@@ -110,7 +133,7 @@ impl Store {
         })?;
         let digest_key = load_or_create_key(&dir.join("digest.key"))?;
         let path = dir.join("db");
-        let db = sled::open(&path).map_err(|source| StoreError::Open {
+        let db = open_db(&path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
         })?;

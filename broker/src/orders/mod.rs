@@ -192,10 +192,16 @@ impl Orders {
         ratings.entry(node).or_default().add_end(reason);
     }
 
-    /// A node's rating in percent (see [`Tally`]).
-    pub fn rating(&self, node: &PeerId) -> u8 {
+    /// How a node's sessions ended so far: the one count every page, API
+    /// answer and order pick rates the node by.
+    pub fn tally(&self, node: &PeerId) -> Tally {
         let ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
-        ratings.get(node).copied().unwrap_or_default().percent()
+        ratings.get(node).copied().unwrap_or_default()
+    }
+
+    /// A node's rating in percent (see [`Tally::percent`]).
+    pub fn rating(&self, node: &PeerId) -> u8 {
+        self.tally(node).percent()
     }
 
     /// The brokers' mesh, when this broker is in one.

@@ -2,8 +2,6 @@
 //! attached nodes with their ratings, the books' audit and totals, every
 //! order, and crediting a deposit.
 
-use std::collections::HashMap;
-
 use askama::Template;
 use axum::Form;
 use axum::extract::State;
@@ -12,7 +10,6 @@ use axum::http::StatusCode;
 use axum::http::header::HeaderMap;
 use axum::response::Response;
 use jusy_common::ledger::{Account, AccountId};
-use jusy_common::rating::Tally;
 use serde::Deserialize;
 
 use super::session::{Session, Who};
@@ -86,32 +83,18 @@ fn render_dashboard(
         .map(|(id, rec)| OrderRow::new(*id, rec, &[]))
         .collect();
     let (_, free_slots) = web.api.relay.capacity();
-    let mut tallies: HashMap<&str, Tally> = HashMap::new();
-    for (_, rec) in &all {
-        tallies
-            .entry(rec.node_id.as_str())
-            .or_default()
-            .add(rec.order.state);
-    }
     let nodes = web
         .api
         .relay
         .nodes()
         .iter()
-        .map(|n| {
-            let id = n.id.to_string();
-            NodeRow {
-                rating: tallies
-                    .get(id.as_str())
-                    .copied()
-                    .unwrap_or_default()
-                    .percent(),
-                id: short(&id),
-                owner: n
-                    .owner
-                    .map_or_else(|| "none".to_owned(), |o| short(&o.to_string())),
-                free_slots: n.free_slots(),
-            }
+        .map(|n| NodeRow {
+            id: short(&n.id.to_string()),
+            owner: n
+                .owner
+                .map_or_else(|| "none".to_owned(), |o| short(&o.to_string())),
+            free_slots: n.free_slots(),
+            rating: web.api.orders.rating(&n.id),
         })
         .collect();
     let row = |addr: String, key: String, this: bool| RelayRow {

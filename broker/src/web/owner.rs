@@ -86,7 +86,6 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
         sessions += 1;
         let row = nodes.entry(rec.node_id.clone()).or_default();
         row.sessions += 1;
-        row.tally.add(rec.order.state);
         let earned = rec.order.settlement.map_or(0, |s| s.owner);
         row.earned = row.earned.saturating_add(earned);
         if earned > 0 {
@@ -103,6 +102,10 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
         .map(|(node_id, row)| NodeRow {
             short_id: short(&node_id),
             earned_text: sat(row.earned),
+            tally: node_id
+                .parse()
+                .map(|node| web.api.orders.tally(&node))
+                .unwrap_or_default(),
             id: node_id,
             ..row
         })

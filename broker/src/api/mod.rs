@@ -33,6 +33,14 @@ use limit::RateLimiter;
 /// Largest request body accepted (SSH key lists, deposits).
 const MAX_BODY: usize = 64 * 1024;
 
+/// How much of an oversized body is read (and dropped) before the refusal, so
+/// that a client already sending it sees the 413 instead of a reset
+/// connection; larger bodies are refused without reading.
+const DRAIN_CAP: usize = 1 << 20;
+
+/// How long an oversized body may take to drain.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Shared state of the handlers.
 #[derive(Clone, Debug)]
 pub struct Api {
@@ -189,7 +197,44 @@ pub fn router(api: Api) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            MAX_BODY,
+            refuse_oversized,
+        ))
         .with_state(api)
+}
+
+/// Refuses a request whose declared body is larger than `max` before any
+/// handler reads it. A client waiting for `100 Continue` never sends the body;
+/// one already sending it has up to [`DRAIN_CAP`] read and dropped, so that it
+/// reads the refusal rather than a reset. Bodies without a length are held to
+/// `max` by [`DefaultBodyLimit`].
+pub async fn refuse_oversized(
+    State(max): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, EXPECT};
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|&n| n > max as u64) else {
+        return next.run(req).await;
+    };
+    let waits = req
+        .headers()
+        .get(EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !waits && declared <= DRAIN_CAP as u64 {
+        let drain = axum::body::to_bytes(req.into_body(), DRAIN_CAP);
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    }
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is larger than {max} bytes"),
+    )
+    .into_response()
 }
 
 /// An unknown path: a browser gets the 404 page, anything else JSON.

@@ -350,6 +350,10 @@ pub fn router(web: Web) -> Router {
         )
         .layer(axum::middleware::map_response(security_headers))
         .layer(DefaultBodyLimit::max(MAX_FORM))
+        .layer(axum::middleware::from_fn_with_state(
+            MAX_FORM,
+            crate::api::refuse_oversized,
+        ))
         .with_state(web)
 }
 

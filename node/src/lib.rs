@@ -78,7 +78,70 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);
+    t.mtu_discovery_config(Some(mtu_discovery()));
     t
+}
+
+/// Path MTU discovery up to [`QUIC_MTU`].
+pub fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(QUIC_MTU);
+    mtu
+}
+
+/// Largest QUIC datagram tried. Path MTU discovery probes up to it and keeps
+/// what the path carries: about 1452 bytes across the internet, all of it on
+/// loopback or a jumbo-frame LAN, where fewer, larger packets cost far less
+/// CPU per byte. quinn hands the kernel up to 10 datagrams in one GSO send,
+/// which must fit in 64 KiB: a larger size would have whole batches refused,
+/// read as a black hole, and the path dropped to the minimum.
+pub const QUIC_MTU: u16 = 6500;
+
+/// Endpoint settings both sides share: datagrams up to [`QUIC_MTU`] are
+/// accepted (the default stops at 1472, which caps what the peer's discovery
+/// may reach).
+pub fn tune_endpoint(e: &mut quinn::EndpointConfig) -> &mut quinn::EndpointConfig {
+    // 1200 ≤ QUIC_MTU, so this cannot fail.
+    let _ = e.max_udp_payload_size(QUIC_MTU);
+    e
+}
+
+/// Kernel buffer asked for on each side of a QUIC socket. The default (about
+/// 200 KiB) holds a few milliseconds of a fast stream: a burst beyond it is
+/// dropped, and the sender reads the drop as congestion.
+pub const UDP_BUFFER: usize = 8 << 20;
+
+/// A UDP socket for a QUIC endpoint, bound to `addr`, with [`UDP_BUFFER`]
+/// bytes of kernel buffer each way: forced past `net.core.[rw]mem_max` where
+/// the process may (root), else as much as that limit allows.
+pub fn quic_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let size = libc::c_int::try_from(UDP_BUFFER).unwrap_or(libc::c_int::MAX);
+    for (forced, capped) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |opt| {
+            // SAFETY: the fd is open for the call, and the value is a c_int of
+            // the length passed.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&raw const size).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        // Without the privilege the forced option fails, and the plain one is
+        // capped by the sysctl: a smaller buffer still works.
+        if set(forced) != 0 {
+            set(capped);
+        }
+    }
+    Ok(socket)
 }
 
 /// Runs a node until `stop` is cancelled, then ends every session with

@@ -130,6 +130,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);
+    t.mtu_discovery_config(Some(jusy_node::mtu_discovery()));
     t
 }
 
@@ -177,8 +178,9 @@ impl Relay {
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"jusy relay reset key\0"));
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
         endpoint_config.cid_generator(|| Box::new(PlainCids));
+        jusy_node::tune_endpoint(&mut endpoint_config);
         let bind = |source| RelayError::Bind { addr, source };
-        let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+        let socket = jusy_node::quic_socket(addr).map_err(bind)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
         quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)

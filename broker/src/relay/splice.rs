@@ -15,8 +15,18 @@ use tracing::Instrument;
 
 use super::{NodeLink, Relay, RelayEvent};
 
-/// Per-direction copy buffer: large enough to keep a fast stream busy.
-const COPY_BUF: usize = 256 * 1024;
+/// Most bytes taken from one TCP read or one QUIC chunk: enough to keep a fast
+/// stream busy.
+const CHUNK: usize = 64 * 1024;
+
+/// The client's bytes are read into blocks of this size, each handed to QUIC
+/// in pieces without a copy: a piece keeps its block alive until the node
+/// acknowledges it, so blocks are not much larger than a read.
+const BLOCK: usize = 256 * 1024;
+
+/// QUIC error code for a stream given up because the client's connection
+/// failed (not a clean close).
+const CLIENT_FAILED: u32 = 1;
 
 /// Binds an order port: from `range` if given (random start, then upward), else
 /// any free port.
@@ -90,12 +100,64 @@ pub async fn serve(
 async fn splice(mut tcp: TcpStream, link: &NodeLink, order_id: OrderId) -> io::Result<(u64, u64)> {
     tcp.set_nodelay(true)?;
     link.follow_path();
-    let (mut send, recv) = link.conn.open_bi().await.map_err(io::Error::other)?;
+    let (mut send, mut recv) = link.conn.open_bi().await.map_err(io::Error::other)?;
     // The header rides in the same packet as the first client bytes.
     send.write_all(&StreamHeader { order_id }.encode()).await?;
-    let mut quic = tokio::io::join(recv, send);
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, COPY_BUF, COPY_BUF).await;
+    let (mut from_client, mut to_client) = tcp.split();
+    let copied = tokio::try_join!(
+        up(&mut from_client, &mut send),
+        down(&mut recv, &mut to_client)
+    );
+    if copied.is_err() {
+        // Tell the node the stream was cut, rather than ended.
+        let _ = send.reset(CLIENT_FAILED.into());
+        let _ = recv.stop(CLIENT_FAILED.into());
+    }
     link.follow_path();
     copied
+}
+
+/// Client → node: each read lands in a shared block and goes to QUIC as is
+/// (no copy into QUIC's send buffer); the client's FIN becomes the stream's.
+async fn up(
+    tcp: &mut tokio::net::tcp::ReadHalf<'_>,
+    send: &mut quinn::SendStream,
+) -> io::Result<u64> {
+    use tokio::io::AsyncReadExt;
+    let mut block = bytes::BytesMut::new();
+    let mut total = 0;
+    loop {
+        if block.capacity() - block.len() < CHUNK {
+            block = bytes::BytesMut::with_capacity(BLOCK);
+        }
+        let n = tcp.read_buf(&mut block).await?;
+        if n == 0 {
+            let _ = send.finish();
+            return Ok(total);
+        }
+        total += n as u64;
+        send.write_chunk(block.split().freeze())
+            .await
+            .map_err(io::Error::other)?;
+    }
+}
+
+/// Node → client: QUIC's received chunks are written to the client as they
+/// are; the stream's end becomes the client's FIN.
+async fn down(
+    recv: &mut quinn::RecvStream,
+    tcp: &mut tokio::net::tcp::WriteHalf<'_>,
+) -> io::Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    let mut total = 0;
+    while let Some(chunk) = recv
+        .read_chunk(CHUNK, true)
+        .await
+        .map_err(io::Error::other)?
+    {
+        total += chunk.bytes.len() as u64;
+        tcp.write_all(&chunk.bytes).await?;
+    }
+    tcp.shutdown().await?;
+    Ok(total)
 }

@@ -42,6 +42,20 @@ struct Opts {
     nodes: Vec<usize>,
     install: bool,
     out: Option<PathBuf>,
+    /// Sections to run (all when empty): bulk, true, order, echo, raw,
+    /// capacity, receipts.
+    only: Vec<String>,
+}
+
+/// The sections `--only` may name.
+const SECTIONS: [&str; 7] = [
+    "bulk", "true", "order", "echo", "raw", "capacity", "receipts",
+];
+
+impl Opts {
+    fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 impl Opts {
@@ -56,6 +70,7 @@ impl Opts {
             nodes: vec![1000, 10_000],
             install: true,
             out: Some(PathBuf::from("BENCHMARKS.md")),
+            only: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -77,13 +92,21 @@ impl Opts {
                         .map(str::parse)
                         .collect::<Result<_, _>>()?;
                 }
+                "--only" => {
+                    o.only = val()?.split(',').map(str::to_owned).collect();
+                    if let Some(bad) = o.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                        bail!("--only takes sections of {SECTIONS:?}, not {bad:?}");
+                    }
+                    // A partial run is for looking, not for the record.
+                    o.out = None;
+                }
                 "--no-install" => o.install = false,
                 "--out" => o.out = Some(val()?.into()),
                 "--no-out" => o.out = None,
                 _ => bail!(
                     "unknown argument {a}; flags: --quick --bulk-mib N --bulk-rounds N \
                      --trials N --orders N --pings N --raw-mib N --nodes N,N --no-install \
-                     --out FILE --no-out"
+                     --out FILE --no-out --only SECTION,SECTION"
                 ),
             }
         }
@@ -178,7 +201,7 @@ fn run(
     eprintln!("bench: SSH bulk");
     let bytes = opts.bulk_mib << 20;
     let mut mbps: [Vec<f64>; COLUMNS.len()] = Default::default();
-    for _ in 0..opts.bulk_rounds {
+    for _ in 0..opts.bulk_rounds * usize::from(opts.runs("bulk")) {
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
                 match bulk(&keys, args, bytes) {
@@ -199,7 +222,7 @@ fn run(
 
     eprintln!("bench: ssh true");
     let mut ms: [Vec<f64>; COLUMNS.len()] = Default::default();
-    for trial in 0..=opts.trials {
+    for trial in 0..=opts.trials * usize::from(opts.runs("true")) {
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
                 match ssh_true(&keys, args) {
@@ -215,7 +238,7 @@ fn run(
 
     eprintln!("bench: order to first command");
     let mut first: [Vec<f64>; COLUMNS.len()] = Default::default();
-    for _ in 0..opts.orders {
+    for _ in 0..opts.orders * usize::from(opts.runs("order")) {
         field.broker.wait_capacity(scene, 1)?;
         first[0].push(order_to_first_command(scene, &field)?.as_secs_f64() * 1e3);
     }
@@ -224,7 +247,7 @@ fn run(
     eprintln!("bench: echo latency");
     let mut rtt: [Vec<f64>; COLUMNS.len()] = Default::default();
     let rounds = 10;
-    for _ in 0..rounds {
+    for _ in 0..rounds * usize::from(opts.runs("echo")) {
         for (i, addr) in field.raw.iter().enumerate() {
             if let Some(addr) = addr {
                 match service::echo_rtts(*addr, 50, opts.pings / rounds) {
@@ -245,7 +268,7 @@ fn run(
     eprintln!("bench: raw tunnel throughput");
     let raw_bytes = opts.raw_mib << 20;
     let mut gbps: [Vec<f64>; COLUMNS.len()] = Default::default();
-    for _ in 0..opts.bulk_rounds {
+    for _ in 0..opts.bulk_rounds * usize::from(opts.runs("raw")) {
         for (i, addr) in field.raw.iter().enumerate() {
             if let Some(addr) = addr {
                 match service::stream(*addr, raw_bytes) {
@@ -258,10 +281,14 @@ fn run(
     table.row("one TCP stream through the tunnel, Gbit/s", &gbps, 2);
     drop(field);
 
-    eprintln!("bench: relay capacity");
-    table.capacity = capacity::idle_nodes(scene, rt, &opts.nodes)?;
-    eprintln!("bench: receipts");
-    table.receipts_per_sec = Some(capacity::receipts_per_sec()?);
+    if opts.runs("capacity") {
+        eprintln!("bench: relay capacity");
+        table.capacity = capacity::idle_nodes(scene, rt, &opts.nodes)?;
+    }
+    if opts.runs("receipts") {
+        eprintln!("bench: receipts");
+        table.receipts_per_sec = Some(capacity::receipts_per_sec()?);
+    }
     Ok(table)
 }
 

@@ -25,7 +25,14 @@ pub struct SimNode {
 
 /// A client endpoint for simulated nodes (many connections share one socket).
 pub fn endpoint() -> anyhow::Result<quinn::Endpoint> {
-    Ok(quinn::Endpoint::client("127.0.0.1:0".parse()?)?)
+    let socket = jusy_node::quic_socket("127.0.0.1:0".parse()?)?;
+    let runtime = quinn::default_runtime().context("no async runtime")?;
+    Ok(quinn::Endpoint::new(
+        jusy_node::tune_endpoint(&mut quinn::EndpointConfig::default()).clone(),
+        None,
+        socket,
+        runtime,
+    )?)
 }
 
 /// Connects as a fresh node and registers with `slots` ready slots.

@@ -88,7 +88,7 @@ impl Broker {
     /// Opens the database and binds the API and relay sockets.
     pub async fn bind(cfg: Config, store: Store) -> Result<Self, BrokerError> {
         let identity = store.identity()?;
-        let endpoint = Relay::bind(&identity, cfg.relay_listen)?;
+        let endpoint = Relay::bind(&identity, cfg.relay_listen, cfg.quic_max_mtu)?;
         let relay_addr = endpoint
             .local_addr()
             .map_err(|source| relay::RelayError::Bind {

@@ -57,6 +57,9 @@ pub struct Config {
     /// OpenSSH `sftp-server` to run for the sftp subsystem. Default: the first that
     /// exists of the usual Debian, Fedora and Arch paths.
     pub sftp_server: Option<PathBuf>,
+    /// Largest QUIC datagram tried towards the relay, in bytes (1200 to 6500):
+    /// path MTU discovery keeps what the path carries. Default 6500.
+    pub quic_max_mtu: u16,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             net_allow_private: false,
             net_allow: Vec::new(),
             sftp_server: None,
+            quic_max_mtu: crate::QUIC_MTU,
         }
     }
 }
@@ -97,6 +101,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("quic_max_mtu {0} is outside 1200 to 6500")]
+    QuicMtu(u16),
 }
 
 impl Config {
@@ -105,10 +111,19 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let cfg: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source,
-        })
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !crate::QUIC_MTU_RANGE.contains(&self.quic_max_mtu) {
+            return Err(ConfigError::QuicMtu(self.quic_max_mtu));
+        }
+        Ok(())
     }
 
     pub fn ready_slots(&self) -> usize {
@@ -175,6 +190,15 @@ mod tests {
         assert_eq!(cfg.max_processes, 50);
         assert_eq!(cfg.disk_mib, 5120);
         assert!(!cfg.net_allow_private);
+        assert_eq!(cfg.quic_max_mtu, 6500);
+    }
+
+    #[test]
+    fn quic_mtu_outside_its_range_is_refused() {
+        for (mtu, ok) in [(1199, false), (1200, true), (6500, true), (9000, false)] {
+            let cfg: Config = toml::from_str(&format!("quic_max_mtu = {mtu}")).expect("parses");
+            assert_eq!(cfg.validate().is_ok(), ok, "{mtu}");
+        }
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Uplink {
     /// The owner's hash, sent in the hello.
     pub owner: Option<String>,
     pub sessions: Arc<Sessions>,
+    /// Largest QUIC datagram tried (`quic_max_mtu`).
+    pub max_mtu: u16,
 }
 
 impl Uplink {
@@ -291,7 +293,7 @@ impl Uplink {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| UplinkError::Endpoint(std::io::Error::other("no async runtime")))?;
         let mut endpoint = quinn::Endpoint::new(
-            crate::tune_endpoint(&mut quinn::EndpointConfig::default()).clone(),
+            crate::tune_endpoint(&mut quinn::EndpointConfig::default(), self.max_mtu).clone(),
             None,
             socket,
             runtime,
@@ -301,7 +303,7 @@ impl Uplink {
             .map_err(|e| UplinkError::Tls(e.to_string()))?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(crate::transport_config()));
+        config.transport_config(Arc::new(crate::transport_config(self.max_mtu)));
         endpoint.set_default_client_config(config);
         Ok(endpoint)
     }

@@ -118,7 +118,7 @@ pub struct Relay {
 
 /// QUIC transport for node connections: keep-alives both ways and a short idle
 /// timeout, so a dead node is noticed within seconds.
-pub fn transport_config() -> quinn::TransportConfig {
+pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(8)).ok());
@@ -130,7 +130,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);
-    t.mtu_discovery_config(Some(jusy_node::mtu_discovery()));
+    t.mtu_discovery_config(Some(jusy_node::mtu_discovery(max_mtu)));
     t
 }
 
@@ -158,16 +158,17 @@ impl Relay {
     /// The stateless-reset key is derived from the broker's identity, so a
     /// restarted broker answers packets of its previous life's connections with
     /// resets the nodes recognise: they reconnect at once instead of waiting for
-    /// their idle timeout.
+    /// their idle timeout. Datagrams towards nodes are tried up to `max_mtu`.
     pub fn bind(
         identity: &ed25519_dalek::SigningKey,
         addr: SocketAddr,
+        max_mtu: u16,
     ) -> Result<quinn::Endpoint, RelayError> {
         let tls = jusy_common::tls::server_config(identity, ALPN)
             .map_err(|e| RelayError::Tls(e.to_string()))?;
         let quic = QuicServerConfig::try_from(tls).map_err(|e| RelayError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(transport_config(max_mtu)));
         let derive = |purpose: &[u8]| {
             let mut h = sha2::Sha256::new();
             h.update(purpose);
@@ -178,7 +179,7 @@ impl Relay {
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"jusy relay reset key\0"));
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
         endpoint_config.cid_generator(|| Box::new(PlainCids));
-        jusy_node::tune_endpoint(&mut endpoint_config);
+        jusy_node::tune_endpoint(&mut endpoint_config, max_mtu);
         let bind = |source| RelayError::Bind { addr, source };
         let socket = jusy_node::quic_socket(addr).map_err(bind)?;
         let runtime = quinn::default_runtime()

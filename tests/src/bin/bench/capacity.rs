@@ -13,6 +13,8 @@ use jusy_tests::{Broker, Scene};
 #[derive(Debug, Clone, Copy)]
 pub struct Capacity {
     pub nodes: usize,
+    /// The relay's `quic_max_mtu`.
+    pub mtu: u16,
     pub rss_kb: u64,
     pub baseline_kb: u64,
     pub cpu_percent: f64,
@@ -27,17 +29,23 @@ impl Capacity {
 /// How long relay CPU is sampled once the nodes are attached.
 const CPU_WINDOW: Duration = Duration::from_secs(10);
 
-/// Attaches idle simulated nodes to a fresh relay in steps up to each count.
+/// Attaches idle simulated nodes to a fresh relay in steps up to each count;
+/// the relay tries QUIC datagrams up to `mtu` (its `quic_max_mtu`).
 pub fn idle_nodes(
     scene: &Scene,
     rt: &tokio::runtime::Runtime,
     counts: &[usize],
+    mtu: u16,
 ) -> anyhow::Result<Vec<Capacity>> {
-    let data = scene.subdir("broker-capacity")?;
+    let name = format!("broker-capacity-{mtu}");
+    let data = scene.subdir(&name)?;
     let limits = ["--rate-limit-per-sec", "1000", "--rate-limit-burst", "1000"];
     // Simulated nodes do not run the speed test.
-    let untested = [&limits[..], &["--speed-test-rounds", "0"]].concat();
-    let broker = Broker::start_with(scene, "broker-capacity", data, 0, &untested)?;
+    let mut untested = [&limits[..], &["--speed-test-rounds", "0"]].concat();
+    let config = scene.dir().join(format!("{name}.toml"));
+    std::fs::write(&config, format!("quic_max_mtu = {mtu}\n"))?;
+    untested.extend(["--config", config.to_str().context("config path")?]);
+    let broker = Broker::start_with(scene, &name, data, 0, &untested)?;
     let pid = broker.proc.pid();
     std::thread::sleep(Duration::from_secs(1));
     let baseline_kb = rss_kb(pid)?;
@@ -84,6 +92,7 @@ pub fn idle_nodes(
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         out.push(Capacity {
             nodes: count,
+            mtu,
             rss_kb: rss_kb(pid)?,
             baseline_kb,
             cpu_percent: (cpu1 - cpu0) as f64 / hz / CPU_WINDOW.as_secs_f64() * 100.0,

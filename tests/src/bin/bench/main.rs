@@ -45,6 +45,8 @@ struct Opts {
     /// Sections to run (all when empty): bulk, true, order, echo, raw,
     /// capacity, receipts.
     only: Vec<String>,
+    /// `quic_max_mtu` of each relay measured in the capacity section.
+    relay_mtus: Vec<u16>,
 }
 
 /// The sections `--only` may name.
@@ -71,6 +73,8 @@ impl Opts {
             install: true,
             out: Some(PathBuf::from("BENCHMARKS.md")),
             only: Vec::new(),
+            // The default, and what a relay of internet-only nodes may choose.
+            relay_mtus: vec![jusy_node::QUIC_MTU, 1452],
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -79,6 +83,7 @@ impl Opts {
                 "--quick" => {
                     (o.bulk_mib, o.bulk_rounds, o.trials, o.orders) = (8, 1, 3, 1);
                     (o.pings, o.raw_mib, o.nodes, o.out) = (200, 16, vec![20], None);
+                    o.relay_mtus = vec![jusy_node::QUIC_MTU];
                 }
                 "--bulk-mib" => o.bulk_mib = val()?.parse()?,
                 "--bulk-rounds" => o.bulk_rounds = val()?.parse()?,
@@ -100,13 +105,19 @@ impl Opts {
                     // A partial run is for looking, not for the record.
                     o.out = None;
                 }
+                "--relay-mtu" => {
+                    o.relay_mtus = val()?
+                        .split(',')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()?;
+                }
                 "--no-install" => o.install = false,
                 "--out" => o.out = Some(val()?.into()),
                 "--no-out" => o.out = None,
                 _ => bail!(
                     "unknown argument {a}; flags: --quick --bulk-mib N --bulk-rounds N \
                      --trials N --orders N --pings N --raw-mib N --nodes N,N --no-install \
-                     --out FILE --no-out --only SECTION,SECTION"
+                     --out FILE --no-out --only SECTION,SECTION --relay-mtu N,N"
                 ),
             }
         }
@@ -283,7 +294,10 @@ fn run(
 
     if opts.runs("capacity") {
         eprintln!("bench: relay capacity");
-        table.capacity = capacity::idle_nodes(scene, rt, &opts.nodes)?;
+        for &mtu in &opts.relay_mtus {
+            let measured = capacity::idle_nodes(scene, rt, &opts.nodes, mtu)?;
+            table.capacity.extend(measured);
+        }
     }
     if opts.runs("receipts") {
         eprintln!("bench: receipts");

@@ -122,13 +122,19 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
         );
         let _ = writeln!(
             s,
-            "| nodes | relay RSS, MiB | RSS per node, KB | relay CPU, % of a core | CPU per node, µs/s |"
+            "| relay `quic_max_mtu` | nodes | relay RSS, MiB | RSS per node, KB | relay CPU, % of a core | CPU per node, µs/s |"
         );
-        let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
         for c in &t.capacity {
             let _ = writeln!(
                 s,
-                "| {} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {}{} | {} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                c.mtu,
+                if c.mtu == jusy_node::QUIC_MTU {
+                    " (default)"
+                } else {
+                    ""
+                },
                 c.nodes,
                 c.rss_kb as f64 / 1024.0,
                 c.rss_per_node_kb(),
@@ -208,7 +214,7 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
         "≤ 30 KB relay memory per idle node at 10,000",
         t.capacity
             .iter()
-            .find(|c| c.nodes >= 10_000)
+            .find(|c| c.nodes >= 10_000 && c.mtu == jusy_node::QUIC_MTU)
             .map(Capacity::rss_per_node_kb),
         " KB",
         |v| v <= 30.0,

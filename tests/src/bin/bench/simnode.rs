@@ -28,7 +28,8 @@ pub fn endpoint() -> anyhow::Result<quinn::Endpoint> {
     let socket = jusy_node::quic_socket("127.0.0.1:0".parse()?)?;
     let runtime = quinn::default_runtime().context("no async runtime")?;
     Ok(quinn::Endpoint::new(
-        jusy_node::tune_endpoint(&mut quinn::EndpointConfig::default()).clone(),
+        jusy_node::tune_endpoint(&mut quinn::EndpointConfig::default(), jusy_node::QUIC_MTU)
+            .clone(),
         None,
         socket,
         runtime,
@@ -47,7 +48,7 @@ pub async fn attach(
     let key = jusy_common::identity::signing_key_from_seed(&seed).context("node key")?;
     let tls = jusy_common::tls::client_config(&key, broker, ALPN)?;
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    config.transport_config(Arc::new(jusy_node::transport_config()));
+    config.transport_config(Arc::new(jusy_node::transport_config(jusy_node::QUIC_MTU)));
     let conn = endpoint.connect_with(config, relay, "jusy")?.await?;
     let (mut send, recv) = conn.open_bi().await?;
     let hello = NodeMsg::Hello {

@@ -86,7 +86,7 @@ pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
 /// Path MTU discovery up to `max_mtu` (held to [`QUIC_MTU_RANGE`]).
 pub fn mtu_discovery(max_mtu: u16) -> quinn::MtuDiscoveryConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(max_mtu.clamp(*QUIC_MTU_RANGE.start(), *QUIC_MTU_RANGE.end()));
+    mtu.upper_bound(held_mtu(max_mtu));
     mtu
 }
 
@@ -110,10 +110,28 @@ pub const QUIC_MTU_RANGE: std::ops::RangeInclusive<u16> = 1200..=QUIC_MTU;
 /// Endpoint settings both sides share: datagrams up to `max_mtu` are accepted
 /// (quinn's default stops at 1472, which caps what the peer's discovery may
 /// reach).
-pub fn tune_endpoint(e: &mut quinn::EndpointConfig, max_mtu: u16) -> &mut quinn::EndpointConfig {
+pub fn tune_endpoint(e: &mut quinn::EndpointConfig, max_mtu: u16) {
     // Held to QUIC_MTU_RANGE, which starts at quinn's minimum: cannot fail.
-    let _ = e.max_udp_payload_size(max_mtu.clamp(*QUIC_MTU_RANGE.start(), *QUIC_MTU_RANGE.end()));
-    e
+    let _ = e.max_udp_payload_size(held_mtu(max_mtu));
+}
+
+/// `max_mtu` held to [`QUIC_MTU_RANGE`].
+fn held_mtu(max_mtu: u16) -> u16 {
+    max_mtu.clamp(*QUIC_MTU_RANGE.start(), *QUIC_MTU_RANGE.end())
+}
+
+/// A client-only QUIC endpoint on `bind`: a [`quic_socket`], and datagrams
+/// accepted up to `max_mtu`.
+pub fn client_endpoint(
+    bind: std::net::SocketAddr,
+    max_mtu: u16,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = quic_socket(bind)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    let mut config = quinn::EndpointConfig::default();
+    tune_endpoint(&mut config, max_mtu);
+    quinn::Endpoint::new(config, None, socket, runtime)
 }
 
 /// Kernel buffer asked for on each side of a QUIC socket. The default (about

@@ -289,16 +289,8 @@ impl Uplink {
                 .parse()
                 .map_err(|_| UplinkError::Resolve("0.0.0.0".into()))?
         };
-        let socket = crate::quic_socket(bind).map_err(UplinkError::Endpoint)?;
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| UplinkError::Endpoint(std::io::Error::other("no async runtime")))?;
-        let mut endpoint = quinn::Endpoint::new(
-            crate::tune_endpoint(&mut quinn::EndpointConfig::default(), self.max_mtu).clone(),
-            None,
-            socket,
-            runtime,
-        )
-        .map_err(UplinkError::Endpoint)?;
+        let mut endpoint =
+            crate::client_endpoint(bind, self.max_mtu).map_err(UplinkError::Endpoint)?;
         let tls = jusy_common::tls::client_config(&self.identity, key, ALPN)
             .map_err(|e| UplinkError::Tls(e.to_string()))?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;

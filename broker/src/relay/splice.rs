@@ -127,7 +127,8 @@ async fn up(
     let mut block = bytes::BytesMut::new();
     let mut total = 0;
     loop {
-        if block.capacity() - block.len() < CHUNK {
+        // Empty here (its bytes went to QUIC): what is left is free room.
+        if block.capacity() < CHUNK {
             block = bytes::BytesMut::with_capacity(BLOCK);
         }
         let n = tcp.read_buf(&mut block).await?;

@@ -58,9 +58,7 @@ impl Opts {
     fn runs(&self, section: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == section)
     }
-}
 
-impl Opts {
     fn parse() -> anyhow::Result<Self> {
         let mut o = Self {
             bulk_mib: 1024,

@@ -25,14 +25,9 @@ pub struct SimNode {
 
 /// A client endpoint for simulated nodes (many connections share one socket).
 pub fn endpoint() -> anyhow::Result<quinn::Endpoint> {
-    let socket = jusy_node::quic_socket("127.0.0.1:0".parse()?)?;
-    let runtime = quinn::default_runtime().context("no async runtime")?;
-    Ok(quinn::Endpoint::new(
-        jusy_node::tune_endpoint(&mut quinn::EndpointConfig::default(), jusy_node::QUIC_MTU)
-            .clone(),
-        None,
-        socket,
-        runtime,
+    Ok(jusy_node::client_endpoint(
+        "127.0.0.1:0".parse()?,
+        jusy_node::QUIC_MTU,
     )?)
 }
 

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use config::Config;
 use ledger::Ledger;
 use orders::Orders;
-use relay::{Relay, RelayEvent};
+use relay::{DataPlane, Relay, RelayEvent};
 use store::Store;
 
 /// The broker could not start or stopped with an error.
@@ -82,13 +82,20 @@ pub struct Broker {
     events: mpsc::UnboundedReceiver<RelayEvent>,
     mesh: Option<MeshPart>,
     cfg: Config,
+    data_plane: DataPlane,
 }
 
 impl Broker {
     /// Opens the database and binds the API and relay sockets.
     pub async fn bind(cfg: Config, store: Store) -> Result<Self, BrokerError> {
         let identity = store.identity()?;
-        let endpoint = Relay::bind(&identity, cfg.relay_listen, cfg.quic_max_mtu)?;
+        let data_plane = DataPlane::start().map_err(relay::RelayError::DataPlane)?;
+        let endpoint = Relay::bind(
+            &identity,
+            cfg.relay_listen,
+            cfg.quic_max_mtu,
+            data_plane.handle(),
+        )?;
         let relay_addr = endpoint
             .local_addr()
             .map_err(|source| relay::RelayError::Bind {
@@ -143,7 +150,13 @@ impl Broker {
             }
         };
         let (tx, events) = mpsc::unbounded_channel();
-        let relay = Relay::new(tx, store.clone(), cfg.speed_test(), advertise);
+        let relay = Relay::new(
+            tx,
+            store.clone(),
+            cfg.speed_test(),
+            advertise,
+            data_plane.handle().clone(),
+        );
         let served = mesh.as_ref().map(|m| {
             (
                 m.mesh.clone(),
@@ -163,6 +176,7 @@ impl Broker {
             events,
             mesh,
             cfg,
+            data_plane,
         })
     }
 
@@ -184,11 +198,13 @@ impl Broker {
     /// Serves until `stop` is cancelled. Then, in this order: the API stops
     /// taking requests; every live order is ended as cancelled by the broker
     /// and settled (the nodes did nothing wrong); the relay closes its node
-    /// connections; the database is flushed.
+    /// connections and its data plane ends; the database is flushed.
     pub async fn run(self, stop: CancellationToken) -> Result<(), BrokerError> {
         tracing::info!(api = %self.api_addr, relay = %self.relay_addr, broker_key = %self.key, "broker running");
         let relay_stop = CancellationToken::new();
-        let relay_task = tokio::spawn(self.relay.clone().serve(self.endpoint, relay_stop.clone()));
+        let relay_task = self
+            .data_plane
+            .spawn(self.relay.clone().serve(self.endpoint, relay_stop.clone()));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
         let mesh = self.mesh.zip(self.orders.served()).map(|(m, served)| {
             let serving = tokio::spawn(remote::serve(
@@ -250,6 +266,9 @@ impl Broker {
             let _ = serving.await;
         }
         follow.abort();
+        // Joining the data plane's thread blocks until its runtime is gone.
+        let data_plane = self.data_plane;
+        let _ = tokio::task::spawn_blocking(move || drop(data_plane)).await;
         self.store.flush()?;
         served
     }

@@ -298,13 +298,10 @@ impl Orders {
             },
         );
         tracing::info!(%order_id, node_id = %link.id.short(), port, user = %slot.username, "order placed");
-        self.ports.spawn(splice::serve(
-            listener,
-            self.relay.clone(),
-            link.clone(),
-            order_id,
-            closed,
-        ));
+        self.ports.spawn_on(
+            splice::serve(listener, self.relay.clone(), link.clone(), order_id, closed),
+            self.relay.data_plane(),
+        );
         Ok(Credentials {
             status: "OK",
             username: slot.username,

@@ -3,6 +3,7 @@
 //! into QUIC streams.
 
 pub mod advertise;
+pub mod data_plane;
 pub mod node_link;
 pub mod splice;
 
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use advertise::{Advertise, CapacityUpdate};
+pub use data_plane::DataPlane;
 pub use node_link::NodeLink;
 
 /// What the relay tells the order book.
@@ -50,6 +52,8 @@ pub enum RelayError {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("starting the relay's data-plane thread: {0}")]
+    DataPlane(std::io::Error),
 }
 
 /// Handing an order to a node failed.
@@ -114,6 +118,9 @@ pub struct Relay {
     tasks: TaskTracker,
     /// Other relays of the mesh, told to attached nodes for failover.
     others: tokio::sync::watch::Sender<Vec<RelayAddr>>,
+    /// The runtime of the data plane ([`DataPlane`]): node connections, order
+    /// ports and splices.
+    data: tokio::runtime::Handle,
 }
 
 /// QUIC transport for node connections: keep-alives both ways and a short idle
@@ -140,6 +147,7 @@ impl Relay {
         store: crate::store::Store,
         speed_test: SpeedTest,
         advertise: Option<Advertise>,
+        data: tokio::runtime::Handle,
     ) -> Arc<Self> {
         Arc::new(Self {
             speed_test,
@@ -150,7 +158,13 @@ impl Relay {
             next_link: 1.into(),
             tasks: TaskTracker::new(),
             others: tokio::sync::watch::channel(Vec::new()).0,
+            data,
         })
+    }
+
+    /// The data plane's runtime: where order ports' splices are spawned.
+    pub fn data_plane(&self) -> &tokio::runtime::Handle {
+        &self.data
     }
 
     /// Binds the QUIC endpoint nodes dial.
@@ -159,10 +173,13 @@ impl Relay {
     /// restarted broker answers packets of its previous life's connections with
     /// resets the nodes recognise: they reconnect at once instead of waiting for
     /// their idle timeout. Datagrams towards nodes are tried up to `max_mtu`.
+    /// The endpoint, its socket and its connections belong to `data` (the
+    /// [`DataPlane`]).
     pub fn bind(
         identity: &ed25519_dalek::SigningKey,
         addr: SocketAddr,
         max_mtu: u16,
+        data: &tokio::runtime::Handle,
     ) -> Result<quinn::Endpoint, RelayError> {
         let tls = jusy_common::tls::server_config(identity, ALPN)
             .map_err(|e| RelayError::Tls(e.to_string()))?;
@@ -182,6 +199,9 @@ impl Relay {
         jusy_node::tune_endpoint(&mut endpoint_config, max_mtu);
         let bind = |source| RelayError::Bind { addr, source };
         let socket = jusy_node::quic_socket(addr).map_err(bind)?;
+        // quinn registers the socket and spawns its driver on the runtime it
+        // is created in.
+        let _data = data.enter();
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
         quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)

@@ -121,13 +121,16 @@ impl Served {
             queue,
             self.stop.clone(),
         ));
-        self.tasks.spawn(splice::serve(
-            listener,
-            self.relay.clone(),
-            link.clone(),
-            r.order_id,
-            closed,
-        ));
+        self.tasks.spawn_on(
+            splice::serve(
+                listener,
+                self.relay.clone(),
+                link.clone(),
+                r.order_id,
+                closed,
+            ),
+            self.relay.data_plane(),
+        );
         MeshResponse::Reserved(Reserved {
             host: self.public_host.clone(),
             port,

@@ -103,6 +103,39 @@ fn documented_flow_with_strict_host_key_checking() {
         env.arg("echo \"${LC_TEST:-unset} ${EVIL:-unset}\"");
         let out = jusy_tests::process::run(scene, env, None, Duration::from_secs(60))?;
         assert_eq!(out.text(), "yes unset\n", "{}", out.stderr);
+
+        // The transport cipher OpenSSH ends up with: AES-GCM where the CPU has
+        // AES instructions (offered ChaCha20, OpenSSH would take it),
+        // ChaCha20-Poly1305 elsewhere.
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
+        let has = |flag: &str| {
+            cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+                .any(|l| l.split_whitespace().any(|f| f == flag))
+        };
+        let aes = has("aes") && (has("pclmulqdq") || has("pmull"));
+        let mut verbose = login.ssh_command(&login.key, &["-v"]);
+        verbose.arg("true");
+        let out = jusy_tests::process::run(scene, verbose, None, Duration::from_secs(60))?;
+        let want = if aes {
+            "server->client cipher: aes128-gcm@openssh.com"
+        } else {
+            "server->client cipher: chacha20-poly1305@openssh.com"
+        };
+        assert!(out.stderr.contains(want), "wanted {want:?}: {}", out.stderr);
+        if aes {
+            let mut chacha =
+                login.ssh_command(&login.key, &["-c", "chacha20-poly1305@openssh.com"]);
+            chacha.arg("true");
+            let out = jusy_tests::process::run(scene, chacha, None, Duration::from_secs(60))?;
+            assert_eq!(out.status, Some(255), "{}", out.stderr);
+            assert!(
+                out.stderr.contains("no matching cipher found"),
+                "{}",
+                out.stderr
+            );
+        }
         Ok(())
     })
 }

@@ -39,8 +39,58 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
         max_auth_attempts: 6,
         // The first window; later ones are the connection's `Backlog::window`.
         window_size: input::WINDOW,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(ciphers(aes_in_hardware())),
+            ..russh::Preferred::DEFAULT
+        },
         ..Default::default()
     })
+}
+
+/// The ciphers offered to clients. A client takes the first of its own list
+/// that the server offers, and OpenSSH lists ChaCha20-Poly1305 and AES-CTR
+/// before AES-GCM: offered all, it picks ChaCha20, which costs this server
+/// (and the client) about twice the CPU per byte of AES-GCM on a CPU with AES
+/// instructions. So where the CPU has them, only AES-GCM is offered, and a bulk
+/// copy runs nearly twice as fast for the same CPU of the node's owner. Every
+/// OpenSSH since 6.2, PuTTY since 0.76 and Go's x/crypto speak it; a client
+/// that does not gets "no matching cipher". Without AES instructions,
+/// ChaCha20-Poly1305 is the fastest safe choice and leads the list.
+fn ciphers(aes_in_hardware: bool) -> &'static [russh::cipher::Name] {
+    use russh::cipher::{
+        AES_128_CTR, AES_128_GCM, AES_192_CTR, AES_256_CTR, AES_256_GCM, CHACHA20_POLY1305,
+    };
+    if aes_in_hardware {
+        &[AES_128_GCM, AES_256_GCM]
+    } else {
+        &[
+            CHACHA20_POLY1305,
+            AES_128_GCM,
+            AES_256_GCM,
+            AES_256_CTR,
+            AES_192_CTR,
+            AES_128_CTR,
+        ]
+    }
+}
+
+/// Whether this CPU has AES and carry-less multiply instructions (AES-GCM at
+/// several GB/s per core).
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
 }
 
 /// Who may log in to one order, and as whom.
@@ -216,5 +266,34 @@ impl russh::server::Handler for ConnHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         session.channel_failure(channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offered_ciphers_are_known_and_aes_hardware_gets_only_gcm() {
+        for hw in [true, false] {
+            for name in ciphers(hw) {
+                assert!(
+                    russh::cipher::ALL_CIPHERS.contains(&name),
+                    "{name:?} is not a cipher russh has"
+                );
+            }
+        }
+        // OpenSSH takes ChaCha20 or CTR before GCM whenever they are offered.
+        assert!(
+            ciphers(true)
+                .iter()
+                .all(|c| c.as_ref().starts_with("aes") && c.as_ref().contains("-gcm@")),
+            "{:?}",
+            ciphers(true)
+        );
+        assert_eq!(ciphers(false)[0], russh::cipher::CHACHA20_POLY1305);
+        let key = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]);
+        let config = config(PrivateKey::from(key));
+        assert_eq!(&config.preferred.cipher[..], ciphers(aes_in_hardware()));
     }
 }

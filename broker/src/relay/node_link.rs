@@ -199,6 +199,9 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// How long a refused node is given to acknowledge the reason.
+const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
+
 /// Tells the node why it is refused, and returns that as the link's error.
 async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
     if let Ok(frame) = frame::encode(&BrokerMsg::Error {
@@ -206,7 +209,11 @@ async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
     }) {
         let _ = send.write_all(&frame).await;
     }
-    let _ = send.finish();
+    // The connection closes when the link ends, and a close discards stream
+    // data not yet delivered: wait until the node has the reason.
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
+    }
     LinkError::Protocol(error)
 }
 

@@ -26,6 +26,23 @@ fn network(scene: &Scene, slots: u32) -> anyhow::Result<(Broker, Node, String)> 
     Ok((broker, node, client))
 }
 
+/// Runs `ssh` and checks that it failed (exit 255) saying `want`.
+fn refused(
+    scene: &Scene,
+    ssh: std::process::Command,
+    input: Option<&[u8]>,
+    want: &str,
+) -> anyhow::Result<()> {
+    let out = jusy_tests::process::run(scene, ssh, input, Duration::from_secs(60))?;
+    anyhow::ensure!(
+        out.status == Some(255) && out.stderr.contains(want),
+        "wanted ssh to fail with {want:?}, got {:?}: {}",
+        out.status,
+        out.stderr
+    );
+    Ok(())
+}
+
 fn order(scene: &Scene, broker: &Broker, client: &str) -> anyhow::Result<Login> {
     let (status, body) = broker.order(scene, client)?;
     anyhow::ensure!(status == 200, "order failed with {status}: {body}");
@@ -128,13 +145,7 @@ fn documented_flow_with_strict_host_key_checking() {
             let mut chacha =
                 login.ssh_command(&login.key, &["-c", "chacha20-poly1305@openssh.com"]);
             chacha.arg("true");
-            let out = jusy_tests::process::run(scene, chacha, None, Duration::from_secs(60))?;
-            assert_eq!(out.status, Some(255), "{}", out.stderr);
-            assert!(
-                out.stderr.contains("no matching cipher found"),
-                "{}",
-                out.stderr
-            );
+            refused(scene, chacha, None, "no matching cipher found")?;
         }
         Ok(())
     })
@@ -192,37 +203,20 @@ fn bad_input_is_refused_clearly() {
                 &login.port.to_string(),
             ])
             .args(["-l", &login.user, &login.host, "true"]);
-        let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
-        assert_eq!(out.status, Some(255));
-        assert!(
-            out.stderr.contains("(publickey)"),
-            "only publickey offered: {}",
-            out.stderr
-        );
+        // Only publickey is offered.
+        refused(scene, cmd, None, "(publickey)")?;
 
         // Port forwarding is refused by the server, both ways: a channel to
         // an address from the node (what `-L` and `-W` open) and a listener
         // on the node (`-R`).
         let cmd = login.ssh_command(&login.key, &["-W", "127.0.0.1:22"]);
-        let out = jusy_tests::process::run(scene, cmd, Some(b""), Duration::from_secs(60))?;
-        assert_eq!(out.status, Some(255), "{}", out.stderr);
-        assert!(
-            out.stderr.contains("open failed"),
-            "the node must refuse the forwarding channel: {}",
-            out.stderr
-        );
+        refused(scene, cmd, Some(b""), "open failed")?;
         let mut cmd = login.ssh_command(
             &login.key,
             &["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:22"],
         );
         cmd.arg("true");
-        let out = jusy_tests::process::run(scene, cmd, None, Duration::from_secs(60))?;
-        assert_eq!(out.status, Some(255), "{}", out.stderr);
-        assert!(
-            out.stderr.contains("remote port forwarding failed"),
-            "the node must refuse to listen: {}",
-            out.stderr
-        );
+        refused(scene, cmd, None, "remote port forwarding failed")?;
         Ok(())
     })
 }

@@ -166,3 +166,126 @@ pub fn receipts_per_sec() -> anyhow::Result<f64> {
     }
     Ok(crate::report::median(&rates))
 }
+
+/// One relay carrying `sessions` sessions at once, each on its own simulated
+/// node, every client streaming into its node's sink.
+#[derive(Debug, Clone, Copy)]
+pub struct Active {
+    pub sessions: usize,
+    /// Relay RSS while they stream.
+    pub rss_kb: u64,
+    /// Relay RSS with the same nodes attached and orders placed, before any
+    /// byte flows.
+    pub idle_kb: u64,
+    pub cpu_percent: f64,
+    /// What all clients sent through the relay together.
+    pub gbps: f64,
+}
+
+impl Active {
+    pub fn rss_per_session_kb(&self) -> f64 {
+        self.rss_kb.saturating_sub(self.idle_kb) as f64 / self.sessions as f64
+    }
+}
+
+/// How long the streaming sessions are measured, after they all started.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Orders `sessions` sessions on a fresh relay with as many simulated nodes,
+/// starts every client streaming, and samples the relay while they do.
+pub fn active_sessions(
+    scene: &Scene,
+    rt: &tokio::runtime::Runtime,
+    sessions: usize,
+) -> anyhow::Result<Active> {
+    let name = "broker-active";
+    let data = scene.subdir(name)?;
+    let client = Broker::add_client(scene, &data)?;
+    let config = scene.dir().join(format!("{name}.toml"));
+    // Enough of the client's deposit for every order.
+    std::fs::write(&config, "price_sat = 1000\n")?;
+    let flags = [
+        "--rate-limit-per-sec",
+        "1000",
+        "--rate-limit-burst",
+        "1000",
+        "--speed-test-rounds",
+        "0",
+        "--config",
+        config.to_str().context("config path")?,
+    ];
+    let broker = Broker::start_with(scene, name, data, 0, &flags)?;
+    let pid = broker.proc.pid();
+    let key: PeerId = broker.key.parse()?;
+    let relay = broker.relay;
+    let (endpoint, nodes) = rt.block_on(async {
+        let endpoint = crate::simnode::endpoint()?;
+        let mut nodes = Vec::new();
+        for _ in 0..sessions {
+            let node = crate::simnode::attach(&endpoint, relay, key, 1).await?;
+            nodes.push(tokio::spawn(node.serve_workload()));
+        }
+        anyhow::Ok((endpoint, nodes))
+    })?;
+    broker.wait_capacity(scene, sessions as u64)?;
+    let mut ports = Vec::new();
+    for _ in 0..sessions {
+        let (status, order) = broker.order(scene, &client)?;
+        anyhow::ensure!(status == 200, "order {} failed: {order}", ports.len());
+        ports.push(u16::try_from(order["port"].as_u64().context("port")?)?);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_kb = rss_kb(pid)?;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = std::sync::Arc::new(std::sync::Barrier::new(sessions + 1));
+    let clients: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            let (stop, sent, started) = (stop.clone(), sent.clone(), started.clone());
+            std::thread::spawn(move || {
+                let streamed =
+                    crate::service::stream_until(crate::tools::local(port), &stop, &sent, &started);
+                if streamed.is_err() {
+                    // Whoever waits for the start must not wait forever.
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                streamed
+            })
+        })
+        .collect();
+    started.wait();
+    // Past the first windows and congestion controllers' start.
+    std::thread::sleep(Duration::from_secs(1));
+    let (cpu0, bytes0, t0) = (
+        cpu_ticks(pid)?,
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        Instant::now(),
+    );
+    std::thread::sleep(ACTIVE_WINDOW);
+    let (cpu1, bytes1, took) = (
+        cpu_ticks(pid)?,
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        t0.elapsed(),
+    );
+    let rss_kb = rss_kb(pid)?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join()
+            .map_err(|_| anyhow::anyhow!("a streaming client panicked"))??;
+    }
+    for n in nodes {
+        n.abort();
+    }
+    drop(endpoint);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(Active {
+        sessions,
+        rss_kb,
+        idle_kb,
+        cpu_percent: (cpu1 - cpu0) as f64 / hz / took.as_secs_f64() * 100.0,
+        gbps: (bytes1 - bytes0) as f64 * 8.0 / 1e9 / took.as_secs_f64(),
+    })
+}

@@ -43,15 +43,17 @@ struct Opts {
     install: bool,
     out: Option<PathBuf>,
     /// Sections to run (all when empty): bulk, true, order, echo, raw,
-    /// capacity, receipts.
+    /// capacity, active, receipts.
     only: Vec<String>,
     /// `quic_max_mtu` of each relay measured in the capacity section.
     relay_mtus: Vec<u16>,
+    /// Sessions streaming at once through one relay (the active section).
+    sessions: usize,
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 7] = [
-    "bulk", "true", "order", "echo", "raw", "capacity", "receipts",
+const SECTIONS: [&str; 8] = [
+    "bulk", "true", "order", "echo", "raw", "capacity", "active", "receipts",
 ];
 
 impl Opts {
@@ -73,6 +75,7 @@ impl Opts {
             only: Vec::new(),
             // The default, and what a relay of internet-only nodes may choose.
             relay_mtus: vec![jusy_node::QUIC_MTU, 1452],
+            sessions: 100,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -82,6 +85,7 @@ impl Opts {
                     (o.bulk_mib, o.bulk_rounds, o.trials, o.orders) = (8, 1, 3, 1);
                     (o.pings, o.raw_mib, o.nodes, o.out) = (200, 16, vec![20], None);
                     o.relay_mtus = vec![jusy_node::QUIC_MTU];
+                    o.sessions = 4;
                 }
                 "--bulk-mib" => o.bulk_mib = val()?.parse()?,
                 "--bulk-rounds" => o.bulk_rounds = val()?.parse()?,
@@ -89,6 +93,7 @@ impl Opts {
                 "--orders" => o.orders = val()?.parse()?,
                 "--pings" => o.pings = val()?.parse()?,
                 "--raw-mib" => o.raw_mib = val()?.parse()?,
+                "--sessions" => o.sessions = val()?.parse()?,
                 "--nodes" => {
                     o.nodes = val()?
                         .split(',')
@@ -114,7 +119,7 @@ impl Opts {
                 "--no-out" => o.out = None,
                 _ => bail!(
                     "unknown argument {a}; flags: --quick --bulk-mib N --bulk-rounds N \
-                     --trials N --orders N --pings N --raw-mib N --nodes N,N --no-install \
+                     --trials N --orders N --pings N --raw-mib N --nodes N,N --sessions N --no-install \
                      --out FILE --no-out --only SECTION,SECTION --relay-mtu N,N"
                 ),
             }
@@ -296,6 +301,10 @@ fn run(
             let measured = capacity::idle_nodes(scene, rt, &opts.nodes, mtu)?;
             table.capacity.extend(measured);
         }
+    }
+    if opts.runs("active") {
+        eprintln!("bench: {} active sessions", opts.sessions);
+        table.active = Some(capacity::active_sessions(scene, rt, opts.sessions)?);
     }
     if opts.runs("receipts") {
         eprintln!("bench: receipts");

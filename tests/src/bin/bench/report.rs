@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::process::Command;
 
-use crate::capacity::Capacity;
+use crate::capacity::{Active, Capacity};
 
 pub const COLUMNS: [&str; 6] = [
     "jusy",
@@ -25,6 +25,7 @@ const BORE: usize = 4;
 pub struct Table {
     rows: Vec<(String, [Option<f64>; COLUMNS.len()], usize)>,
     pub capacity: Vec<Capacity>,
+    pub active: Option<Active>,
     pub receipts_per_sec: Option<f64>,
     /// Runs that failed (left out of the medians), shown under the table.
     failures: Vec<String>,
@@ -143,6 +144,28 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
             );
         }
         let _ = writeln!(s);
+    }
+    if let Some(a) = t.active {
+        let _ = writeln!(
+            s,
+            "## Relay with {} active sessions (each on its own simulated node, every client \
+             streaming into its node's sink at once)\n",
+            a.sessions
+        );
+        let _ = writeln!(
+            s,
+            "| sessions | all clients together, Gbit/s | relay CPU, % of a core | relay RSS, MiB | RSS per session above the idle relay, KB |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.1} | {:.1} | {:.1} |\n",
+            a.sessions,
+            a.gbps,
+            a.cpu_percent,
+            a.rss_kb as f64 / 1024.0,
+            a.rss_per_session_kb()
+        );
     }
     if let Some(r) = t.receipts_per_sec {
         let _ = writeln!(

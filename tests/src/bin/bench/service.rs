@@ -8,6 +8,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -92,6 +94,28 @@ pub fn stream(addr: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
     let mut ack = [0u8; 1];
     tcp.read_exact(&mut ack).context("sink answer")?;
     Ok(t.elapsed())
+}
+
+/// Streams into the sink at `addr` from when all are `started` until `stop`,
+/// counting what was written in `sent`; then closes.
+pub fn stream_until(
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+    started: &Barrier,
+) -> anyhow::Result<()> {
+    let tcp = connect(addr);
+    started.wait();
+    let mut tcp = tcp?;
+    tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
+    tcp.write_all(&[SINK])?;
+    tcp.write_all(&u64::MAX.to_be_bytes())?;
+    let chunk = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        tcp.write_all(&chunk).context("streaming")?;
+        sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Waits until `addr` echoes through whatever tunnel is in front of it.

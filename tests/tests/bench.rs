@@ -19,5 +19,8 @@ fn bench_runs_on_a_tiny_size() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("| `ssh … true`, ms |"), "{stdout}");
-    assert!(stdout.contains("## Relay with 4 active sessions"), "{stdout}");
+    assert!(
+        stdout.contains("## Relay with 4 active sessions"),
+        "{stdout}"
+    );
 }

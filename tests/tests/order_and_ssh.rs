@@ -106,6 +106,15 @@ fn documented_flow_with_strict_host_key_checking() {
         );
         let out = login.ssh(scene, "exit 3", None)?;
         assert_eq!(out.status, Some(3));
+        // A program killed by a signal is reported as exit-signal, which
+        // OpenSSH's client turns into 255, as with sshd.
+        let out = login.ssh(scene, "echo before; kill -TERM $$; echo after", None)?;
+        assert_eq!(
+            (out.status, out.text().as_str()),
+            (Some(255), "before\n"),
+            "{}",
+            out.stderr
+        );
 
         // Only LANG, LC_* and TERM pass from the client.
         let mut env = login.ssh_command(

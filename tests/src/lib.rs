@@ -13,6 +13,7 @@
 //! * [`lab`] — a network of namespaced hosts: the internet, brokers, home
 //!   routers that NAT, carrier-grade NAT, and clients.
 //! * [`leftovers`] — what a node's sessions left on the machine, if anything.
+//! * [`terminal`] — a program on a pty of its own, resized like a window.
 //!
 //! The binaries are taken from the Cargo target directory the tests were built
 //! in; build them first (`cargo build --workspace --bins`, as README's test
@@ -29,6 +30,7 @@ pub mod leftovers;
 pub mod process;
 pub mod scene;
 pub mod site;
+pub mod terminal;
 
 pub use client::Login;
 pub use jusy::{Broker, Node};

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use jusy_tests::client::{COMMAND, random_file, sha256_file};
 use jusy_tests::jusy::user_exists;
+use jusy_tests::terminal::Terminal;
 use jusy_tests::{Broker, Login, Node, Scene, e2e};
 
 /// A broker with one client and a node with `slots` ready sessions.
@@ -156,6 +157,23 @@ fn documented_flow_with_strict_host_key_checking() {
             chacha.arg("true");
             refused(scene, chacha, None, "no matching cipher found")?;
         }
+        Ok(())
+    })
+}
+
+#[test]
+fn terminal_size_follows_the_client_window() {
+    e2e("terminal_size_follows_the_client_window", |scene| {
+        let (broker, _node, client) = network(scene, 1)?;
+        let login = order(scene, &broker, &client)?;
+        let mut ssh = login.ssh_command(&login.key, &["-tt"]);
+        // Prints its terminal's size, then again once it has changed.
+        ssh.arg("stty size; while [ \"$(stty size)\" = '30 100' ]; do sleep 0.05; done; stty size");
+        let mut term = Terminal::spawn(ssh, 30, 100)?;
+        term.expect("30 100", COMMAND)?;
+        term.resize(40, 120)?;
+        term.expect("40 120", COMMAND)?;
+        assert_eq!(term.wait(COMMAND)?, Some(0), "{}", term.text());
         Ok(())
     })
 }

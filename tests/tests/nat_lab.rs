@@ -156,7 +156,7 @@ fn bulk_scp_over_a_slow_lossy_uplink() {
             loss_pct: 1.0,
             seed: 7,
         };
-        let uplink = home.router.impair_uplink(scene, broker.relay, impairment)?;
+        let mut uplink = home.router.impair_uplink(scene, broker.relay, impairment)?;
         scene.note(&format!("uplink impaired with {}", uplink.how));
         let _node = Node::start_via(scene, "node", &home.host, &broker, uplink.relay, NODE_ARGS)?;
         broker.wait_capacity(scene, 1)?;
@@ -180,6 +180,7 @@ fn bulk_scp_over_a_slow_lossy_uplink() {
         scene.note(&format!("32 MiB scp took {:?}", started.elapsed()));
         let out = login.ssh(scene, "sha256sum data.bin", None)?;
         assert!(out.text().starts_with(&want), "remote: {}", out.text());
+        scene.note(&uplink.check_lossy(scene)?);
         Ok(())
     })
 }

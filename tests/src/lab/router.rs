@@ -5,6 +5,7 @@
 //! userspace `jusy-impair` where the kernel has no netem).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -49,6 +50,47 @@ pub struct ImpairedUplink {
     pub how: String,
     /// The userspace impairer, stopped when this is dropped.
     pub impairer: Option<Proc>,
+    /// The links `tc netem` impairs, when it is netem.
+    netem: Vec<End>,
+}
+
+impl ImpairedUplink {
+    /// Checks that the impairment has dropped packets by now, which a lossy
+    /// link carrying megabytes must have: that the test ran on the link it
+    /// meant to. Says how many (netem) or in which directions (the impairer
+    /// reports its first loss each way).
+    pub fn check_lossy(&mut self, scene: &Scene) -> anyhow::Result<String> {
+        if let Some(impairer) = &mut self.impairer {
+            let lost = impairer.wait_event("lost", Duration::from_secs(1))?;
+            return Ok(format!(
+                "jusy-impair lost datagrams going {}",
+                lost["direction"]
+            ));
+        }
+        let mut dropped = 0;
+        for end in &self.netem {
+            let out = netns::exec(
+                scene,
+                &end.ns,
+                &["tc", "-s", "qdisc", "show", "dev", &end.ifname],
+                None,
+            )?;
+            dropped += netem_dropped(&out.text()).with_context(|| {
+                format!("no drop count in tc's stats of {end:?}: {}", out.text())
+            })?;
+        }
+        anyhow::ensure!(dropped > 0, "netem dropped nothing on {:?}", self.netem);
+        Ok(format!("netem dropped {dropped} packets"))
+    }
+}
+
+/// The `dropped N` of `tc -s qdisc show`'s first statistics line.
+fn netem_dropped(stats: &str) -> Option<u64> {
+    let rest = stats.split("(dropped ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The router's whole nftables ruleset. One table per namespace, so it goes
@@ -168,6 +210,7 @@ impl Router {
                 relay,
                 how: format!("tc netem on {}'s WAN link: {imp:?}", self.ns),
                 impairer: None,
+                netem: vec![self.wan.clone(), self.upstream.clone()],
             });
         };
         let site = Site {
@@ -191,6 +234,7 @@ impl Router {
             relay: listen,
             how: format!("jusy-impair at {listen} in {} ({why}): {imp:?}", self.ns),
             impairer: Some(proc),
+            netem: Vec::new(),
         })
     }
 
@@ -234,5 +278,19 @@ impl Router {
             }
             Err(e) => Some(format!("tc netem is not available: {e:#}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netem_drop_count_is_read_from_tc_stats() {
+        let stats = "qdisc netem 8001: root refcnt 2 limit 1000 delay 50ms loss 1%\n \
+                     Sent 40213 bytes 91 pkt (dropped 3, overlimits 0 requeues 0)\n \
+                     backlog 0b 0p requeues 0\n";
+        assert_eq!(netem_dropped(stats), Some(3));
+        assert_eq!(netem_dropped("qdisc noqueue 0: root refcnt 2"), None);
     }
 }

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! Once bound it prints `{"event":"ready","listen":"<address>",…}` on stdout
-//! (with the real port when asked for port 0). Bad flags or an address it
+//! (with the real port when asked for port 0), and `{"event":"lost",
+//! "direction":"Up"}` (or `"Down"`) when it first drops a datagram that way.
+//! Bad flags or an address it
 //! cannot bind end it with a message and exit code 2. It runs until killed:
 //! its threads only block on sockets and on the delay line, and hold nothing
 //! that needs flushing, so a signal is its shutdown.
@@ -163,6 +165,13 @@ impl Shared {
         };
         if loss.drops_next() {
             counts.lost += 1;
+            if counts.lost == 1 {
+                // Proof for a test that the link is lossy in fact: once per
+                // direction, so it costs nothing later.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, r#"{{"event":"lost","direction":"{dir:?}"}}"#)
+                    .and_then(|()| out.flush());
+            }
             return;
         }
         let was_empty = line.delay.next_due().is_none();

@@ -298,10 +298,8 @@ impl Orders {
             },
         );
         tracing::info!(%order_id, node_id = %link.id.short(), port, user = %slot.username, "order placed");
-        self.ports.spawn_on(
-            splice::serve(listener, self.relay.clone(), link.clone(), order_id, closed),
-            self.relay.data_plane(),
-        );
+        self.relay
+            .serve_port(&self.ports, listener, link.clone(), order_id, closed);
         Ok(Credentials {
             status: "OK",
             username: slot.username,

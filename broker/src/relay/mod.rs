@@ -119,7 +119,7 @@ pub struct Relay {
     /// Other relays of the mesh, told to attached nodes for failover.
     others: tokio::sync::watch::Sender<Vec<RelayAddr>>,
     /// The runtime of the data plane ([`DataPlane`]): node connections, order
-    /// ports and splices.
+    /// ports ([`Relay::serve_port`]) and splices.
     data: tokio::runtime::Handle,
 }
 
@@ -162,9 +162,28 @@ impl Relay {
         })
     }
 
-    /// The data plane's runtime: where order ports' splices are spawned.
-    pub fn data_plane(&self) -> &tokio::runtime::Handle {
-        &self.data
+    /// Serves an order port on the data plane, tracked by `tasks`: its
+    /// listener moves to the data plane's reactor, and its accept loop and
+    /// splices run there.
+    pub fn serve_port(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        listener: tokio::net::TcpListener,
+        link: Arc<NodeLink>,
+        order_id: OrderId,
+        closed: CancellationToken,
+    ) {
+        let relay = self.clone();
+        tasks.spawn_on(
+            async move {
+                // Registered again from here, readiness comes from this thread.
+                match listener.into_std().and_then(tokio::net::TcpListener::from_std) {
+                    Ok(listener) => splice::serve(listener, relay, link, order_id, closed).await,
+                    Err(e) => tracing::error!(%order_id, error = %e, "order port lost moving to the data plane"),
+                }
+            },
+            &self.data,
+        );
     }
 
     /// Binds the QUIC endpoint nodes dial.

@@ -121,16 +121,8 @@ impl Served {
             queue,
             self.stop.clone(),
         ));
-        self.tasks.spawn_on(
-            splice::serve(
-                listener,
-                self.relay.clone(),
-                link.clone(),
-                r.order_id,
-                closed,
-            ),
-            self.relay.data_plane(),
-        );
+        self.relay
+            .serve_port(&self.tasks, listener, link.clone(), r.order_id, closed);
         MeshResponse::Reserved(Reserved {
             host: self.public_host.clone(),
             port,

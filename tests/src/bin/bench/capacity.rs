@@ -39,13 +39,7 @@ pub fn idle_nodes(
 ) -> anyhow::Result<Vec<Capacity>> {
     let name = format!("broker-capacity-{mtu}");
     let data = scene.subdir(&name)?;
-    let limits = ["--rate-limit-per-sec", "1000", "--rate-limit-burst", "1000"];
-    // Simulated nodes do not run the speed test.
-    let mut untested = [&limits[..], &["--speed-test-rounds", "0"]].concat();
-    let config = scene.dir().join(format!("{name}.toml"));
-    std::fs::write(&config, format!("quic_max_mtu = {mtu}\n"))?;
-    untested.extend(["--config", config.to_str().context("config path")?]);
-    let broker = Broker::start_with(scene, &name, data, 0, &untested)?;
+    let broker = fresh_relay(scene, &name, data, &format!("quic_max_mtu = {mtu}\n"))?;
     let pid = broker.proc.pid();
     std::thread::sleep(Duration::from_secs(1));
     let baseline_kb = rss_kb(pid)?;
@@ -88,18 +82,46 @@ pub fn idle_nodes(
         let cpu0 = cpu_ticks(pid)?;
         std::thread::sleep(CPU_WINDOW);
         let cpu1 = cpu_ticks(pid)?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         out.push(Capacity {
             nodes: count,
             mtu,
             rss_kb: rss_kb(pid)?,
             baseline_kb,
-            cpu_percent: (cpu1 - cpu0) as f64 / hz / CPU_WINDOW.as_secs_f64() * 100.0,
+            cpu_percent: cpu_percent(cpu1 - cpu0, CPU_WINDOW),
         });
     }
     drop(held);
     Ok(out)
+}
+
+/// Starts a relay for simulated nodes (no speed test, rate limits out of the
+/// way) with `config` as its TOML configuration.
+fn fresh_relay(
+    scene: &Scene,
+    name: &str,
+    data: std::path::PathBuf,
+    config: &str,
+) -> anyhow::Result<Broker> {
+    let path = scene.dir().join(format!("{name}.toml"));
+    std::fs::write(&path, config)?;
+    let flags = [
+        "--rate-limit-per-sec",
+        "1000",
+        "--rate-limit-burst",
+        "1000",
+        "--speed-test-rounds",
+        "0",
+        "--config",
+        path.to_str().context("config path")?,
+    ];
+    Broker::start_with(scene, name, data, 0, &flags)
+}
+
+/// `ticks` of CPU time over `window`, as a percentage of one core.
+fn cpu_percent(ticks: u64, window: Duration) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz / window.as_secs_f64() * 100.0
 }
 
 fn wait_nodes(scene: &Scene, broker: &Broker, count: usize) -> anyhow::Result<()> {
@@ -201,20 +223,8 @@ pub fn active_sessions(
     let name = "broker-active";
     let data = scene.subdir(name)?;
     let client = Broker::add_client(scene, &data)?;
-    let config = scene.dir().join(format!("{name}.toml"));
     // Enough of the client's deposit for every order.
-    std::fs::write(&config, "price_sat = 1000\n")?;
-    let flags = [
-        "--rate-limit-per-sec",
-        "1000",
-        "--rate-limit-burst",
-        "1000",
-        "--speed-test-rounds",
-        "0",
-        "--config",
-        config.to_str().context("config path")?,
-    ];
-    let broker = Broker::start_with(scene, name, data, 0, &flags)?;
+    let broker = fresh_relay(scene, name, data, "price_sat = 1000\n")?;
     let pid = broker.proc.pid();
     let key: PeerId = broker.key.parse()?;
     let relay = broker.relay;
@@ -279,13 +289,11 @@ pub fn active_sessions(
         n.abort();
     }
     drop(endpoint);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(Active {
         sessions,
         rss_kb,
         idle_kb,
-        cpu_percent: (cpu1 - cpu0) as f64 / hz / took.as_secs_f64() * 100.0,
+        cpu_percent: cpu_percent(cpu1 - cpu0, took),
         gbps: (bytes1 - bytes0) as f64 * 8.0 / 1e9 / took.as_secs_f64(),
     })
 }

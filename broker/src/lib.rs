@@ -78,6 +78,7 @@ pub struct Broker {
     pub relay: Arc<Relay>,
     api_listener: tokio::net::TcpListener,
     endpoint: quinn::Endpoint,
+    paths: relay::PathConfigs,
     orders: Arc<Orders>,
     events: mpsc::UnboundedReceiver<RelayEvent>,
     mesh: Option<MeshPart>,
@@ -90,7 +91,7 @@ impl Broker {
     pub async fn bind(cfg: Config, store: Store) -> Result<Self, BrokerError> {
         let identity = store.identity()?;
         let data_plane = DataPlane::start().map_err(relay::RelayError::DataPlane)?;
-        let endpoint = Relay::bind(
+        let (endpoint, paths) = Relay::bind(
             &identity,
             cfg.relay_listen,
             cfg.quic_max_mtu,
@@ -172,6 +173,7 @@ impl Broker {
             relay,
             api_listener,
             endpoint,
+            paths,
             orders,
             events,
             mesh,
@@ -202,9 +204,11 @@ impl Broker {
     pub async fn run(self, stop: CancellationToken) -> Result<(), BrokerError> {
         tracing::info!(api = %self.api_addr, relay = %self.relay_addr, broker_key = %self.key, "broker running");
         let relay_stop = CancellationToken::new();
-        let relay_task = self
-            .data_plane
-            .spawn(self.relay.clone().serve(self.endpoint, relay_stop.clone()));
+        let relay_task = self.data_plane.spawn(self.relay.clone().serve(
+            self.endpoint,
+            self.paths,
+            relay_stop.clone(),
+        ));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
         let mesh = self.mesh.zip(self.orders.served()).map(|(m, served)| {
             let serving = tokio::spawn(remote::serve(

@@ -20,7 +20,8 @@
 //! * [`session`] — the lifecycle of one order's session on a node as a state machine
 //!   driven by `handle_*(now, input)` calls.
 //! * [`tls`] — rustls configurations that authenticate both QUIC peers by their
-//!   ed25519 keys (no certificate authorities).
+//!   ed25519 keys (no certificate authorities), and whether this CPU runs
+//!   AES-GCM in hardware (which cipher QUIC and SSH prefer).
 //!
 //! Nothing here opens a socket, spawns a task or reads a clock.
 

@@ -120,6 +120,71 @@ fn held_mtu(max_mtu: u16) -> u16 {
     max_mtu.clamp(*QUIC_MTU_RANGE.start(), *QUIC_MTU_RANGE.end())
 }
 
+/// The largest datagram path MTU discovery tries towards `peer`: `max_mtu`,
+/// lowered to what the kernel's route to `peer` carries in one packet (as TCP
+/// takes its segment size from the interface). Across the internet that is an
+/// Ethernet or Wi-Fi link of 1500 bytes: one probe of 1472 (IPv4) or 1452
+/// (IPv6) settles it, where probing up to `max_mtu` would lose probe after
+/// probe, and each probe's size stays in the connection's transmit buffer
+/// for its life. On loopback or a jumbo-frame LAN all of `max_mtu` is tried.
+pub fn mtu_towards(peer: std::net::SocketAddr, max_mtu: u16) -> u16 {
+    let held = held_mtu(max_mtu);
+    match route_payload(peer) {
+        Some(route) => held.min(route.max(*QUIC_MTU_RANGE.start())),
+        None => held,
+    }
+}
+
+/// The UDP payload one packet on the route to `peer` carries: the route's
+/// MTU (the outgoing interface's, or a path MTU the kernel learnt) less the
+/// IP and UDP headers. `None` where the kernel cannot say.
+pub fn route_payload(peer: std::net::SocketAddr) -> Option<u16> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::os::fd::AsRawFd;
+    // A v4-mapped peer of a dual-stack socket is reached over IPv4.
+    let peer = match peer {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => peer,
+        },
+        v4 => v4,
+    };
+    let (bind, level, option, headers): (IpAddr, _, _, libc::c_int) = match peer {
+        SocketAddr::V4(_) => (
+            Ipv4Addr::UNSPECIFIED.into(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            20 + 8,
+        ),
+        SocketAddr::V6(_) => (
+            Ipv6Addr::UNSPECIFIED.into(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU,
+            40 + 8,
+        ),
+    };
+    // Connecting a UDP socket only looks the route up: nothing is sent.
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(bind, 0)).ok()?;
+    socket.connect(peer).ok()?;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the fd is open for the call, and the kernel writes at most `len`
+    // bytes into the c_int it points to.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&raw mut mtu).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    Some(u16::try_from(mtu.saturating_sub(headers).max(0)).unwrap_or(u16::MAX))
+}
+
 /// A client-only QUIC endpoint on `bind`: a [`quic_socket`], and datagrams
 /// accepted up to `max_mtu`.
 pub fn client_endpoint(
@@ -274,4 +339,26 @@ pub async fn run(
     uplink_stop.cancel();
     let _ = uplink.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_carries_the_largest_datagram_and_config_still_caps_it() {
+        let lo: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        // Loopback's MTU is 65536 unless someone lowered it.
+        let route = route_payload(lo).expect("the kernel knows the route to loopback");
+        assert!(route > QUIC_MTU, "loopback carries {route} bytes");
+        assert_eq!(mtu_towards(lo, QUIC_MTU), QUIC_MTU);
+        assert_eq!(mtu_towards(lo, 1452), 1452);
+        assert_eq!(mtu_towards(lo, 60000), QUIC_MTU, "held to the range");
+        let mapped: std::net::SocketAddr = "[::ffff:127.0.0.1]:9".parse().expect("addr");
+        assert_eq!(
+            route_payload(mapped),
+            Some(route),
+            "a v4-mapped peer is an IPv4 route"
+        );
+    }
 }

@@ -139,7 +139,8 @@ impl Uplink {
         registered: &mut bool,
     ) -> Result<(), UplinkError> {
         let addr = resolve(&target.addr).await?;
-        let endpoint = self.endpoint(addr, target.key)?;
+        let max_datagram = crate::mtu_towards(addr, self.max_mtu);
+        let endpoint = self.endpoint(addr, target.key, max_datagram)?;
         let connecting = endpoint.connect(addr, "jusy")?;
         // A stop while the relay does not answer must not wait out the
         // handshake timeout.
@@ -179,10 +180,14 @@ impl Uplink {
         *registered = true;
         relays.measured(target.key, conn.rtt());
         let node_id = PeerId::from_signing_key(&self.identity);
-        tracing::info!(broker = %target.addr, %node_id, rtt_ms = conn.rtt().as_millis() as u64, "registered with relay");
+        tracing::info!(broker = %target.addr, %node_id, rtt_ms = conn.rtt().as_millis() as u64, max_datagram, "registered with relay");
         crate::announce(
             "registered",
-            serde_json::json!({"broker": target.addr, "node_id": node_id.to_string()}),
+            serde_json::json!({
+                "broker": target.addr,
+                "node_id": node_id.to_string(),
+                "max_datagram": max_datagram,
+            }),
         );
         if let Some(ev) = unsent.take() {
             send_or_keep(&mut send, ev, unsent).await?;
@@ -279,7 +284,14 @@ impl Uplink {
         );
     }
 
-    fn endpoint(&self, addr: SocketAddr, key: PeerId) -> Result<quinn::Endpoint, UplinkError> {
+    /// A client endpoint for the relay at `addr`, trying datagrams up to
+    /// `max_datagram` bytes.
+    fn endpoint(
+        &self,
+        addr: SocketAddr,
+        key: PeerId,
+        max_datagram: u16,
+    ) -> Result<quinn::Endpoint, UplinkError> {
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
                 .parse()
@@ -295,7 +307,7 @@ impl Uplink {
             .map_err(|e| UplinkError::Tls(e.to_string()))?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| UplinkError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(crate::transport_config(self.max_mtu)));
+        config.transport_config(Arc::new(crate::transport_config(max_datagram)));
         endpoint.set_default_client_config(config);
         Ok(endpoint)
     }

@@ -241,6 +241,8 @@ pub struct Node {
     pub data_dir: PathBuf,
     /// The node's identity (hex), from its `registered` event.
     pub node_id: String,
+    /// The largest QUIC datagram it tries towards its relay, from the same.
+    pub max_datagram: u64,
 }
 
 impl Node {
@@ -311,6 +313,7 @@ impl Node {
             .as_str()
             .unwrap_or_default()
             .clone_into(&mut self.node_id);
+        self.max_datagram = registered["max_datagram"].as_u64().unwrap_or_default();
         Ok(())
     }
 
@@ -360,6 +363,7 @@ impl Node {
             proc,
             data_dir,
             node_id: String::new(),
+            max_datagram: 0,
         })
     }
 

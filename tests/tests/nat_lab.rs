@@ -70,12 +70,15 @@ fn node_behind_nat_serves_a_client_on_the_internet() {
         let mut lab = Lab::new(scene)?;
         let (broker, client) = broker(scene, &mut lab)?;
         let home = lab.home("home", HomeOpts::default())?;
-        let _node = node(scene, &home, &broker)?;
+        let node = node(scene, &home, &broker)?;
         let laptop = lab.public_host("client")?;
 
         let login = order(scene, &broker, &laptop, &client)?;
         assert_uname(scene, &login)?;
         assert_nat_flow(scene, &home.router, &broker);
+        // The home LAN is a 1500-byte link: the node tries no QUIC datagram
+        // larger than one IPv4 packet on it carries.
+        assert_eq!(node.max_datagram, 1500 - 28);
 
         // A service on the node's LAN address: reachable from the LAN side...
         let listener = in_netns(home.host.netns.as_deref().unwrap(), || {

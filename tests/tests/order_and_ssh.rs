@@ -501,6 +501,8 @@ fn node_reconnects_after_broker_restart() {
         broker.proc.kill()?;
         drop(broker);
         let broker = Broker::start(scene, "broker-restarted", data, relay_port)?;
+        // Loopback carries datagrams of any size: all of quic_max_mtu is tried.
+        assert_eq!(node.max_datagram, u64::from(jusy_node::QUIC_MTU));
         node.proc
             .wait_event("registered", Duration::from_secs(30))?;
         broker.wait_capacity(scene, 1)?;

@@ -123,6 +123,53 @@ pub struct Relay {
     data: tokio::runtime::Handle,
 }
 
+/// The relay's QUIC server configuration for each largest datagram tried
+/// towards a node ([`jusy_node::mtu_towards`]): node connections whose route
+/// carries less than `quic_max_mtu` get a configuration that probes only that
+/// far. The few sizes met (one per interface MTU) are built once.
+#[derive(Debug)]
+pub struct PathConfigs {
+    base: quinn::ServerConfig,
+    max_mtu: u16,
+    built: Vec<(u16, Arc<quinn::ServerConfig>)>,
+}
+
+impl PathConfigs {
+    /// Sizes kept; a relay with more interface MTUs builds the rest per connection.
+    const KEPT: usize = 8;
+
+    /// The configuration for a node at `peer`, or `None` for the endpoint's
+    /// own (all of `quic_max_mtu`).
+    fn towards(&mut self, peer: SocketAddr) -> Option<Arc<quinn::ServerConfig>> {
+        self.trying(jusy_node::mtu_towards(peer, self.max_mtu))
+    }
+
+    /// The configuration that tries datagrams up to `mtu` bytes.
+    fn trying(&mut self, mtu: u16) -> Option<Arc<quinn::ServerConfig>> {
+        if mtu == self.full() {
+            return None;
+        }
+        if let Some((_, config)) = self.built.iter().find(|(m, _)| *m == mtu) {
+            return Some(config.clone());
+        }
+        let mut config = self.base.clone();
+        config.transport_config(Arc::new(transport_config(mtu)));
+        let config = Arc::new(config);
+        if self.built.len() < Self::KEPT {
+            self.built.push((mtu, config.clone()));
+        }
+        Some(config)
+    }
+
+    /// The largest datagram the endpoint's own configuration tries.
+    fn full(&self) -> u16 {
+        self.max_mtu.clamp(
+            *jusy_node::QUIC_MTU_RANGE.start(),
+            *jusy_node::QUIC_MTU_RANGE.end(),
+        )
+    }
+}
+
 /// QUIC transport for node connections: keep-alives both ways and a short idle
 /// timeout, so a dead node is noticed within seconds.
 pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
@@ -199,7 +246,7 @@ impl Relay {
         addr: SocketAddr,
         max_mtu: u16,
         data: &tokio::runtime::Handle,
-    ) -> Result<quinn::Endpoint, RelayError> {
+    ) -> Result<(quinn::Endpoint, PathConfigs), RelayError> {
         let tls = jusy_common::tls::server_config(identity, ALPN)
             .map_err(|e| RelayError::Tls(e.to_string()))?;
         let quic = QuicServerConfig::try_from(tls).map_err(|e| RelayError::Tls(e.to_string()))?;
@@ -223,23 +270,42 @@ impl Relay {
         let _data = data.enter();
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
-        quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)
+        let paths = PathConfigs {
+            base: config.clone(),
+            max_mtu,
+            built: Vec::new(),
+        };
+        let endpoint =
+            quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)?;
+        Ok((endpoint, paths))
     }
 
     /// Accepts node connections until `stop` is cancelled.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, stop: CancellationToken) {
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        mut paths: PathConfigs,
+        stop: CancellationToken,
+    ) {
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => i,
                 _ = stop.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
+            let remote = incoming.remote_address();
+            let connecting = match paths.towards(remote) {
+                Some(config) => incoming.accept_with(config),
+                None => incoming.accept(),
+            };
             let this = self.clone();
             self.tasks.spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => this.attach(conn).await,
-                    Err(e) => tracing::info!(%remote, error = %e, "node handshake failed"),
+                match connecting {
+                    Ok(connecting) => match connecting.await {
+                        Ok(conn) => this.attach(conn).await,
+                        Err(e) => tracing::info!(%remote, error = %e, "node handshake failed"),
+                    },
+                    Err(e) => tracing::info!(%remote, error = %e, "node connection refused"),
                 }
             });
         }
@@ -256,9 +322,6 @@ impl Relay {
         let link_id = self
             .next_link
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let span = tracing::info_span!("node", node_id = %node_id.short(), remote = %conn.remote_address());
-        let _enter = span.enter();
-        drop(_enter);
         node_link::run(self, conn, node_id, link_id).await;
     }
 
@@ -335,5 +398,48 @@ impl Relay {
             Ok(Err(_)) => Err(AssignError::Gone),
             Err(_) => Err(AssignError::Timeout),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(max_mtu: u16) -> PathConfigs {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+        let tls = jusy_common::tls::server_config(&key, ALPN).expect("tls");
+        let quic = QuicServerConfig::try_from(tls).expect("quic");
+        PathConfigs {
+            base: quinn::ServerConfig::with_crypto(Arc::new(quic)),
+            max_mtu,
+            built: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_on_loopback_gets_the_endpoint_configuration() {
+        let mut p = paths(jusy_node::QUIC_MTU);
+        let lo: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        assert!(p.towards(lo).is_none());
+        assert!(p.built.is_empty());
+    }
+
+    #[test]
+    fn smaller_paths_get_one_configuration_per_size() {
+        let mut p = paths(jusy_node::QUIC_MTU);
+        let a = p
+            .trying(1472)
+            .expect("a smaller size has its own configuration");
+        let b = p.trying(1472).expect("again");
+        assert!(Arc::ptr_eq(&a, &b), "built once");
+        assert!(p.trying(jusy_node::QUIC_MTU).is_none());
+        for mtu in 1200..1300 {
+            assert!(p.trying(mtu).is_some());
+        }
+        assert_eq!(
+            p.built.len(),
+            PathConfigs::KEPT,
+            "the kept sizes are bounded"
+        );
     }
 }

@@ -40,7 +40,7 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
         // The first window; later ones are the connection's `Backlog::window`.
         window_size: input::WINDOW,
         preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(ciphers(aes_in_hardware())),
+            cipher: std::borrow::Cow::Borrowed(ciphers(jusy_common::tls::aes_in_hardware())),
             ..russh::Preferred::DEFAULT
         },
         ..Default::default()
@@ -71,25 +71,6 @@ fn ciphers(aes_in_hardware: bool) -> &'static [russh::cipher::Name] {
             AES_192_CTR,
             AES_128_CTR,
         ]
-    }
-}
-
-/// Whether this CPU has AES and carry-less multiply instructions (AES-GCM at
-/// several GB/s per core).
-fn aes_in_hardware() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("aes")
-            && std::arch::is_x86_feature_detected!("pclmulqdq")
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        std::arch::is_aarch64_feature_detected!("aes")
-            && std::arch::is_aarch64_feature_detected!("pmull")
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        false
     }
 }
 
@@ -294,6 +275,9 @@ mod tests {
         assert_eq!(ciphers(false)[0], russh::cipher::CHACHA20_POLY1305);
         let key = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]);
         let config = config(PrivateKey::from(key));
-        assert_eq!(&config.preferred.cipher[..], ciphers(aes_in_hardware()));
+        assert_eq!(
+            &config.preferred.cipher[..],
+            ciphers(jusy_common::tls::aes_in_hardware())
+        );
     }
 }

@@ -62,8 +62,9 @@ pub struct Config {
     /// longer offered after this. Default 20, at most 120.
     pub capacity_validity_secs: u64,
     /// Largest QUIC datagram tried towards nodes, in bytes (1200 to 6500):
-    /// path MTU discovery keeps what each path carries. Default 6500; 1452
-    /// saves about 9 KB per idle node where every node is across the internet.
+    /// path MTU discovery keeps what each path carries. Default 6500; towards
+    /// each node no more than the route to it carries
+    /// ([`jusy_node::mtu_towards`]).
     pub quic_max_mtu: u16,
 }
 

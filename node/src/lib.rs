@@ -91,17 +91,17 @@ pub fn mtu_discovery(max_mtu: u16) -> quinn::MtuDiscoveryConfig {
 }
 
 /// Largest QUIC datagram tried. Path MTU discovery probes up to it and keeps
-/// what the path carries: about 1452 bytes across the internet, all of it on
+/// what the path carries: about 1472 bytes across the internet, all of it on
 /// loopback or a jumbo-frame LAN, where fewer, larger packets cost far less
 /// CPU per byte. quinn hands the kernel up to 10 datagrams in one GSO send,
 /// which must fit in 64 KiB: a larger size would have whole batches refused,
 /// read as a black hole, and the path dropped to the minimum. The default of
 /// `quic_max_mtu` on node and broker.
 ///
-/// The price: each connection's transmit buffer keeps the pages its largest
-/// datagram touched, about 9 KB more per idle node on a relay than with 1452.
-/// A relay whose nodes are all across the internet gains nothing from the
-/// larger size and may set `quic_max_mtu = 1452`.
+/// Each connection's transmit buffer keeps the pages its largest datagram
+/// touched (about 9 KB more per idle node than at 1472), which is why a
+/// connection tries no more than its route carries ([`mtu_towards`]): nodes
+/// across the internet pay nothing for this default.
 pub const QUIC_MTU: u16 = 6500;
 
 /// What `quic_max_mtu` may be: QUIC's minimum datagram up to [`QUIC_MTU`].

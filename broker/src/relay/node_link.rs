@@ -10,7 +10,7 @@ use jusy_common::frame::{self, Decoder};
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::AccountId;
 use jusy_common::wire::{Assignment, BrokerMsg, NodeMsg, OrderId, PROTOCOL_VERSION, Slot};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::advertise::{self, CapacityUpdate};
 use super::{AssignError, Relay, RelayEvent, lock};
@@ -28,9 +28,12 @@ pub struct NodeLink {
     /// The account that earns for this node's sessions.
     pub owner: Option<AccountId>,
     pub conn: quinn::Connection,
-    /// Boxed: an unbounded channel allocates room for 32 messages up front,
-    /// per node, even when idle.
-    to_node: mpsc::UnboundedSender<Box<BrokerMsg>>,
+    /// Messages for the node, written by its control loop; `None` once the
+    /// loop ended. A queue and a [`Notify`](tokio::sync::Notify) rather than
+    /// a channel: an unbounded channel takes about 800 bytes per node up
+    /// front, even when idle.
+    outbox: Mutex<Option<Vec<BrokerMsg>>>,
+    queued: tokio::sync::Notify,
     slots: Mutex<Vec<Slot>>,
     pending: Mutex<HashMap<OrderId, Answer>>,
     /// How long the last passed speed test took, as the broker measured it.
@@ -92,16 +95,41 @@ impl NodeLink {
         a: Assignment,
     ) -> Result<oneshot::Receiver<Result<(), AssignError>>, AssignError> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(a.order_id, tx);
-        self.to_node
-            .send(Box::new(BrokerMsg::Assign(a)))
-            .map_err(|_| AssignError::Gone)?;
+        let order_id = a.order_id;
+        lock(&self.pending).insert(order_id, tx);
+        if let Err(e) = self.send(BrokerMsg::Assign(a)) {
+            lock(&self.pending).remove(&order_id);
+            return Err(e);
+        }
         Ok(rx)
     }
 
     /// Asks the node to end an order's session.
     pub fn cancel(&self, order_id: OrderId) {
-        let _ = self.to_node.send(Box::new(BrokerMsg::Cancel { order_id }));
+        let _ = self.send(BrokerMsg::Cancel { order_id });
+    }
+
+    /// Queues `msg` for the node's control loop.
+    fn send(&self, msg: BrokerMsg) -> Result<(), AssignError> {
+        lock(&self.outbox)
+            .as_mut()
+            .ok_or(AssignError::Gone)?
+            .push(msg);
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// What was queued since the last call (nothing after [`Self::end_outbox`]).
+    fn take_outbox(&self) -> Vec<BrokerMsg> {
+        lock(&self.outbox)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The control loop ended: later messages fail with [`AssignError::Gone`].
+    fn end_outbox(&self) {
+        *lock(&self.outbox) = None;
     }
 
     pub(super) fn close(&self, why: &str) {
@@ -226,61 +254,38 @@ pub(super) async fn run(relay: Arc<Relay>, conn: quinn::Connection, node_id: Pee
     relay.unregister(node_id, link_id);
 }
 
+/// Ends a link's outbox when its control loop ends, however it ends.
+struct OutboxEnd<'a>(&'a NodeLink);
+
+impl Drop for OutboxEnd<'_> {
+    fn drop(&mut self) {
+        self.0.end_outbox();
+    }
+}
+
+/// A node's control stream once it said hello and was welcomed.
+struct Greeted {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: Decoder,
+    link: Arc<NodeLink>,
+}
+
 async fn serve(
     relay: &Arc<Relay>,
     conn: &quinn::Connection,
     node_id: PeerId,
     link_id: u64,
 ) -> Result<(), LinkError> {
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
-        .await
-        .map_err(|_| LinkError::Protocol("no control stream".into()))??;
-    let mut dec = Decoder::default();
-    let hello = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv, &mut dec))
-        .await
-        .map_err(|_| LinkError::Protocol("no hello".into()))??;
-    let NodeMsg::Hello {
-        protocol,
-        host_key,
-        cores,
-        agent,
-        owner,
-    } = hello
-    else {
-        return Err(LinkError::Protocol("first message is not hello".into()));
-    };
-    if protocol != PROTOCOL_VERSION {
-        let error =
-            format!("protocol {protocol} not supported; this relay speaks {PROTOCOL_VERSION}");
-        return Err(refuse(&mut send, error).await);
-    }
-    let owner = match owner {
-        None => None,
-        Some(hash) => match relay.store.account(Role::Owner, &hash) {
-            Ok(Some((id, _))) => Some(id),
-            Ok(None) => return Err(refuse(&mut send, "unknown owner hash".into()).await),
-            Err(e) => return Err(refuse(&mut send, format!("broker storage error: {e}")).await),
-        },
-    };
-    let (to_node, mut outbox) = mpsc::unbounded_channel();
-    let link = Arc::new(NodeLink {
-        id: node_id,
-        link_id,
-        host_key,
-        owner,
-        conn: conn.clone(),
-        to_node,
-        slots: Mutex::default(),
-        pending: Mutex::default(),
-        speed: Mutex::default(),
-        capacity: Mutex::default(),
-        path: Mutex::new(conn.remote_address()),
-    });
-    send.write_all(&frame::encode(&BrokerMsg::Welcome {
-        protocol: PROTOCOL_VERSION,
-    })?)
-    .await?;
-    tracing::info!(node_id = %node_id, cores, %agent, "node connected; speed test");
+    // Boxed: the greeting's futures would otherwise take room in every
+    // node's task for the link's whole life.
+    let Greeted {
+        mut send,
+        mut recv,
+        mut dec,
+        link,
+    } = Box::pin(greet(relay, conn, node_id, link_id)).await?;
+    let _ended = OutboxEnd(&link);
     // The node is offered (registered) only once it passed the speed test.
     let mut registered = false;
     let mut check = None;
@@ -300,17 +305,31 @@ async fn serve(
     let mut others = relay.others.subscribe();
     others.mark_changed();
     loop {
+        // One timer for the three deadlines: every node holds this loop.
         let answer_due = check.as_ref().map(|c| c.deadline);
+        let check_due = (check.is_none() && relay.speed_test.rounds > 0).then_some(next_check);
+        let wake = [answer_due, next_advert, check_due]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
-            _ = sleep_until_some(answer_due) => {
-                return Err(refuse(&mut send, "speed test not answered in time".into()).await);
-            }
-            _ = sleep_until_some(next_advert) => {
-                if let Some(a) = &relay.advertise {
-                    let terms = a.terms(link.owner, link.speed(), crate::store::now_ms());
-                    send.write_all(&frame::encode(&BrokerMsg::SignCapacity { terms: terms.clone() })?).await?;
-                    asked = Some(terms);
-                    next_advert = Some(tokio::time::Instant::now() + a.every);
+            _ = sleep_until_some(wake) => {
+                let now = tokio::time::Instant::now();
+                let passed = |due: Option<tokio::time::Instant>| due.is_some_and(|d| d <= now);
+                if passed(answer_due) {
+                    return Err(refuse(&mut send, "speed test not answered in time".into()).await);
+                }
+                if passed(next_advert) {
+                    next_advert = None;
+                    if let Some(a) = &relay.advertise {
+                        let terms = a.terms(link.owner, link.speed(), crate::store::now_ms());
+                        send.write_all(&frame::encode(&BrokerMsg::SignCapacity { terms: terms.clone() })?).await?;
+                        asked = Some(terms);
+                        next_advert = Some(tokio::time::Instant::now() + a.every);
+                    }
+                }
+                if passed(check_due) {
+                    check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
                 }
             }
             Ok(()) = others.changed(), if registered => {
@@ -318,9 +337,6 @@ async fn serve(
                 if !relays.is_empty() {
                     send.write_all(&frame::encode(&BrokerMsg::Relays { relays })?).await?;
                 }
-            }
-            _ = tokio::time::sleep_until(next_check), if check.is_none() && relay.speed_test.rounds > 0 => {
-                check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
             }
             msg = read_msg(&mut recv, &mut dec) => match msg.inspect(|_| link.follow_path())? {
                 NodeMsg::SlotsReady { slots } => {
@@ -370,11 +386,79 @@ async fn serve(
                 },
                 NodeMsg::Hello { .. } => return Err(LinkError::Protocol("second hello".into())),
             },
-            Some(out) = outbox.recv() => send.write_all(&frame::encode(&out)?).await?,
+            () = link.queued.notified() => {
+                for out in link.take_outbox() {
+                    send.write_all(&frame::encode(&out)?).await?;
+                }
+            }
             reason = conn.closed() => return match reason {
                 quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => Ok(()),
                 e => Err(e.into()),
             },
         }
     }
+}
+
+/// Takes the node's control stream, its hello, and welcomes it.
+async fn greet(
+    relay: &Arc<Relay>,
+    conn: &quinn::Connection,
+    node_id: PeerId,
+    link_id: u64,
+) -> Result<Greeted, LinkError> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .map_err(|_| LinkError::Protocol("no control stream".into()))??;
+    let mut dec = Decoder::default();
+    let hello = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv, &mut dec))
+        .await
+        .map_err(|_| LinkError::Protocol("no hello".into()))??;
+    let NodeMsg::Hello {
+        protocol,
+        host_key,
+        cores,
+        agent,
+        owner,
+    } = hello
+    else {
+        return Err(LinkError::Protocol("first message is not hello".into()));
+    };
+    if protocol != PROTOCOL_VERSION {
+        let error =
+            format!("protocol {protocol} not supported; this relay speaks {PROTOCOL_VERSION}");
+        return Err(refuse(&mut send, error).await);
+    }
+    let owner = match owner {
+        None => None,
+        Some(hash) => match relay.store.account(Role::Owner, &hash) {
+            Ok(Some((id, _))) => Some(id),
+            Ok(None) => return Err(refuse(&mut send, "unknown owner hash".into()).await),
+            Err(e) => return Err(refuse(&mut send, format!("broker storage error: {e}")).await),
+        },
+    };
+    let link = Arc::new(NodeLink {
+        id: node_id,
+        link_id,
+        host_key,
+        owner,
+        conn: conn.clone(),
+        outbox: Mutex::new(Some(Vec::new())),
+        queued: tokio::sync::Notify::new(),
+        slots: Mutex::default(),
+        pending: Mutex::default(),
+        speed: Mutex::default(),
+        capacity: Mutex::default(),
+        path: Mutex::new(conn.remote_address()),
+    });
+    send.write_all(&frame::encode(&BrokerMsg::Welcome {
+        protocol: PROTOCOL_VERSION,
+    })?)
+    .await?;
+    tracing::info!(node_id = %node_id, remote = %conn.remote_address(), cores, %agent, "node connected; speed test");
+    Ok(Greeted {
+        send,
+        recv,
+        dec,
+        link,
+    })
 }

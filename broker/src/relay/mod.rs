@@ -5,6 +5,7 @@
 pub mod advertise;
 pub mod data_plane;
 pub mod node_link;
+pub mod send_window;
 pub mod splice;
 
 use std::collections::HashMap;
@@ -183,7 +184,9 @@ pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
     t.datagram_receive_buffer_size(None);
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
-    t.send_window(32 * 1024 * 1024);
+    // What the relay buffers towards the node; uploads retune it to the
+    // path's bandwidth-delay product (`send_window`).
+    t.send_window(send_window::MIN);
     t.mtu_discovery_config(Some(jusy_node::mtu_discovery(max_mtu)));
     t
 }

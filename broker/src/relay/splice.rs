@@ -105,7 +105,7 @@ async fn splice(mut tcp: TcpStream, link: &NodeLink, order_id: OrderId) -> io::R
     send.write_all(&StreamHeader { order_id }.encode()).await?;
     let (mut from_client, mut to_client) = tcp.split();
     let copied = tokio::try_join!(
-        up(&mut from_client, &mut send),
+        up(&mut from_client, &mut send, &link.conn),
         down(&mut recv, &mut to_client)
     );
     if copied.is_err() {
@@ -119,14 +119,19 @@ async fn splice(mut tcp: TcpStream, link: &NodeLink, order_id: OrderId) -> io::R
 
 /// Client → node: each read lands in a shared block and goes to QUIC as is
 /// (no copy into QUIC's send buffer); the client's FIN becomes the stream's.
+/// While it uploads, the connection's send window follows the path
+/// ([`send_window`](super::send_window)).
 async fn up(
     tcp: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut quinn::SendStream,
+    conn: &quinn::Connection,
 ) -> io::Result<u64> {
     use tokio::io::AsyncReadExt;
     let mut block = bytes::BytesMut::new();
     let mut total = 0;
+    let mut window = super::send_window::Tuner::default();
     loop {
+        window.tick(conn);
         // Empty here (its bytes went to QUIC): what is left is free room.
         if block.capacity() < CHUNK {
             block = bytes::BytesMut::with_capacity(BLOCK);

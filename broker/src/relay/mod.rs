@@ -139,10 +139,11 @@ impl PathConfigs {
     /// Sizes kept; a relay with more interface MTUs builds the rest per connection.
     const KEPT: usize = 8;
 
-    /// The configuration for a node at `peer`, or `None` for the endpoint's
-    /// own (all of `quic_max_mtu`).
-    fn towards(&mut self, peer: SocketAddr) -> Option<Arc<quinn::ServerConfig>> {
-        self.trying(jusy_node::mtu_towards(peer, self.max_mtu))
+    /// The largest datagram tried towards a node at `peer`, and its
+    /// configuration, or `None` for the endpoint's own (all of `quic_max_mtu`).
+    fn towards(&mut self, peer: SocketAddr) -> (u16, Option<Arc<quinn::ServerConfig>>) {
+        let mtu = jusy_node::mtu_towards(peer, self.max_mtu);
+        (mtu, self.trying(mtu))
     }
 
     /// The configuration that tries datagrams up to `mtu` bytes.
@@ -297,7 +298,8 @@ impl Relay {
             };
             let Some(incoming) = incoming else { break };
             let remote = incoming.remote_address();
-            let connecting = match paths.towards(remote) {
+            let (max_datagram, config) = paths.towards(remote);
+            let connecting = match config {
                 Some(config) => incoming.accept_with(config),
                 None => incoming.accept(),
             };
@@ -305,7 +307,7 @@ impl Relay {
             self.tasks.spawn(async move {
                 match connecting {
                     Ok(connecting) => match connecting.await {
-                        Ok(conn) => this.attach(conn).await,
+                        Ok(conn) => this.attach(conn, max_datagram).await,
                         Err(e) => tracing::info!(%remote, error = %e, "node handshake failed"),
                     },
                     Err(e) => tracing::info!(%remote, error = %e, "node connection refused"),
@@ -317,7 +319,8 @@ impl Relay {
         self.tasks.wait().await;
     }
 
-    async fn attach(self: Arc<Self>, conn: quinn::Connection) {
+    /// Serves a node connection that tries datagrams up to `max_datagram`.
+    async fn attach(self: Arc<Self>, conn: quinn::Connection, max_datagram: u16) {
         let Some(node_id) = node_link::peer_id(&conn) else {
             conn.close(1u32.into(), b"no node identity");
             return;
@@ -325,7 +328,7 @@ impl Relay {
         let link_id = self
             .next_link
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        node_link::run(self, conn, node_id, link_id).await;
+        node_link::run(self, conn, node_id, link_id, max_datagram).await;
     }
 
     fn register(&self, link: Arc<NodeLink>) {
@@ -423,7 +426,9 @@ mod tests {
     fn a_node_on_loopback_gets_the_endpoint_configuration() {
         let mut p = paths(jusy_node::QUIC_MTU);
         let lo: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        assert!(p.towards(lo).is_none());
+        let (mtu, config) = p.towards(lo);
+        assert_eq!(mtu, jusy_node::QUIC_MTU);
+        assert!(config.is_none());
         assert!(p.built.is_empty());
     }
 

@@ -246,8 +246,14 @@ async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
 }
 
 /// Serves one node connection until it ends.
-pub(super) async fn run(relay: Arc<Relay>, conn: quinn::Connection, node_id: PeerId, link_id: u64) {
-    match serve(&relay, &conn, node_id, link_id).await {
+pub(super) async fn run(
+    relay: Arc<Relay>,
+    conn: quinn::Connection,
+    node_id: PeerId,
+    link_id: u64,
+    max_datagram: u16,
+) {
+    match serve(&relay, &conn, node_id, link_id, max_datagram).await {
         Ok(()) => tracing::info!(node_id = %node_id.short(), "node left"),
         Err(e) => tracing::info!(node_id = %node_id.short(), error = %e, "node connection ended"),
     }
@@ -276,6 +282,7 @@ async fn serve(
     conn: &quinn::Connection,
     node_id: PeerId,
     link_id: u64,
+    max_datagram: u16,
 ) -> Result<(), LinkError> {
     // Boxed: the greeting's futures would otherwise take room in every
     // node's task for the link's whole life.
@@ -284,7 +291,7 @@ async fn serve(
         mut recv,
         mut dec,
         link,
-    } = Box::pin(greet(relay, conn, node_id, link_id)).await?;
+    } = Box::pin(greet(relay, conn, node_id, link_id, max_datagram)).await?;
     let _ended = OutboxEnd(&link);
     // The node is offered (registered) only once it passed the speed test.
     let mut registered = false;
@@ -405,6 +412,7 @@ async fn greet(
     conn: &quinn::Connection,
     node_id: PeerId,
     link_id: u64,
+    max_datagram: u16,
 ) -> Result<Greeted, LinkError> {
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
         .await
@@ -454,7 +462,7 @@ async fn greet(
         protocol: PROTOCOL_VERSION,
     })?)
     .await?;
-    tracing::info!(node_id = %node_id, remote = %conn.remote_address(), cores, %agent, "node connected; speed test");
+    tracing::info!(node_id = %node_id, remote = %conn.remote_address(), max_datagram, cores, %agent, "node connected; speed test");
     Ok(Greeted {
         send,
         recv,

@@ -328,7 +328,13 @@ impl Relay {
         let link_id = self
             .next_link
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        node_link::run(self, conn, node_id, link_id, max_datagram).await;
+        let accepted = node_link::Accepted {
+            conn,
+            node_id,
+            link_id,
+            max_datagram,
+        };
+        node_link::run(self, accepted).await;
     }
 
     fn register(&self, link: Arc<NodeLink>) {

@@ -245,19 +245,24 @@ async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
     LinkError::Protocol(error)
 }
 
+/// A node connection as the relay accepted it.
+#[derive(Debug)]
+pub(super) struct Accepted {
+    pub conn: quinn::Connection,
+    pub node_id: PeerId,
+    /// Distinguishes reconnections of the same node.
+    pub link_id: u64,
+    /// The largest datagram tried towards the node.
+    pub max_datagram: u16,
+}
+
 /// Serves one node connection until it ends.
-pub(super) async fn run(
-    relay: Arc<Relay>,
-    conn: quinn::Connection,
-    node_id: PeerId,
-    link_id: u64,
-    max_datagram: u16,
-) {
-    match serve(&relay, &conn, node_id, link_id, max_datagram).await {
-        Ok(()) => tracing::info!(node_id = %node_id.short(), "node left"),
-        Err(e) => tracing::info!(node_id = %node_id.short(), error = %e, "node connection ended"),
+pub(super) async fn run(relay: Arc<Relay>, a: Accepted) {
+    match serve(&relay, &a).await {
+        Ok(()) => tracing::info!(node_id = %a.node_id.short(), "node left"),
+        Err(e) => tracing::info!(node_id = %a.node_id.short(), error = %e, "node connection ended"),
     }
-    relay.unregister(node_id, link_id);
+    relay.unregister(a.node_id, a.link_id);
 }
 
 /// Ends a link's outbox when its control loop ends, however it ends.
@@ -277,13 +282,8 @@ struct Greeted {
     link: Arc<NodeLink>,
 }
 
-async fn serve(
-    relay: &Arc<Relay>,
-    conn: &quinn::Connection,
-    node_id: PeerId,
-    link_id: u64,
-    max_datagram: u16,
-) -> Result<(), LinkError> {
+async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
+    let (conn, node_id) = (&a.conn, a.node_id);
     // Boxed: the greeting's futures would otherwise take room in every
     // node's task for the link's whole life.
     let Greeted {
@@ -291,7 +291,7 @@ async fn serve(
         mut recv,
         mut dec,
         link,
-    } = Box::pin(greet(relay, conn, node_id, link_id, max_datagram)).await?;
+    } = Box::pin(greet(relay, a)).await?;
     let _ended = OutboxEnd(&link);
     // The node is offered (registered) only once it passed the speed test.
     let mut registered = false;
@@ -407,13 +407,8 @@ async fn serve(
 }
 
 /// Takes the node's control stream, its hello, and welcomes it.
-async fn greet(
-    relay: &Arc<Relay>,
-    conn: &quinn::Connection,
-    node_id: PeerId,
-    link_id: u64,
-    max_datagram: u16,
-) -> Result<Greeted, LinkError> {
+async fn greet(relay: &Arc<Relay>, a: &Accepted) -> Result<Greeted, LinkError> {
+    let (conn, node_id) = (&a.conn, a.node_id);
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
         .await
         .map_err(|_| LinkError::Protocol("no control stream".into()))??;
@@ -446,7 +441,7 @@ async fn greet(
     };
     let link = Arc::new(NodeLink {
         id: node_id,
-        link_id,
+        link_id: a.link_id,
         host_key,
         owner,
         conn: conn.clone(),
@@ -462,7 +457,7 @@ async fn greet(
         protocol: PROTOCOL_VERSION,
     })?)
     .await?;
-    tracing::info!(node_id = %node_id, remote = %conn.remote_address(), max_datagram, cores, %agent, "node connected; speed test");
+    tracing::info!(node_id = %node_id, remote = %conn.remote_address(), max_datagram = a.max_datagram, cores, %agent, "node connected; speed test");
     Ok(Greeted {
         send,
         recv,

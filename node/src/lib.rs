@@ -116,7 +116,7 @@ pub fn tune_endpoint(e: &mut quinn::EndpointConfig, max_mtu: u16) {
 }
 
 /// `max_mtu` held to [`QUIC_MTU_RANGE`].
-fn held_mtu(max_mtu: u16) -> u16 {
+pub fn held_mtu(max_mtu: u16) -> u16 {
     max_mtu.clamp(*QUIC_MTU_RANGE.start(), *QUIC_MTU_RANGE.end())
 }
 

@@ -131,6 +131,7 @@ pub struct Relay {
 #[derive(Debug)]
 pub struct PathConfigs {
     base: quinn::ServerConfig,
+    /// The endpoint's own largest datagram: `quic_max_mtu`, held to its range.
     max_mtu: u16,
     built: Vec<(u16, Arc<quinn::ServerConfig>)>,
 }
@@ -148,7 +149,7 @@ impl PathConfigs {
 
     /// The configuration that tries datagrams up to `mtu` bytes.
     fn trying(&mut self, mtu: u16) -> Option<Arc<quinn::ServerConfig>> {
-        if mtu == self.full() {
+        if mtu == self.max_mtu {
             return None;
         }
         if let Some((_, config)) = self.built.iter().find(|(m, _)| *m == mtu) {
@@ -161,14 +162,6 @@ impl PathConfigs {
             self.built.push((mtu, config.clone()));
         }
         Some(config)
-    }
-
-    /// The largest datagram the endpoint's own configuration tries.
-    fn full(&self) -> u16 {
-        self.max_mtu.clamp(
-            *jusy_node::QUIC_MTU_RANGE.start(),
-            *jusy_node::QUIC_MTU_RANGE.end(),
-        )
     }
 }
 
@@ -276,7 +269,7 @@ impl Relay {
             .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
         let paths = PathConfigs {
             base: config.clone(),
-            max_mtu,
+            max_mtu: jusy_node::held_mtu(max_mtu),
             built: Vec::new(),
         };
         let endpoint =

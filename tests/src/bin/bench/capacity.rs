@@ -1,5 +1,6 @@
 //! Relay capacity (memory and CPU of one relay holding many idle simulated
-//! nodes) and receipt verification throughput.
+//! nodes, or many active sessions), receipt verification throughput, and the
+//! `/proc` readings they and the bulk row's CPU time are made of.
 
 use std::time::{Duration, Instant};
 
@@ -119,9 +120,31 @@ fn fresh_relay(
 
 /// `ticks` of CPU time over `window`, as a percentage of one core.
 fn cpu_percent(ticks: u64, window: Duration) -> f64 {
+    ticks as f64 / ticks_per_sec() / window.as_secs_f64() * 100.0
+}
+
+/// The clock ticks `/proc` counts CPU time in, per second.
+fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz / window.as_secs_f64() * 100.0
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
+/// CPU time every core of the machine has spent busy since boot, in seconds:
+/// `/proc/stat`'s total less idle and I/O wait.
+pub fn machine_busy_secs() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("/proc/stat: {line}"))?;
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let busy: u64 = ticks.iter().take(8).sum::<u64>()
+        - ticks.get(3).copied().unwrap_or(0)
+        - ticks.get(4).copied().unwrap_or(0);
+    Ok(busy as f64 / ticks_per_sec())
 }
 
 fn wait_nodes(scene: &Scene, broker: &Broker, count: usize) -> anyhow::Result<()> {

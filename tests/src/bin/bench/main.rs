@@ -220,11 +220,11 @@ fn run(
     for _ in 0..opts.bulk_rounds * usize::from(opts.runs("bulk")) {
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
-                let busy = machine_busy_secs()?;
+                let busy = capacity::machine_busy_secs()?;
                 match bulk(&keys, args, bytes) {
                     Ok(t) => {
                         mbps[i].push(bytes as f64 / 1e6 / t.as_secs_f64());
-                        cpu[i].push((machine_busy_secs()? - busy) / (bytes as f64 / 1e9));
+                        cpu[i].push((capacity::machine_busy_secs()? - busy) / (bytes as f64 / 1e9));
                     }
                     Err(e) => table.failed(i, "bulk", &e),
                 }
@@ -501,26 +501,6 @@ fn ssh_true(keys: &Keys, args: &[String]) -> anyhow::Result<Duration> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(took)
-}
-
-/// CPU time every core of the machine has spent busy since boot, in seconds:
-/// `/proc/stat`'s total less idle and I/O wait.
-fn machine_busy_secs() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("/proc/stat: {line}"))?;
-    // user nice system idle iowait irq softirq steal (guest time is in user).
-    let busy: u64 = ticks.iter().take(8).sum::<u64>()
-        - ticks.get(3).copied().unwrap_or(0)
-        - ticks.get(4).copied().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok(busy as f64 / hz)
 }
 
 fn bulk(keys: &Keys, args: &[String], bytes: u64) -> anyhow::Result<Duration> {

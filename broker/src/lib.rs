@@ -77,7 +77,7 @@ pub struct Broker {
     pub store: Store,
     pub relay: Arc<Relay>,
     api_listener: tokio::net::TcpListener,
-    endpoint: quinn::Endpoint,
+    endpoint: relay::quic::Endpoint,
     paths: relay::PathConfigs,
     orders: Arc<Orders>,
     events: mpsc::UnboundedReceiver<RelayEvent>,

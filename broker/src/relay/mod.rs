@@ -5,6 +5,7 @@
 pub mod advertise;
 pub mod data_plane;
 pub mod node_link;
+pub mod quic;
 pub mod send_window;
 pub mod splice;
 
@@ -243,7 +244,7 @@ impl Relay {
         addr: SocketAddr,
         max_mtu: u16,
         data: &tokio::runtime::Handle,
-    ) -> Result<(quinn::Endpoint, PathConfigs), RelayError> {
+    ) -> Result<(quic::Endpoint, PathConfigs), RelayError> {
         let tls = jusy_common::tls::server_config(identity, ALPN)
             .map_err(|e| RelayError::Tls(e.to_string()))?;
         let quic = QuicServerConfig::try_from(tls).map_err(|e| RelayError::Tls(e.to_string()))?;
@@ -262,25 +263,23 @@ impl Relay {
         jusy_node::tune_endpoint(&mut endpoint_config, max_mtu);
         let bind = |source| RelayError::Bind { addr, source };
         let socket = jusy_node::quic_socket(addr).map_err(bind)?;
-        // quinn registers the socket and spawns its driver on the runtime it
-        // is created in.
-        let _data = data.enter();
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| bind(std::io::Error::other("no async runtime for QUIC")))?;
         let paths = PathConfigs {
             base: config.clone(),
             max_mtu: jusy_node::held_mtu(max_mtu),
             built: Vec::new(),
         };
+        // The socket and the endpoint's driver belong to the runtime the
+        // endpoint is made in.
+        let _data = data.enter();
         let endpoint =
-            quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)?;
+            quic::Endpoint::new(endpoint_config, Arc::new(config), socket).map_err(bind)?;
         Ok((endpoint, paths))
     }
 
     /// Accepts node connections until `stop` is cancelled.
     pub async fn serve(
         self: Arc<Self>,
-        endpoint: quinn::Endpoint,
+        endpoint: quic::Endpoint,
         mut paths: PathConfigs,
         stop: CancellationToken,
     ) {
@@ -292,10 +291,7 @@ impl Relay {
             let Some(incoming) = incoming else { break };
             let remote = incoming.remote_address();
             let (max_datagram, config) = paths.towards(remote);
-            let connecting = match config {
-                Some(config) => incoming.accept_with(config),
-                None => incoming.accept(),
-            };
+            let connecting = incoming.accept(config);
             let this = self.clone();
             self.tasks.spawn(async move {
                 match connecting {
@@ -313,7 +309,7 @@ impl Relay {
     }
 
     /// Serves a node connection that tries datagrams up to `max_datagram`.
-    async fn attach(self: Arc<Self>, conn: quinn::Connection, max_datagram: u16) {
+    async fn attach(self: Arc<Self>, conn: quic::Connection, max_datagram: u16) {
         let Some(node_id) = node_link::peer_id(&conn) else {
             conn.close(1u32.into(), b"no node identity");
             return;

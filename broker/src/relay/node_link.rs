@@ -13,6 +13,7 @@ use jusy_common::wire::{Assignment, BrokerMsg, NodeMsg, OrderId, PROTOCOL_VERSIO
 use tokio::sync::oneshot;
 
 use super::advertise::{self, CapacityUpdate};
+use super::quic::{self, StreamError};
 use super::{AssignError, Relay, RelayEvent, lock};
 use crate::store::Role;
 
@@ -27,7 +28,7 @@ pub struct NodeLink {
     pub host_key: String,
     /// The account that earns for this node's sessions.
     pub owner: Option<AccountId>,
-    pub conn: quinn::Connection,
+    pub conn: quic::Connection,
     /// Messages for the node, written by its control loop; `None` once the
     /// loop ended. A queue and a [`Notify`](tokio::sync::Notify) rather than
     /// a channel: an unbounded channel takes about 800 bytes per node up
@@ -45,7 +46,7 @@ pub struct NodeLink {
 }
 
 /// The node's identity from its TLS certificate.
-pub fn peer_id(conn: &quinn::Connection) -> Option<PeerId> {
+pub fn peer_id(conn: &quic::Connection) -> Option<PeerId> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
@@ -147,11 +148,9 @@ impl NodeLink {
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
     #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("read: {0}")]
-    Read(#[from] quinn::ReadError),
-    #[error("write: {0}")]
-    Write(#[from] quinn::WriteError),
+    Connection(#[from] quinn_proto::ConnectionError),
+    #[error("control stream: {0}")]
+    Stream(#[from] StreamError),
     #[error("bad frame: {0}")]
     Frame(#[from] frame::FrameError),
     #[error("control stream closed")]
@@ -162,7 +161,7 @@ enum LinkError {
 
 /// Reads the next control message. Chunks come straight from QUIC's receive
 /// buffers, so an idle link holds no read buffer of its own.
-async fn read_msg(recv: &mut quinn::RecvStream, dec: &mut Decoder) -> Result<NodeMsg, LinkError> {
+async fn read_msg(recv: &mut quic::RecvStream, dec: &mut Decoder) -> Result<NodeMsg, LinkError> {
     loop {
         if let Some(m) = dec.next_msg()? {
             return Ok(m);
@@ -184,10 +183,7 @@ struct SpeedCheck {
 }
 
 impl SpeedCheck {
-    async fn start(
-        send: &mut quinn::SendStream,
-        test: super::SpeedTest,
-    ) -> Result<Self, LinkError> {
+    async fn start(send: &mut quic::SendStream, test: super::SpeedTest) -> Result<Self, LinkError> {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed)
             .map_err(|e| LinkError::Protocol(format!("no randomness: {e}")))?;
@@ -231,7 +227,7 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
 
 /// Tells the node why it is refused, and returns that as the link's error.
-async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
+async fn refuse(send: &mut quic::SendStream, error: String) -> LinkError {
     if let Ok(frame) = frame::encode(&BrokerMsg::Error {
         error: error.clone(),
     }) {
@@ -248,7 +244,7 @@ async fn refuse(send: &mut quinn::SendStream, error: String) -> LinkError {
 /// A node connection as the relay accepted it.
 #[derive(Debug)]
 pub(super) struct Accepted {
-    pub conn: quinn::Connection,
+    pub conn: quic::Connection,
     pub node_id: PeerId,
     /// Distinguishes reconnections of the same node.
     pub link_id: u64,
@@ -276,8 +272,8 @@ impl Drop for OutboxEnd<'_> {
 
 /// A node's control stream once it said hello and was welcomed.
 struct Greeted {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: quic::SendStream,
+    recv: quic::RecvStream,
     dec: Decoder,
     link: Arc<NodeLink>,
 }
@@ -399,7 +395,7 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
                 }
             }
             reason = conn.closed() => return match reason {
-                quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => Ok(()),
+                quinn_proto::ConnectionError::ApplicationClosed(_) | quinn_proto::ConnectionError::LocallyClosed => Ok(()),
                 e => Err(e.into()),
             },
         }

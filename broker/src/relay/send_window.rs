@@ -55,12 +55,12 @@ pub struct Tuner {
 
 impl Tuner {
     /// Samples `conn` at most every [`EVERY`] and sets its send window.
-    pub fn tick(&mut self, conn: &quinn::Connection) {
+    pub fn tick(&mut self, conn: &super::quic::Connection) {
         let now = Instant::now();
         if self.last.is_some_and(|(at, _)| now - at < EVERY) {
             return;
         }
-        let sent = conn.stats().udp_tx.bytes;
+        let sent = conn.sent_bytes();
         let rtt = conn.rtt();
         let min_rtt = *self
             .min_rtt

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::quic;
 use super::{NodeLink, Relay, RelayEvent};
 
 /// Most bytes taken from one TCP read or one QUIC chunk: enough to keep a fast
@@ -123,8 +124,8 @@ async fn splice(mut tcp: TcpStream, link: &NodeLink, order_id: OrderId) -> io::R
 /// ([`send_window`](super::send_window)).
 async fn up(
     tcp: &mut tokio::net::tcp::ReadHalf<'_>,
-    send: &mut quinn::SendStream,
-    conn: &quinn::Connection,
+    send: &mut quic::SendStream,
+    conn: &quic::Connection,
 ) -> io::Result<u64> {
     use tokio::io::AsyncReadExt;
     let mut block = bytes::BytesMut::new();
@@ -151,7 +152,7 @@ async fn up(
 /// Node → client: QUIC's received chunks are written to the client as they
 /// are; the stream's end becomes the client's FIN.
 async fn down(
-    recv: &mut quinn::RecvStream,
+    recv: &mut quic::RecvStream,
     tcp: &mut tokio::net::tcp::WriteHalf<'_>,
 ) -> io::Result<u64> {
     use tokio::io::AsyncWriteExt;

@@ -32,7 +32,7 @@ use quinn_proto::{
     StreamId, VarInt,
 };
 use quinn_udp::{BATCH_SIZE, RecvMeta, UdpSocketState};
-use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 /// Datagrams (GSO segments counted one by one) one connection sends before
 /// the driver turns to other connections and tasks, as quinn's driver does.
@@ -284,7 +284,9 @@ impl State {
 
 struct Inner {
     state: Mutex<State>,
-    socket: tokio::net::UdpSocket,
+    /// Readiness is cleared by hand after a short read (below), which
+    /// tokio's `UdpSocket` does not offer.
+    socket: AsyncFd<std::net::UdpSocket>,
     udp: UdpSocketState,
 }
 
@@ -292,24 +294,38 @@ impl Inner {
     /// Sends a stateless response (reset, close, version negotiation) if the
     /// socket has room; a peer that misses it asks again.
     fn respond(&self, t: &proto::Transmit, buf: &[u8]) {
-        let _ = self.socket.try_io(Interest::WRITABLE, || {
-            self.udp.send(
-                (&self.socket).into(),
-                &udp_transmit(
-                    t.destination,
-                    t.ecn,
-                    t.src_ip,
-                    t.segment_size,
-                    buf.get(..t.size).unwrap_or(buf),
-                ),
-            )
-        });
+        let _ = self.send_now(&udp_transmit(
+            t.destination,
+            t.ecn,
+            t.src_ip,
+            t.segment_size,
+            buf.get(..t.size).unwrap_or(buf),
+        ));
     }
 
-    fn send(&self, t: &quinn_udp::Transmit<'_>) -> io::Result<()> {
-        self.socket.try_io(Interest::WRITABLE, || {
-            self.udp.send((&self.socket).into(), t)
-        })
+    /// Sends `t` if the socket has room now. A `WouldBlock` leaves tokio's
+    /// write readiness as it was: [`Self::send_when_ready`] finds out.
+    fn send_now(&self, t: &quinn_udp::Transmit<'_>) -> io::Result<()> {
+        self.udp.send(self.socket.get_ref().into(), t)
+    }
+
+    /// Sends `t` once the socket has room; `Pending` (with a wake-up
+    /// registered) while it has none.
+    fn send_when_ready(&self, cx: &mut Context<'_>, t: &quinn_udp::Transmit<'_>) -> Poll<()> {
+        loop {
+            let mut guard = match self.socket.poll_write_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                // A socket that cannot be polled drops the datagram, as a
+                // failed send would.
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(guard)) => guard,
+            };
+            // Not writable after all: readiness is cleared and the next poll
+            // registers the wake-up.
+            if let Ok(_sent_or_lost) = guard.try_io(|s| self.udp.send(s.get_ref().into(), t)) {
+                return Poll::Ready(());
+            }
+        }
     }
 }
 
@@ -376,7 +392,9 @@ impl Endpoint {
     ) -> io::Result<Self> {
         let udp = UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;
-        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        // SAFETY: the AsyncFd owns the socket, whose fd stays open and the
+        // same until the AsyncFd is dropped.
+        let socket = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
         let max_payload = config.get_max_udp_payload_size().min(64 * 1024) as usize;
         let recv_buf = vec![0u8; max_payload * udp.gro_segments() * BATCH_SIZE];
         let endpoint =
@@ -417,7 +435,7 @@ impl Endpoint {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner().socket.local_addr()
+        self.inner().socket.get_ref().local_addr()
     }
 
     /// The next connection attempt; `None` once the endpoint is closed.
@@ -951,35 +969,39 @@ impl Driver {
         let started = Instant::now();
         let mut metas = [RecvMeta::default(); BATCH_SIZE];
         loop {
-            match inner.socket.poll_recv_ready(cx) {
+            let mut guard = match inner.socket.poll_read_ready(cx) {
                 Poll::Pending => return false,
                 Poll::Ready(Err(e)) => {
                     tracing::warn!(error = %e, "relay socket not readable");
                     return false;
                 }
-                Poll::Ready(Ok(())) => {}
-            }
+                Poll::Ready(Ok(guard)) => guard,
+            };
             let stride = self.recv_buf.len() / BATCH_SIZE;
             let mut bufs = self.recv_buf.chunks_mut(stride);
             // The buffer is BATCH_SIZE strides long: every slot gets one.
             let mut iovs: [IoSliceMut<'_>; BATCH_SIZE] =
                 std::array::from_fn(|_| IoSliceMut::new(bufs.next().unwrap_or_default()));
-            let got = inner.socket.try_io(Interest::READABLE, || {
-                inner
-                    .udp
-                    .recv((&inner.socket).into(), &mut iovs, &mut metas)
-            });
+            let got = guard.try_io(|s| inner.udp.recv(s.get_ref().into(), &mut iovs, &mut metas));
             let n = match got {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Nothing there: readiness is cleared, the next poll waits.
+                Err(_would_block) => continue,
+                Ok(Ok(n)) => n,
                 // ICMP errors reported on an unconnected socket mean nothing to
                 // QUIC, and may be forged.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
-                Err(e) => {
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => continue,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "relay socket read failed");
                     return false;
                 }
             };
+            if n < BATCH_SIZE {
+                // Fewer datagrams than asked for: the socket was empty. Saying
+                // so spares the read that would only learn it; a datagram that
+                // came since has its own readiness event queued in epoll.
+                guard.clear_ready();
+            }
+            drop(guard);
             let mut st = lock(&inner.state);
             let mut response = Vec::new();
             for (meta, buf) in metas.iter().zip(iovs.iter()).take(n) {
@@ -1066,31 +1088,13 @@ impl Driver {
             loop {
                 // A datagram the socket refused goes first.
                 if let Some(b) = &st.blocked {
-                    match inner.socket.poll_send_ready(cx) {
-                        Poll::Pending => {
-                            blocked = true;
-                            break;
-                        }
-                        Poll::Ready(Err(_)) => st.blocked = None,
-                        Poll::Ready(Ok(())) => {
-                            let t = udp_transmit(
-                                b.destination,
-                                b.ecn,
-                                b.src_ip,
-                                b.segment_size,
-                                &b.contents,
-                            );
-                            match inner.send(&t) {
-                                // Not writable after all: the next readiness
-                                // poll registers the wake-up.
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                                _ => {
-                                    st.send_buf =
-                                        st.blocked.take().map(|b| b.contents).unwrap_or_default();
-                                }
-                            }
-                        }
+                    let t =
+                        udp_transmit(b.destination, b.ecn, b.src_ip, b.segment_size, &b.contents);
+                    if inner.send_when_ready(cx, &t).is_pending() {
+                        blocked = true;
+                        break;
                     }
+                    st.send_buf = st.blocked.take().map(|b| b.contents).unwrap_or_default();
                 }
                 if sent >= TRANSMITS_PER_TURN {
                     break;
@@ -1107,7 +1111,7 @@ impl Driver {
                     t.segment_size,
                     st.send_buf.get(..t.size).unwrap_or_default(),
                 );
-                match inner.send(&out) {
+                match inner.send_now(&out) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         st.send_buf.truncate(t.size);
                         st.blocked = Some(Blocked {

@@ -98,10 +98,11 @@ pub fn mtu_discovery(max_mtu: u16) -> quinn::MtuDiscoveryConfig {
 /// read as a black hole, and the path dropped to the minimum. The default of
 /// `quic_max_mtu` on node and broker.
 ///
-/// Each connection's transmit buffer keeps the pages its largest datagram
-/// touched (about 9 KB more per idle node than at 1472), which is why a
-/// connection tries no more than its route carries ([`mtu_towards`]): nodes
-/// across the internet pay nothing for this default.
+/// A connection driven by quinn (the node's) keeps a transmit buffer with the
+/// pages its largest datagram touched, and lost probes cost a path's time, so
+/// a connection tries no more than its route carries ([`mtu_towards`]): nodes
+/// across the internet pay nothing for this default. The relay builds every
+/// connection's packets in one shared buffer (`jusy_broker::relay::quic`).
 pub const QUIC_MTU: u16 = 6500;
 
 /// What `quic_max_mtu` may be: QUIC's minimum datagram up to [`QUIC_MTU`].

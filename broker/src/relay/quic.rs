@@ -235,6 +235,8 @@ struct State {
     closed: bool,
     /// Every [`Endpoint`] handle is gone.
     abandoned: bool,
+    /// Waiting for the last connection to be gone ([`Endpoint::wait_idle`]).
+    idle: Vec<Waker>,
     /// Packets of every connection are built here, one transmit at a time.
     send_buf: Vec<u8>,
     blocked: Option<Blocked>,
@@ -413,6 +415,7 @@ impl Endpoint {
                 driving: false,
                 closed: false,
                 abandoned: false,
+                idle: Vec::new(),
                 send_buf: Vec::new(),
                 blocked: None,
             }),
@@ -455,6 +458,20 @@ impl Endpoint {
             Poll::Pending
         })
         .await
+    }
+
+    /// Resolves once no connection is left, drained ones included: their
+    /// last packets are sent.
+    pub async fn wait_idle(&self) {
+        poll_fn(|cx| {
+            let mut st = lock(&self.inner().state);
+            if st.live == 0 {
+                return Poll::Ready(());
+            }
+            wait_all(&mut st.idle, cx.waker());
+            Poll::Pending
+        })
+        .await;
     }
 
     /// Closes every connection with `code` and `reason` and refuses new ones.
@@ -1151,6 +1168,9 @@ impl Driver {
                     gone.terminate(ConnectionError::LocallyClosed);
                 }
                 st.live -= 1;
+                if st.live == 0 {
+                    wake_all(&mut st.idle);
+                }
                 continue;
             }
             if blocked || sent >= TRANSMITS_PER_TURN {
@@ -1417,6 +1437,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_handle_reaches_only_the_connection_it_was_made_for() {
+        let p = pair();
+        let (first, node) = p.connect().await;
+        let stale = first.clone();
+        first.close(1u32.into(), b"done");
+        drop(first);
+        let _ = node.closed().await;
+        // The first connection drains and gives its handle back.
+        p.relay.wait_idle().await;
+        let (second, node2) = p.connect().await;
+        assert_eq!(second.r.ch, stale.r.ch, "quinn reuses the handle");
+        // What the stale handle does never reaches the new connection.
+        stale.close(9u32.into(), b"stale");
+        assert!(stale.open_bi().await.is_err());
+        drop(stale);
+        let (mut send, _recv) = second.open_bi().await.expect("the new one is open");
+        send.write_all(b"still here").await.expect("write");
+        let (_s, mut r) = node2.accept_bi().await.expect("accept");
+        let got = r.read_chunk(64, true).await.expect("read").expect("chunk");
+        assert_eq!(&got.bytes[..], b"still here");
+    }
+
+    #[tokio::test]
     async fn a_closed_endpoint_ends_accept_and_every_connection() {
         let p = pair();
         let (relay, node) = p.connect().await;
@@ -1427,6 +1470,8 @@ mod tests {
             node.closed().await,
             quinn::ConnectionError::ApplicationClosed(_)
         ));
+        // The closed connection drains and is gone.
+        p.relay.wait_idle().await;
         // New nodes are turned away.
         let addr = p.relay.local_addr().expect("addr");
         let dial = p

@@ -158,6 +158,10 @@ fn main() -> anyhow::Result<()> {
         true,
         jusy_node::sandbox::user::DEFAULT_IDS,
     ))?;
+    rt.spawn(clean_up_when_interrupted(
+        user.clone(),
+        scene.dir().to_owned(),
+    ));
     // useradd leaves the password locked ("!"), and sshd refuses locked accounts
     // even for key logins; "*" has no password either but is not locked.
     let unlocked = Command::new("usermod")
@@ -181,6 +185,65 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(scene.dir());
     Ok(())
+}
+
+/// On Ctrl-C or SIGTERM: stops every process the bench started (the node
+/// removes its session users itself), removes the bench's login user and
+/// its working directory, and exits. Without it an interrupted run would
+/// leave them behind: the run's own clean-up is on the way out of `main`.
+async fn clean_up_when_interrupted(user: jusy_node::sandbox::user::SessionUser, dir: PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("bench: interrupted; stopping what it started");
+    let children = children_of(std::process::id());
+    for &pid in &children {
+        // SAFETY: plain kill(2) on a child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline
+        && children
+            .iter()
+            .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    {
+        // Reaps what ended; a child that does not end by the deadline is
+        // killed below.
+        // SAFETY: waitpid on our own children, without blocking.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for &pid in &children {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if let Err(e) = user.remove().await {
+        eprintln!("bench: removing user {}: {e}", user.name);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::process::exit(130);
+}
+
+/// The pids whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces and parentheses: fields start
+        // after the last ')'.
+        let rest = stat.get(stat.rfind(')')? + 1..)?;
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent).then_some(pid)
+    })
+    .collect()
 }
 
 fn opts_line(o: &Opts) -> String {

@@ -1,4 +1,4 @@
-//! The results table: medians per contender, the issue's targets as ratios,
+//! The results table: medians per contender, the targets as ratios,
 //! and the machine they were measured on, as Markdown.
 
 use std::fmt::Write;
@@ -188,7 +188,7 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
              **{r:.0} receipts/s per core**.\n"
         );
     }
-    let _ = writeln!(s, "## Targets (issue 7)\n");
+    let _ = writeln!(s, "## Targets\n");
     let _ = writeln!(s, "| target | measured | met |");
     let _ = writeln!(s, "|---|---:|---|");
     let mut target = |name: &str, value: Option<f64>, unit: &str, ok: fn(f64) -> bool| {

@@ -480,6 +480,13 @@ impl Endpoint {
         let mut st = lock(&self.inner().state);
         st.closed = true;
         wake_all(&mut st.acceptors);
+        // Attempts nobody took yet are turned away like later ones.
+        let mut response = Vec::new();
+        while let Some(incoming) = st.incoming.pop_front() {
+            let t = st.endpoint.refuse(incoming, &mut response);
+            self.inner().respond(&t, &response);
+            response.clear();
+        }
         let mut all = Vec::new();
         for (i, c) in st.conns.iter_mut().enumerate() {
             if let Some(c) = c {

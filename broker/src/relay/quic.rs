@@ -209,10 +209,7 @@ impl Conn {
 
 /// A datagram the socket had no room for, sent before anything else.
 struct Blocked {
-    destination: SocketAddr,
-    ecn: Option<proto::EcnCodepoint>,
-    src_ip: Option<std::net::IpAddr>,
-    segment_size: Option<usize>,
+    transmit: proto::Transmit,
     contents: Vec<u8>,
 }
 
@@ -233,7 +230,7 @@ struct State {
     driving: bool,
     /// Closed: new connections are refused and `accept` ends.
     closed: bool,
-    /// Every [`Endpoint`] handle is gone.
+    /// The [`Endpoint`] was dropped.
     abandoned: bool,
     /// Waiting for the last connection to be gone ([`Endpoint::wait_idle`]).
     idle: Vec<Waker>,
@@ -296,13 +293,7 @@ impl Inner {
     /// Sends a stateless response (reset, close, version negotiation) if the
     /// socket has room; a peer that misses it asks again.
     fn respond(&self, t: &proto::Transmit, buf: &[u8]) {
-        let _ = self.send_now(&udp_transmit(
-            t.destination,
-            t.ecn,
-            t.src_ip,
-            t.segment_size,
-            buf.get(..t.size).unwrap_or(buf),
-        ));
+        let _ = self.send_now(&udp_transmit(t, buf));
     }
 
     /// Sends `t` if the socket has room now. A `WouldBlock` leaves tokio's
@@ -331,23 +322,18 @@ impl Inner {
     }
 }
 
-fn udp_transmit<'a>(
-    destination: SocketAddr,
-    ecn: Option<proto::EcnCodepoint>,
-    src_ip: Option<std::net::IpAddr>,
-    segment_size: Option<usize>,
-    contents: &'a [u8],
-) -> quinn_udp::Transmit<'a> {
+/// What quinn-udp sends for `t`, whose bytes start `buf`.
+fn udp_transmit<'a>(t: &proto::Transmit, buf: &'a [u8]) -> quinn_udp::Transmit<'a> {
     quinn_udp::Transmit {
-        destination,
-        ecn: ecn.map(|e| match e {
+        destination: t.destination,
+        ecn: t.ecn.map(|e| match e {
             proto::EcnCodepoint::Ect0 => quinn_udp::EcnCodepoint::Ect0,
             proto::EcnCodepoint::Ect1 => quinn_udp::EcnCodepoint::Ect1,
             proto::EcnCodepoint::Ce => quinn_udp::EcnCodepoint::Ce,
         }),
-        contents,
-        segment_size,
-        src_ip,
+        contents: buf.get(..t.size).unwrap_or(buf),
+        segment_size: t.segment_size,
+        src_ip: t.src_ip,
     }
 }
 
@@ -359,18 +345,15 @@ fn proto_ecn(ecn: quinn_udp::EcnCodepoint) -> proto::EcnCodepoint {
     }
 }
 
-/// The QUIC endpoint nodes dial. Clones share it; when the last is dropped
-/// the driver ends once its connections are gone.
-#[derive(Clone)]
+/// The QUIC endpoint nodes dial. Once it is dropped, the driver ends when
+/// its connections are gone.
 pub struct Endpoint {
-    handle: Arc<EndpointRef>,
+    inner: Arc<Inner>,
 }
 
-struct EndpointRef(Arc<Inner>);
-
-impl Drop for EndpointRef {
+impl Drop for Endpoint {
     fn drop(&mut self) {
-        let mut st = lock(&self.0.state);
+        let mut st = lock(&self.inner.state);
         st.abandoned = true;
         st.wake_driver();
     }
@@ -428,27 +411,21 @@ impl Endpoint {
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             sleep_at: None,
         });
-        Ok(Self {
-            handle: Arc::new(EndpointRef(inner)),
-        })
-    }
-
-    fn inner(&self) -> &Arc<Inner> {
-        &self.handle.0
+        Ok(Self { inner })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner().socket.get_ref().local_addr()
+        self.inner.socket.get_ref().local_addr()
     }
 
     /// The next connection attempt; `None` once the endpoint is closed.
     pub async fn accept(&self) -> Option<Incoming> {
         poll_fn(|cx| {
-            let mut st = lock(&self.inner().state);
+            let mut st = lock(&self.inner.state);
             if let Some(incoming) = st.incoming.pop_front() {
                 return Poll::Ready(Some(Incoming {
                     inner: Some(incoming),
-                    endpoint: self.inner().clone(),
+                    endpoint: self.inner.clone(),
                 }));
             }
             if st.closed {
@@ -464,7 +441,7 @@ impl Endpoint {
     /// last packets are sent.
     pub async fn wait_idle(&self) {
         poll_fn(|cx| {
-            let mut st = lock(&self.inner().state);
+            let mut st = lock(&self.inner.state);
             if st.live == 0 {
                 return Poll::Ready(());
             }
@@ -477,14 +454,14 @@ impl Endpoint {
     /// Closes every connection with `code` and `reason` and refuses new ones.
     pub fn close(&self, code: VarInt, reason: &[u8]) {
         let now = Instant::now();
-        let mut st = lock(&self.inner().state);
+        let mut st = lock(&self.inner.state);
         st.closed = true;
         wake_all(&mut st.acceptors);
         // Attempts nobody took yet are turned away like later ones.
         let mut response = Vec::new();
         while let Some(incoming) = st.incoming.pop_front() {
             let t = st.endpoint.refuse(incoming, &mut response);
-            self.inner().respond(&t, &response);
+            self.inner.respond(&t, &response);
             response.clear();
         }
         let mut all = Vec::new();
@@ -977,6 +954,16 @@ impl Drop for RecvStream {
     }
 }
 
+/// Passes events between a connection and the endpoint: connection ids, and
+/// the end of a drained connection.
+fn endpoint_events(endpoint: &mut proto::Endpoint, c: &mut Conn, ch: ConnectionHandle) {
+    while let Some(event) = c.inner.poll_endpoint_events() {
+        if let Some(back) = endpoint.handle_event(ch, event) {
+            c.inner.handle_event(back);
+        }
+    }
+}
+
 /// The task that owns the socket and moves every connection along.
 struct Driver {
     inner: Arc<Inner>,
@@ -1099,22 +1086,17 @@ impl Driver {
                 continue;
             };
             c.dirty = false;
-            // Events between the connection and the endpoint (connection
-            // ids, the end of a drained connection).
-            while let Some(event) = c.inner.poll_endpoint_events() {
-                if let Some(back) = st.endpoint.handle_event(ch, event) {
-                    c.inner.handle_event(back);
-                }
-            }
+            endpoint_events(&mut st.endpoint, c, ch);
             // Packets out, until there are none or the turn is over.
             let mut sent = 0;
             let mut blocked = false;
             loop {
                 // A datagram the socket refused goes first.
                 if let Some(b) = &st.blocked {
-                    let t =
-                        udp_transmit(b.destination, b.ecn, b.src_ip, b.segment_size, &b.contents);
-                    if inner.send_when_ready(cx, &t).is_pending() {
+                    if inner
+                        .send_when_ready(cx, &udp_transmit(&b.transmit, &b.contents))
+                        .is_pending()
+                    {
                         blocked = true;
                         break;
                     }
@@ -1128,21 +1110,10 @@ impl Driver {
                     break;
                 };
                 sent += t.segment_size.map_or(1, |s| t.size.div_ceil(s));
-                let out = udp_transmit(
-                    t.destination,
-                    t.ecn,
-                    t.src_ip,
-                    t.segment_size,
-                    st.send_buf.get(..t.size).unwrap_or_default(),
-                );
-                match inner.send_now(&out) {
+                match inner.send_now(&udp_transmit(&t, &st.send_buf)) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        st.send_buf.truncate(t.size);
                         st.blocked = Some(Blocked {
-                            destination: t.destination,
-                            ecn: t.ecn,
-                            src_ip: t.src_ip,
-                            segment_size: t.segment_size,
+                            transmit: t,
                             contents: std::mem::take(&mut st.send_buf),
                         });
                     }
@@ -1163,11 +1134,7 @@ impl Driver {
                 c.timer = next;
             }
             if c.inner.is_drained() {
-                while let Some(event) = c.inner.poll_endpoint_events() {
-                    if let Some(back) = st.endpoint.handle_event(ch, event) {
-                        c.inner.handle_event(back);
-                    }
-                }
+                endpoint_events(&mut st.endpoint, c, ch);
                 if let Some(at) = c.timer {
                     st.timers.remove(&(at, ch));
                 }
@@ -1205,20 +1172,20 @@ impl Future for Driver {
         lock(&self.inner.state).driving = true;
         let mut more = self.recv(cx, now);
         more |= self.drive(cx, now);
-        let inner = self.inner.clone();
-        let mut st = lock(&inner.state);
-        st.driving = false;
-        if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            st.driver = Some(cx.waker().clone());
-        }
-        if st.abandoned && st.live == 0 {
-            return Poll::Ready(());
-        }
-        if !st.dirty.is_empty() && st.blocked.is_none() {
-            more = true;
-        }
-        let next = st.timers.first().map(|&(at, _)| at);
-        drop(st);
+        let next = {
+            let mut st = lock(&self.inner.state);
+            st.driving = false;
+            if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                st.driver = Some(cx.waker().clone());
+            }
+            if st.abandoned && st.live == 0 {
+                return Poll::Ready(());
+            }
+            if !st.dirty.is_empty() && st.blocked.is_none() {
+                more = true;
+            }
+            st.timers.first().map(|&(at, _)| at)
+        };
         if let Some(at) = next {
             if self.sleep_at != Some(at) {
                 self.sleep_at = Some(at);

@@ -173,13 +173,19 @@ fn rss_kb(pid: u32) -> anyhow::Result<u64> {
         .context("VmRSS")
 }
 
+/// The fields of `/proc/<pid>/stat` after the parenthesised command name
+/// (which may hold spaces and parentheses): the state is the first, the
+/// parent's pid the second.
+pub fn stat_fields(pid: u32) -> anyhow::Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = stat.rsplit_once(')').context("stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(pid)?;
+    // The 14th and 15th fields of the whole line.
     let field =
         |i: usize| -> anyhow::Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
     Ok(field(11)? + field(12)?)

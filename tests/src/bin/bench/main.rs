@@ -235,13 +235,10 @@ fn children_of(parent: u32) -> Vec<i32> {
         return Vec::new();
     };
     dir.filter_map(|e| {
-        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name may hold spaces and parentheses: fields start
-        // after the last ')'.
-        let rest = stat.get(stat.rfind(')')? + 1..)?;
-        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-        (ppid == parent).then_some(pid)
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let fields = capacity::stat_fields(pid).ok()?;
+        let ppid: u32 = fields.get(1)?.parse().ok()?;
+        (ppid == parent).then_some(i32::try_from(pid).ok()?)
     })
     .collect()
 }

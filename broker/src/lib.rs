@@ -90,7 +90,7 @@ impl Broker {
     /// Opens the database and binds the API and relay sockets.
     pub async fn bind(cfg: Config, store: Store) -> Result<Self, BrokerError> {
         let identity = store.identity()?;
-        let data_plane = DataPlane::start().map_err(relay::RelayError::DataPlane)?;
+        let data_plane = DataPlane::start(cfg.busy_poll()).map_err(relay::RelayError::DataPlane)?;
         let (endpoint, paths) = Relay::bind(
             &identity,
             cfg.relay_listen,

@@ -85,6 +85,9 @@ struct ServeArgs {
     /// Seconds a capacity statement stays valid.
     #[arg(long)]
     capacity_validity_secs: Option<u64>,
+    /// Microseconds the relay keeps polling after client traffic; 0: never.
+    #[arg(long)]
+    busy_poll_us: Option<u32>,
 }
 
 /// Where an offline command finds the database (the broker must be stopped).
@@ -184,7 +187,7 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
         speed_test_limit_ms,
         speed_test_interval_secs
     );
-    take!(capacity_refresh_secs, capacity_validity_secs);
+    take!(capacity_refresh_secs, capacity_validity_secs, busy_poll_us);
     if args.mesh_listen.is_some() {
         cfg.mesh_listen = args.mesh_listen;
     }

@@ -13,10 +13,24 @@
 //! The price: the relay's traffic shares one core. One core carries several
 //! Gbit/s of encrypted QUIC (see BENCHMARKS.md), far more than the home
 //! uplinks behind the nodes of one relay.
+//!
+//! Busy polling: after a client's bytes pass in either direction, the thread
+//! keeps polling its sockets for `busy_poll` instead of sleeping in the kernel,
+//! so the node's answer, or the client's next keystroke, is picked up without
+//! the wake-up of a sleeping thread (on a virtual machine, an idle vCPU's exit
+//! to the host). Only keystroke-sized traffic starts it: a bulk transfer does
+//! not wait on single packets, and on a small machine the polling would take
+//! the core the SSH endpoints need. Idle nodes' keep-alives never start it; a
+//! session that pauses for longer than `busy_poll` costs that much CPU once per
+//! pause. Zero turns it off.
 
+use std::cell::Cell;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -32,11 +46,107 @@ pub struct DataPlane {
     handle: Handle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    busy_polls: Arc<BusyPolls>,
+}
+
+/// What the busy poller did, counted since the data plane started.
+#[derive(Debug, Default)]
+pub struct BusyPolls {
+    /// Windows of busy polling that ran to their end.
+    pub windows: AtomicU64,
+    /// Interactive traffic that came soon after a larger transfer and so
+    /// started no window.
+    pub held: AtomicU64,
+}
+
+/// Default [`DataPlane::start`] busy-poll window.
+pub const BUSY_POLL: Duration = Duration::from_micros(100);
+
+/// Longest busy-poll window a relay accepts.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
+
+/// Largest read or chunk that counts as interactive traffic (keystrokes,
+/// their echo, a line or a screenful of output).
+const INTERACTIVE: usize = 4096;
+
+/// How long after a larger transfer the data plane does not busy poll.
+const BULK_HOLD: Duration = Duration::from_millis(10);
+
+thread_local! {
+    /// Interactive client traffic since the busy poller last looked.
+    static TRAFFIC: Cell<bool> = const { Cell::new(false) };
+    /// When the last larger transfer passed.
+    static BULK_AT: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The busy poller, while it sleeps for want of client traffic.
+    static POLLER: Cell<Option<Waker>> = const { Cell::new(None) };
+}
+
+/// Notes `bytes` of client traffic on the calling thread: on the data plane's
+/// thread interactive traffic (re)starts its busy-poll window and a larger
+/// transfer ends it; elsewhere this does nothing.
+pub fn client_traffic(bytes: usize) {
+    if bytes > INTERACTIVE {
+        BULK_AT.with(|b| b.set(Some(Instant::now())));
+        return;
+    }
+    TRAFFIC.with(|t| t.set(true));
+    if let Some(poller) = POLLER.with(Cell::take) {
+        poller.wake();
+    }
+}
+
+/// Interactive traffic since the last call (and clears it).
+fn take_traffic() -> bool {
+    TRAFFIC.with(|t| t.replace(false))
+}
+
+/// Whether a larger transfer passed since `since`.
+fn bulk_since(since: Instant) -> bool {
+    BULK_AT.with(Cell::get).is_some_and(|at| at >= since)
+}
+
+/// Keeps the runtime polling its sockets for `window` after interactive
+/// traffic, unless a larger transfer passed less than `hold` before. Each turn
+/// yields, and a current-thread runtime with a yielded task and nothing else to
+/// run polls its sockets and timers without blocking, runs what became ready,
+/// and comes back here.
+async fn busy_poll(window: Duration, hold: Duration, counts: Arc<BusyPolls>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            if take_traffic() {
+                Poll::Ready(())
+            } else {
+                POLLER.with(|p| p.set(Some(cx.waker().clone())));
+                Poll::Pending
+            }
+        })
+        .await;
+        let start = Instant::now();
+        if start.checked_sub(hold).is_some_and(bulk_since) {
+            counts.held.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let mut until = start + window;
+        loop {
+            tokio::task::yield_now().await;
+            let now = Instant::now();
+            if bulk_since(start) {
+                break;
+            }
+            if take_traffic() {
+                until = now + window;
+            } else if now >= until {
+                break;
+            }
+        }
+        counts.windows.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl DataPlane {
-    /// Starts the thread and its single-threaded runtime.
-    pub fn start() -> std::io::Result<Self> {
+    /// Starts the thread and its single-threaded runtime, busy polling for
+    /// `busy_poll` after client traffic (zero: never).
+    pub fn start(busy_poll: Duration) -> std::io::Result<Self> {
         // Sockets and timers only: no process or signal driver to visit on
         // every wake-up.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -46,9 +156,15 @@ impl DataPlane {
             .build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let busy_polls = Arc::new(BusyPolls::default());
+        let counts = busy_polls.clone();
         let thread = std::thread::Builder::new()
             .name("jusy-relay".into())
             .spawn(move || {
+                if !busy_poll.is_zero() {
+                    let window = busy_poll.min(MAX_BUSY_POLL);
+                    runtime.spawn(self::busy_poll(window, BULK_HOLD, counts));
+                }
                 // A dropped sender stops the runtime as well as a sent stop.
                 let _ = runtime.block_on(stopped);
                 runtime.shutdown_timeout(SHUTDOWN_GRACE);
@@ -57,12 +173,18 @@ impl DataPlane {
             handle,
             stop: Some(stop),
             thread: Some(thread),
+            busy_polls,
         })
     }
 
     /// The runtime the data plane's tasks and sockets belong to.
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// What the busy poller did so far.
+    pub fn busy_polls(&self) -> &BusyPolls {
+        &self.busy_polls
     }
 
     /// Runs `task` on the data plane.
@@ -92,7 +214,7 @@ mod tests {
 
     #[test]
     fn tasks_run_on_the_data_plane_thread_and_end_with_it() {
-        let plane = DataPlane::start().expect("data plane");
+        let plane = DataPlane::start(Duration::ZERO).expect("data plane");
         let (tx, rx) = std::sync::mpsc::channel();
         plane.spawn(async move {
             let _ = tx.send(std::thread::current().name().map(str::to_owned));
@@ -108,5 +230,84 @@ mod tests {
         drop(plane);
         assert!(held_tx.is_closed(), "the waiting task was not dropped");
         drop(waiting);
+    }
+
+    /// Waits (bounded) until `done` holds.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} never happened");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn interactive_traffic_starts_a_window_and_tasks_run_through_it() {
+        let plane = DataPlane::start(MAX_BUSY_POLL).expect("data plane");
+        let counts = plane.busy_polls();
+        let (tx, rx) = std::sync::mpsc::channel();
+        plane.spawn(async move {
+            // Timers and sockets keep working while the plane busy polls:
+            // every round trip below restarts the window.
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let client = tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+                let mut b = [0u8; 1];
+                for _ in 0..100 {
+                    tcp.write_all(b"k").await?;
+                    tcp.read_exact(&mut b).await?;
+                }
+                std::io::Result::Ok(())
+            });
+            let (mut tcp, _) = listener.accept().await?;
+            let mut b = [0u8; 1];
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while tcp.read(&mut b).await? == 1 {
+                client_traffic(1);
+                tokio::time::sleep(Duration::from_micros(50)).await;
+                tcp.write_all(&b).await?;
+                client_traffic(1);
+            }
+            client.await??;
+            let _ = tx.send(());
+            std::io::Result::Ok(())
+        });
+        rx.recv().expect("echoes while busy polling");
+        // The window ends once the traffic stops, and the poller sleeps.
+        wait_until("the end of a window", || {
+            counts.windows.load(Ordering::Relaxed) >= 1
+        });
+        assert_eq!(counts.held.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn traffic_elsewhere_or_after_a_bulk_transfer_starts_no_window() {
+        // Off the data plane's thread the call does nothing.
+        client_traffic(1);
+
+        let counts = Arc::new(BusyPolls::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let hold = Duration::from_secs(3600);
+            let poller = tokio::spawn(busy_poll(MAX_BUSY_POLL, hold, counts.clone()));
+            client_traffic(64 * 1024);
+            client_traffic(64);
+            let looked = async {
+                while counts.held.load(Ordering::Relaxed) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), looked)
+                .await
+                .expect("the poller never looked at the traffic");
+            poller.abort();
+        });
+        assert_eq!(counts.windows.load(Ordering::Relaxed), 0);
+        assert_eq!(counts.held.load(Ordering::Relaxed), 1);
     }
 }

@@ -143,6 +143,7 @@ async fn up(
             return Ok(total);
         }
         total += n as u64;
+        super::data_plane::client_traffic(n);
         send.write_chunk(block.split().freeze())
             .await
             .map_err(io::Error::other)?;
@@ -163,6 +164,7 @@ async fn down(
         .map_err(io::Error::other)?
     {
         total += chunk.bytes.len() as u64;
+        super::data_plane::client_traffic(chunk.bytes.len());
         tcp.write_all(&chunk.bytes).await?;
     }
     tcp.shutdown().await?;

@@ -49,6 +49,8 @@ struct Opts {
     relay_mtus: Vec<u16>,
     /// Sessions streaming at once through one relay (the active section).
     sessions: usize,
+    /// The relays' `busy_poll_us`, when not their default.
+    busy_poll_us: Option<u32>,
 }
 
 /// The sections `--only` may name.
@@ -77,6 +79,7 @@ impl Opts {
             // across the internet.
             relay_mtus: vec![jusy_node::QUIC_MTU, report::INTERNET_MTU],
             sessions: 100,
+            busy_poll_us: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -115,13 +118,14 @@ impl Opts {
                         .map(str::parse)
                         .collect::<Result<_, _>>()?;
                 }
+                "--busy-poll-us" => o.busy_poll_us = Some(val()?.parse()?),
                 "--no-install" => o.install = false,
                 "--out" => o.out = Some(val()?.into()),
                 "--no-out" => o.out = None,
                 _ => bail!(
                     "unknown argument {a}; flags: --quick --bulk-mib N --bulk-rounds N \
                      --trials N --orders N --pings N --raw-mib N --nodes N,N --sessions N --no-install \
-                     --out FILE --no-out --only SECTION,SECTION --relay-mtu N,N"
+                     --out FILE --no-out --only SECTION,SECTION --relay-mtu N,N --busy-poll-us N"
                 ),
             }
         }
@@ -270,7 +274,7 @@ fn run(
     user: &jusy_node::sandbox::user::SessionUser,
 ) -> anyhow::Result<Table> {
     let keys = Keys::make(scene.dir())?;
-    let field = start_field(scene, rt, &keys, user)?;
+    let field = start_field(scene, rt, &keys, user, opts.busy_poll_us)?;
     let mut table = Table::default();
 
     eprintln!("bench: SSH bulk");
@@ -389,6 +393,7 @@ fn start_field(
     rt: &tokio::runtime::Runtime,
     keys: &Keys,
     user: &jusy_node::sandbox::user::SessionUser,
+    busy_poll_us: Option<u32>,
 ) -> anyhow::Result<Field> {
     let mut procs = Vec::new();
     let service = rt.block_on(service::start())?;
@@ -445,7 +450,11 @@ fn start_field(
     // client's account, and one idle connection holds the session open.
     let data = scene.subdir("broker")?;
     let client = Broker::add_client(scene, &data)?;
-    let limits = ["--rate-limit-per-sec", "1000", "--rate-limit-burst", "1000"];
+    let busy_poll = busy_poll_us.map(|us| us.to_string());
+    let mut limits = vec!["--rate-limit-per-sec", "1000", "--rate-limit-burst", "1000"];
+    if let Some(us) = &busy_poll {
+        limits.extend(["--busy-poll-us", us]);
+    }
     // Simulated nodes do not run the speed test.
     let untested = [&limits[..], &["--speed-test-rounds", "0"]].concat();
     let broker = Broker::start_with(scene, "broker", data, 0, &limits)?;

@@ -186,6 +186,9 @@ pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
     t
 }
 
+/// Longest the relay's end waits for its node connections to drain.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Relay {
     pub fn new(
         events: mpsc::UnboundedSender<RelayEvent>,
@@ -306,6 +309,11 @@ impl Relay {
         endpoint.close(0u32.into(), b"broker stopping");
         self.tasks.close();
         self.tasks.wait().await;
+        // Each node gets the close (and can move to another relay at once
+        // instead of waiting out its idle timeout) while its connection
+        // drains; a path that lost the close's packets does not hold the
+        // broker's end for long.
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
 
     /// Serves a node connection that tries datagrams up to `max_datagram`.

@@ -66,10 +66,11 @@ pub struct Config {
     /// each node no more than the route to it carries
     /// ([`jusy_node::mtu_towards`]).
     pub quic_max_mtu: u16,
-    /// Microseconds the relay keeps polling its sockets after a client's
-    /// bytes pass, instead of sleeping: the node's answer or the client's next
-    /// keystroke is picked up without a wake-up, at the price of that much
-    /// CPU per pause in a session. 0 turns it off; at most 1000. Default 100.
+    /// Microseconds the relay keeps polling its sockets, instead of
+    /// sleeping, after a client's keystroke-sized bytes go to a node whose
+    /// round trip is shorter: the node's answer or the client's next bytes are
+    /// picked up without a wake-up, for up to that much CPU per keystroke.
+    /// 0 turns it off; at most 1000. Default 200.
     pub busy_poll_us: u32,
 }
 
@@ -97,7 +98,7 @@ impl Default for Config {
             capacity_refresh_secs: 5,
             capacity_validity_secs: 20,
             quic_max_mtu: jusy_node::QUIC_MTU,
-            busy_poll_us: 100,
+            busy_poll_us: 200,
         }
     }
 }
@@ -303,7 +304,7 @@ mod tests {
             Config::default().busy_poll(),
             crate::relay::data_plane::BUSY_POLL
         );
-        for (us, ok) in [(0, true), (100, true), (1000, true), (1001, false)] {
+        for (us, ok) in [(0, true), (200, true), (1000, true), (1001, false)] {
             let cfg = Config {
                 busy_poll_us: us,
                 ..Config::default()

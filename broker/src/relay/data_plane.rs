@@ -14,15 +14,16 @@
 //! Gbit/s of encrypted QUIC (see BENCHMARKS.md), far more than the home
 //! uplinks behind the nodes of one relay.
 //!
-//! Busy polling: after a client's bytes pass in either direction, the thread
-//! keeps polling its sockets for `busy_poll` instead of sleeping in the kernel,
-//! so the node's answer, or the client's next keystroke, is picked up without
+//! Busy polling: after a client's keystroke-sized bytes go to a node whose
+//! answers come back within `busy_poll` (its QUIC round trip is shorter), the
+//! thread keeps polling its sockets for `busy_poll` instead of sleeping in the
+//! kernel, so the answer, or the client's next bytes, are picked up without
 //! the wake-up of a sleeping thread (on a virtual machine, an idle vCPU's exit
-//! to the host). Only keystroke-sized traffic starts it: a bulk transfer does
-//! not wait on single packets, and on a small machine the polling would take
-//! the core the SSH endpoints need. Idle nodes' keep-alives never start it; a
-//! session that pauses for longer than `busy_poll` costs that much CPU once per
-//! pause. Zero turns it off.
+//! to the host). A node across the internet answers long after any window, so
+//! its traffic never starts one; larger transfers (either way) end a window and
+//! hold polling off for a while, as a bulk transfer does not wait on single
+//! packets and on a small machine the polling would take the core the SSH
+//! endpoints need. Idle nodes' keep-alives never start it. Zero turns it off.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -52,7 +53,8 @@ pub struct DataPlane {
 /// What the busy poller did, counted since the data plane started.
 #[derive(Debug, Default)]
 pub struct BusyPolls {
-    /// Windows of busy polling that ran to their end.
+    /// Windows of busy polling that ended (their time ran out, or a larger
+    /// transfer came).
     pub windows: AtomicU64,
     /// Interactive traffic that came soon after a larger transfer and so
     /// started no window.
@@ -60,19 +62,21 @@ pub struct BusyPolls {
 }
 
 /// Default [`DataPlane::start`] busy-poll window.
-pub const BUSY_POLL: Duration = Duration::from_micros(100);
+pub const BUSY_POLL: Duration = Duration::from_micros(200);
 
 /// Longest busy-poll window a relay accepts.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 
-/// Largest read or chunk that counts as interactive traffic (keystrokes,
-/// their echo, a line or a screenful of output).
-const INTERACTIVE: usize = 4096;
+/// Largest read or chunk that counts as interactive traffic (a login's
+/// exchange, keystrokes, their echo, a line or a screenful of output).
+pub const INTERACTIVE: usize = 4096;
 
 /// How long after a larger transfer the data plane does not busy poll.
 const BULK_HOLD: Duration = Duration::from_millis(10);
 
 thread_local! {
+    /// The busy-poll window of the data plane on this thread (zero: none).
+    static WINDOW: Cell<Duration> = const { Cell::new(Duration::ZERO) };
     /// Interactive client traffic since the busy poller last looked.
     static TRAFFIC: Cell<bool> = const { Cell::new(false) };
     /// When the last larger transfer passed.
@@ -81,18 +85,36 @@ thread_local! {
     static POLLER: Cell<Option<Waker>> = const { Cell::new(None) };
 }
 
-/// Notes `bytes` of client traffic on the calling thread: on the data plane's
-/// thread interactive traffic (re)starts its busy-poll window and a larger
-/// transfer ends it; elsewhere this does nothing.
-pub fn client_traffic(bytes: usize) {
-    if bytes > INTERACTIVE {
-        BULK_AT.with(|b| b.set(Some(Instant::now())));
+/// Notes `bytes` from a client on their way to a node whose answers take
+/// `node_rtt` (asked only for keystroke-sized traffic). On the data plane's
+/// thread, such traffic (re)starts its busy-poll window if an answer can come
+/// back within it, and a larger transfer ends the window; elsewhere this does
+/// nothing.
+pub fn to_node(bytes: usize, node_rtt: impl FnOnce() -> Duration) {
+    let window = WINDOW.with(Cell::get);
+    if window.is_zero() {
         return;
     }
-    TRAFFIC.with(|t| t.set(true));
-    if let Some(poller) = POLLER.with(Cell::take) {
-        poller.wake();
+    if bytes > INTERACTIVE {
+        bulk();
+    } else if node_rtt() < window {
+        TRAFFIC.with(|t| t.set(true));
+        if let Some(poller) = POLLER.with(Cell::take) {
+            poller.wake();
+        }
     }
+}
+
+/// Notes `bytes` from a node on their way to a client: a larger transfer ends
+/// the busy-poll window.
+pub fn to_client(bytes: usize) {
+    if bytes > INTERACTIVE && !WINDOW.with(Cell::get).is_zero() {
+        bulk();
+    }
+}
+
+fn bulk() {
+    BULK_AT.with(|b| b.set(Some(Instant::now())));
 }
 
 /// Interactive traffic since the last call (and clears it).
@@ -111,6 +133,7 @@ fn bulk_since(since: Instant) -> bool {
 /// run polls its sockets and timers without blocking, runs what became ready,
 /// and comes back here.
 async fn busy_poll(window: Duration, hold: Duration, counts: Arc<BusyPolls>) {
+    WINDOW.with(|w| w.set(window));
     loop {
         std::future::poll_fn(|cx| {
             if take_traffic() {
@@ -265,10 +288,10 @@ mod tests {
             let mut b = [0u8; 1];
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             while tcp.read(&mut b).await? == 1 {
-                client_traffic(1);
+                to_node(1, || Duration::ZERO);
                 tokio::time::sleep(Duration::from_micros(50)).await;
                 tcp.write_all(&b).await?;
-                client_traffic(1);
+                to_client(1);
             }
             client.await??;
             let _ = tx.send(());
@@ -283,9 +306,10 @@ mod tests {
     }
 
     #[test]
-    fn traffic_elsewhere_or_after_a_bulk_transfer_starts_no_window() {
-        // Off the data plane's thread the call does nothing.
-        client_traffic(1);
+    fn no_window_for_slow_nodes_or_after_a_bulk_transfer_or_elsewhere() {
+        // Off a data plane's thread the calls do nothing.
+        to_node(1, || Duration::ZERO);
+        to_client(64 * 1024);
 
         let counts = Arc::new(BusyPolls::default());
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -293,10 +317,17 @@ mod tests {
             .build()
             .expect("runtime");
         runtime.block_on(async {
-            let hold = Duration::from_secs(3600);
-            let poller = tokio::spawn(busy_poll(MAX_BUSY_POLL, hold, counts.clone()));
-            client_traffic(64 * 1024);
-            client_traffic(64);
+            let (window, hold) = (MAX_BUSY_POLL, Duration::from_secs(3600));
+            let poller = tokio::spawn(busy_poll(window, hold, counts.clone()));
+            tokio::task::yield_now().await;
+            // A node whose answer cannot come back within the window.
+            to_node(64, || window);
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            // Bulk downloads hold polling off as uploads do.
+            to_client(64 * 1024);
+            to_node(64, || Duration::ZERO);
             let looked = async {
                 while counts.held.load(Ordering::Relaxed) == 0 {
                     tokio::task::yield_now().await;

@@ -143,11 +143,25 @@ async fn up(
             return Ok(total);
         }
         total += n as u64;
-        super::data_plane::client_traffic(n);
+        super::data_plane::to_node(n, || conn.rtt());
         send.write_chunk(block.split().freeze())
             .await
             .map_err(io::Error::other)?;
+        if n <= super::data_plane::INTERACTIVE {
+            quick_ack(tcp.as_ref());
+        }
     }
+}
+
+/// Acknowledges the client's next bytes at once rather than after Linux's
+/// delayed-ACK timer (40 ms or more). OpenSSH's client turns Nagle's algorithm
+/// off only for sessions with a terminal, so `ssh host cmd`, `scp` and
+/// `rsync` hold each small packet until the one before is acknowledged: a
+/// login that sends two messages in a row would wait for that timer. The
+/// kernel leaves quick-ACK mode on its own, so this is asked after every
+/// small read; bulk uploads keep delayed ACKs.
+fn quick_ack(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
 }
 
 /// Node → client: QUIC's received chunks are written to the client as they
@@ -164,7 +178,7 @@ async fn down(
         .map_err(io::Error::other)?
     {
         total += chunk.bytes.len() as u64;
-        super::data_plane::client_traffic(chunk.bytes.len());
+        super::data_plane::to_client(chunk.bytes.len());
         tcp.write_all(&chunk.bytes).await?;
     }
     tcp.shutdown().await?;

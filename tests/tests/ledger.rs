@@ -634,6 +634,24 @@ fn every_endpoint_refuses_malformed_input_with_json() {
             refused("POST", "/admin/deposits", &[&auth, json], Some(&huge), 413)?;
             refused("POST", "/admin/deposits", &[&auth, json], Some(&large), 413)?;
             refused("POST", "/login", &[], Some(&large), 413)?;
+            // The same without a declared length: the broker reads a chunked
+            // body up to its limit, and a small one still reaches the handler.
+            let chunked = "Transfer-Encoding: chunked";
+            refused(
+                "POST",
+                "/admin/deposits",
+                &[&auth, json, chunked],
+                Some(&large),
+                413,
+            )?;
+            refused("POST", "/login", &[chunked], Some(&large), 413)?;
+            refused(
+                "POST",
+                "/admin/deposits",
+                &[&auth, json, chunked],
+                Some(b"[1,2]"),
+                422,
+            )?;
             refused(
                 "POST",
                 "/admin/deposits",

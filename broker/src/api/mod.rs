@@ -204,24 +204,55 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-/// Refuses a request whose declared body is larger than `max` before any
-/// handler reads it. A client waiting for `100 Continue` never sends the body;
-/// one already sending it has up to [`DRAIN_CAP`] read and dropped, so that it
-/// reads the refusal rather than a reset. Bodies without a length are held to
-/// `max` by [`DefaultBodyLimit`].
+/// Refuses a request whose body is larger than `max` before any handler reads
+/// it. A declared length says so at once: a client waiting for `100 Continue`
+/// never sends the body; one already sending it has up to [`DRAIN_CAP`] read
+/// and dropped, so that it reads the refusal rather than a reset. A body
+/// without a length (chunked) is read here, up to `max`: one that turns out
+/// larger is drained the same way and refused the same way, and the handler
+/// gets the one that fits, already read.
 pub async fn refuse_oversized(
     State(max): State<usize>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    use axum::http::header::{CONTENT_LENGTH, EXPECT};
+    use axum::http::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let Some(declared) = declared.filter(|&n| n > max as u64) else {
-        return next.run(req).await;
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {max} bytes"),
+        )
+        .into_response()
     };
+    let Some(declared) = declared else {
+        if !req.headers().contains_key(TRANSFER_ENCODING) {
+            return next.run(req).await;
+        }
+        let (parts, body) = req.into_parts();
+        return match read_capped(body, max).await {
+            Ok(body) => {
+                let req = axum::extract::Request::from_parts(parts, body.into());
+                next.run(req).await
+            }
+            Err(Capped::TooLarge(read, rest)) => {
+                let drain = axum::body::to_bytes(rest, DRAIN_CAP.saturating_sub(read));
+                let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+                too_large()
+            }
+            Err(Capped::Broken) => ApiError(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read".into(),
+            )
+            .into_response(),
+        };
+    };
+    if declared <= max as u64 {
+        return next.run(req).await;
+    }
     let waits = req
         .headers()
         .get(EXPECT)
@@ -230,11 +261,38 @@ pub async fn refuse_oversized(
         let drain = axum::body::to_bytes(req.into_body(), DRAIN_CAP);
         let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
     }
-    ApiError(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("the request body is larger than {max} bytes"),
-    )
-    .into_response()
+    too_large()
+}
+
+/// Why a body without a length was not read whole.
+enum Capped {
+    /// It goes on past the cap: how much was read, and the rest of it.
+    TooLarge(usize, axum::body::Body),
+    /// The client broke it off or sent malformed chunks.
+    Broken,
+}
+
+/// Reads `body` whole if it holds at most `max` bytes.
+async fn read_capped(mut body: axum::body::Body, max: usize) -> Result<bytes::Bytes, Capped> {
+    use axum::body::HttpBody;
+    let mut read = bytes::BytesMut::new();
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => return Ok(read.freeze()),
+            Some(Err(_)) => return Err(Capped::Broken),
+            Some(Ok(frame)) => {
+                // Trailers carry nothing a handler reads.
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if read.len() + data.len() > max {
+                    return Err(Capped::TooLarge(read.len() + data.len(), body));
+                }
+                read.extend_from_slice(&data);
+            }
+        }
+    }
 }
 
 /// An unknown path: a browser gets the 404 page, anything else JSON.

@@ -398,6 +398,71 @@ fn master_connection_and_parallel_connections() {
     })
 }
 
+/// The client connections an order port carries at once (the broker's
+/// `relay::splice::MAX_CONNECTIONS`).
+const MAX_CONNECTIONS: usize = 8;
+
+/// The first line a connection to an order port gets, `None` if the relay
+/// closes it first.
+fn banner(conn: &mut std::net::TcpStream) -> anyhow::Result<Option<String>> {
+    use std::io::Read;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    loop {
+        match conn.read(&mut byte) {
+            Ok(0) => return Ok(None),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Some(String::from_utf8_lossy(&line).trim_end().to_owned()))
+}
+
+#[test]
+fn an_order_port_carries_a_bounded_number_of_connections() {
+    e2e(
+        "an_order_port_carries_a_bounded_number_of_connections",
+        |scene| {
+            let (broker, _node, client) = network(scene, 1)?;
+            let login = order(scene, &broker, &client)?;
+            let addr = format!("{}:{}", login.host, login.port);
+            let mut open = Vec::new();
+            for i in 0..MAX_CONNECTIONS {
+                let mut conn = std::net::TcpStream::connect(&addr)?;
+                let line = banner(&mut conn)?;
+                anyhow::ensure!(
+                    line.as_deref().is_some_and(|l| l.starts_with("SSH-2.0-")),
+                    "connection {i} got {line:?}, not the node's SSH banner"
+                );
+                open.push(conn);
+            }
+            let mut extra = std::net::TcpStream::connect(&addr)?;
+            let line = banner(&mut extra)?;
+            anyhow::ensure!(line.is_none(), "one too many got {line:?}");
+
+            // A connection that ends makes room for another, once the node
+            // has ended its stream.
+            drop(open.pop());
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut conn = std::net::TcpStream::connect(&addr)?;
+                if banner(&mut conn)?.is_some() {
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "no room after a connection ended"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        },
+    )
+}
+
 #[test]
 fn concurrent_orders_get_users_that_cannot_read_each_other() {
     e2e(

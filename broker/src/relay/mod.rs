@@ -166,6 +166,11 @@ impl PathConfigs {
     }
 }
 
+/// How much of one stream's data from its node the relay takes before its
+/// client reads it: a node's download to its client goes at up to this much
+/// per round trip (4 MiB: 1.1 Gbit/s at 30 ms, more than home uplinks carry).
+pub const STREAM_RECEIVE_WINDOW: u32 = 4 << 20;
+
 /// QUIC transport for node connections: keep-alives both ways and a short idle
 /// timeout, so a dead node is noticed within seconds.
 pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
@@ -177,8 +182,14 @@ pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
     // per-connection state for every stream a peer may open.
     t.max_concurrent_uni_streams(0u32.into());
     t.datagram_receive_buffer_size(None);
-    t.stream_receive_window((8u32 * 1024 * 1024).into());
-    t.receive_window((32u32 * 1024 * 1024).into());
+    // What the relay holds of a node's output that its client does not read:
+    // at most one stream window per stream. No window for the connection as a
+    // whole: with one, a few stalled streams would use it up and hold every
+    // other session on the node, and the node's control stream, to a
+    // standstill. The streams a node may have are bounded instead (at most
+    // `splice::MAX_CONNECTIONS` per order, and 4 of the node's own).
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(quinn::VarInt::MAX);
     // What the relay buffers towards the node; uploads retune it to the
     // path's bandwidth-delay product (`send_window`).
     t.send_window(send_window::MIN);

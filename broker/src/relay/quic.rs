@@ -1332,6 +1332,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn streams_whose_clients_do_not_read_hold_up_no_other() {
+        let body = async {
+            let p = pair();
+            let (relay, node) = p.connect().await;
+            // An order's every client connection stops reading, and one more's
+            // on another order: their node fills each stream's window, more
+            // in all than a fixed window for the whole connection (32 MiB)
+            // would have held.
+            let window = super::super::STREAM_RECEIVE_WINDOW as usize;
+            let output = pattern(window);
+            let mut stalled = Vec::new();
+            for _ in 0..=super::super::splice::MAX_CONNECTIONS {
+                let (mut send, recv) = relay.open_bi().await.expect("open");
+                send.write_all(b"s").await.expect("write");
+                let (mut s, mut r) = node.accept_bi().await.expect("accept");
+                r.read_chunk(1, true).await.expect("read").expect("chunk");
+                // Taken only once the relay has granted the whole window.
+                s.write_all(&output).await.expect("the node's output");
+                stalled.push((send, recv, s, r));
+            }
+            // Another session's output still flows, and so does the node's
+            // control stream.
+            let (mut send, mut recv) = relay.open_bi().await.expect("open");
+            send.write_all(b"t").await.expect("write");
+            let (mut s, mut r) = node.accept_bi().await.expect("accept");
+            r.read_chunk(1, true).await.expect("read").expect("chunk");
+            let data = pattern(3 * window);
+            let out = async {
+                s.write_all(&data).await.expect("write");
+                s.finish().expect("finish");
+            };
+            let (got, ()) = tokio::join!(read_all(&mut recv), out);
+            assert!(got.expect("read") == data, "the session's output changed");
+            let (mut ctl, _ctl_recv) = node.open_bi().await.expect("open");
+            ctl.write_all(b"receipt").await.expect("write");
+            let (_send, mut recv) = relay.accept_bi().await.expect("accept");
+            let got = recv
+                .read_chunk(7, true)
+                .await
+                .expect("read")
+                .expect("chunk");
+            assert_eq!(&got.bytes[..], b"receipt");
+            drop(stalled);
+        };
+        // A stream held up would wait forever: fail instead.
+        tokio::time::timeout(Duration::from_secs(60), body)
+            .await
+            .expect("a stream was held up by the unread ones");
+    }
+
+    #[tokio::test]
     async fn resets_and_stops_reach_the_other_side() {
         let p = pair();
         let (relay, node) = p.connect().await;

@@ -25,6 +25,14 @@ const CHUNK: usize = 64 * 1024;
 /// acknowledges it, so blocks are not much larger than a read.
 const BLOCK: usize = 256 * 1024;
 
+/// Client connections one order port carries at once; one more is closed as
+/// soon as it is accepted. Each is a stream to the node and may leave up to
+/// [`STREAM_RECEIVE_WINDOW`](super::STREAM_RECEIVE_WINDOW) of the node's
+/// output in the relay while its client does not read, so this bounds what
+/// one order may make the relay hold. One SSH connection carries any number
+/// of sessions (`ControlMaster`), and `scp`, `sftp` and `rsync` take one each.
+pub const MAX_CONNECTIONS: usize = 8;
+
 /// QUIC error code for a stream given up because the client's connection
 /// failed (not a clean close).
 const CLIENT_FAILED: u32 = 1;
@@ -74,6 +82,14 @@ pub async fn serve(
                 continue;
             }
         };
+        if conns.len() >= MAX_CONNECTIONS {
+            tracing::info!(
+                %order_id, %peer, max = MAX_CONNECTIONS,
+                "client connection refused: the order has as many open as it may"
+            );
+            drop(tcp);
+            continue;
+        }
         let link = link.clone();
         let relay = relay.clone();
         let closed = closed.clone();

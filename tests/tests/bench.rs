@@ -19,6 +19,7 @@ fn bench_runs_on_a_tiny_size() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("| `ssh … true`, ms |"), "{stdout}");
+    assert!(stdout.contains("| SSH download `ssh"), "{stdout}");
     assert!(
         stdout.contains("## Relay with 4 active sessions"),
         "{stdout}"

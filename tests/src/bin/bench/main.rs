@@ -42,8 +42,8 @@ struct Opts {
     nodes: Vec<usize>,
     install: bool,
     out: Option<PathBuf>,
-    /// Sections to run (all when empty): bulk, true, order, echo, raw,
-    /// capacity, active, receipts.
+    /// Sections to run (all when empty): bulk, download, true, order, echo,
+    /// raw, capacity, active, receipts.
     only: Vec<String>,
     /// `quic_max_mtu` of each relay measured in the capacity section.
     relay_mtus: Vec<u16>,
@@ -54,8 +54,8 @@ struct Opts {
 }
 
 /// The sections `--only` may name.
-const SECTIONS: [&str; 8] = [
-    "bulk", "true", "order", "echo", "raw", "capacity", "active", "receipts",
+const SECTIONS: [&str; 9] = [
+    "bulk", "download", "true", "order", "echo", "raw", "capacity", "active", "receipts",
 ];
 
 impl Opts {
@@ -307,6 +307,27 @@ fn run(
         "CPU per GB of that bulk, whole machine (every process, all cores), s",
         &cpu,
         2,
+    );
+
+    eprintln!("bench: SSH download");
+    let mut down: [Vec<f64>; COLUMNS.len()] = Default::default();
+    for _ in 0..opts.bulk_rounds * usize::from(opts.runs("download")) {
+        for (i, args) in field.ssh.iter().enumerate() {
+            if let Some(args) = args {
+                match download(&keys, args, bytes) {
+                    Ok(t) => down[i].push(bytes as f64 / 1e6 / t.as_secs_f64()),
+                    Err(e) => table.failed(i, "download", &e),
+                }
+            }
+        }
+    }
+    table.row(
+        &format!(
+            "SSH download `ssh 'head -c {}M /dev/zero' >/dev/null`, MB/s",
+            opts.bulk_mib
+        ),
+        &down,
+        0,
     );
 
     eprintln!("bench: ssh true");
@@ -593,6 +614,31 @@ fn bulk(keys: &Keys, args: &[String], bytes: u64) -> anyhow::Result<Duration> {
         out.status.success(),
         "{desc}: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(took)
+}
+
+/// `ssh … 'head -c bytes /dev/zero'` with the output thrown away; fails if
+/// less arrived.
+fn download(keys: &Keys, args: &[String], bytes: u64) -> anyhow::Result<Duration> {
+    let mut cmd = ssh(keys, args);
+    cmd.arg(format!("head -c {bytes} /dev/zero"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let mut child = cmd.spawn()?;
+    let mut out = child.stdout.take().context("ssh stdout")?;
+    let got = std::io::copy(&mut out, &mut std::io::sink())?;
+    let status = child.wait()?;
+    let took = t.elapsed();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    anyhow::ensure!(
+        status.success() && got == bytes,
+        "{cmd:?}: {got} bytes; {err}"
     );
     Ok(took)
 }

@@ -72,6 +72,13 @@ pub struct Config {
     /// picked up without a wake-up, for up to that much CPU per keystroke.
     /// 0 turns it off; at most 1000. Default 200.
     pub busy_poll_us: u32,
+    /// Lowest client rating, in percent, that may still order: a client whose
+    /// sessions of the last 7 days kept breaking their node's limits (memory,
+    /// processes, disk) falls below it and is refused with 403 until those
+    /// sessions are older. A new client is rated 90 %; nine sessions that
+    /// broke limits and none that did not take it to 47 %. 0 refuses no one;
+    /// at most 100. Default 50.
+    pub min_client_rating: u8,
 }
 
 impl Default for Config {
@@ -98,6 +105,7 @@ impl Default for Config {
             capacity_refresh_secs: 5,
             capacity_validity_secs: 20,
             quic_max_mtu: jusy_node::QUIC_MTU,
+            min_client_rating: 50,
             busy_poll_us: 200,
         }
     }
@@ -138,6 +146,8 @@ pub enum ConfigError {
     QuicMtu(u16),
     #[error("busy_poll_us {0} is more than 1000")]
     BusyPoll(u32),
+    #[error("min_client_rating {0} is more than 100 (percent)")]
+    ClientRating(u8),
 }
 
 impl Config {
@@ -180,6 +190,9 @@ impl Config {
         }
         if self.busy_poll() > crate::relay::data_plane::MAX_BUSY_POLL {
             return Err(ConfigError::BusyPoll(self.busy_poll_us));
+        }
+        if self.min_client_rating > 100 {
+            return Err(ConfigError::ClientRating(self.min_client_rating));
         }
         self.mesh()?;
         Ok(())

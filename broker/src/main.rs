@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Microseconds the relay keeps polling after client traffic; 0: never.
     #[arg(long)]
     busy_poll_us: Option<u32>,
+    /// Lowest client rating (percent) that may order; 0: no one is refused.
+    #[arg(long)]
+    min_client_rating: Option<u8>,
 }
 
 /// Where an offline command finds the database (the broker must be stopped).
@@ -188,6 +191,7 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
         speed_test_interval_secs
     );
     take!(capacity_refresh_secs, capacity_validity_secs, busy_poll_us);
+    take!(min_client_rating);
     if args.mesh_listen.is_some() {
         cfg.mesh_listen = args.mesh_listen;
     }

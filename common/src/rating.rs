@@ -1,8 +1,9 @@
-//! Node ratings from how their sessions ended: a node that drops sessions
-//! (lost, failed, shut down under a client) is rated down automatically,
-//! with no one voting by hand, and is picked for orders less often in
-//! proportion. I/O-free, so every page and broker that counts the same
-//! orders shows the same rating.
+//! Ratings from how sessions ended, with no one voting by hand. A node that
+//! drops sessions (lost, failed, shut down under a client) is rated down and
+//! picked for orders less often in proportion; a client whose sessions keep
+//! breaking their node's limits is rated down and, below the broker's
+//! threshold, refused orders. I/O-free, so every page and broker that counts
+//! the same orders shows the same rating.
 
 use crate::order::OrderState;
 use crate::wire::EndReason;
@@ -53,6 +54,53 @@ impl Tally {
         let total = u64::from(self.kept) + u64::from(self.dropped) + PRIOR_TOTAL;
         // kept ≤ total, so the quotient is at most 100.
         u8::try_from(kept * 100 / total).unwrap_or(100)
+    }
+}
+
+/// How a client's sessions ended: how many broke a limit of their node
+/// (memory, processes, disk) and how many ended otherwise (the client
+/// closed, the wall-clock or CPU budget ran out). A client that keeps
+/// breaking limits is rated down and, below the broker's
+/// `min_client_rating`, refused new orders. Sessions that never started, and
+/// those a node or broker ended, say nothing about the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientTally {
+    pub clean: u32,
+    pub broke_limits: u32,
+}
+
+/// Whether a session that ended for `reason` broke its node's limits:
+/// `None` for ends that say nothing about the client.
+pub fn broke_limits(reason: EndReason) -> Option<bool> {
+    match reason {
+        EndReason::MemoryLimit | EndReason::ProcessLimit | EndReason::DiskLimit => Some(true),
+        EndReason::ClientClosed | EndReason::WallClock | EndReason::CpuDone => Some(false),
+        EndReason::NeverConnected
+        | EndReason::Cancelled
+        | EndReason::NodeLost
+        | EndReason::NodeFailed
+        | EndReason::NodeShutdown => None,
+    }
+}
+
+impl ClientTally {
+    /// Counts one session of the client that ended for `reason`.
+    pub fn add_end(&mut self, reason: EndReason) {
+        match broke_limits(reason) {
+            Some(true) => self.broke_limits = self.broke_limits.saturating_add(1),
+            Some(false) => self.clean = self.clean.saturating_add(1),
+            None => {}
+        }
+    }
+
+    /// The rating in percent, 0 to 100: the share of sessions that kept to
+    /// their node's limits, pulled towards 90 % while the client has had
+    /// few (as [`Tally::percent`]), so that one runaway build does not
+    /// count as abuse.
+    pub fn percent(&self) -> u8 {
+        let clean = u64::from(self.clean) + PRIOR_KEPT;
+        let total = clean + u64::from(self.broke_limits) + (PRIOR_TOTAL - PRIOR_KEPT);
+        u8::try_from(clean * 100 / total).unwrap_or(100)
     }
 }
 
@@ -133,6 +181,47 @@ mod tests {
         // A client closing early is cancelled (refunded) but the node kept it.
         let early = tally(&[OrderState::Cancelled(EndReason::ClientClosed)]);
         assert_eq!(early.kept, 1);
+    }
+
+    #[test]
+    fn clients_that_keep_breaking_limits_are_rated_down() {
+        let mut t = ClientTally::default();
+        assert_eq!(t.percent(), 90, "a new client");
+        t.add_end(EndReason::ProcessLimit);
+        assert_eq!(t.percent(), 81, "one runaway session");
+        for r in [EndReason::MemoryLimit, EndReason::DiskLimit] {
+            t.add_end(r);
+        }
+        for _ in 0..6 {
+            t.add_end(EndReason::ProcessLimit);
+        }
+        assert_eq!(t.broke_limits, 9);
+        assert_eq!(t.percent(), 47, "nine of nine sessions broke limits");
+        for r in [
+            EndReason::ClientClosed,
+            EndReason::WallClock,
+            EndReason::CpuDone,
+        ] {
+            t.add_end(r);
+        }
+        assert_eq!(t.clean, 3);
+        assert_eq!(t.percent(), 54, "clean sessions pull it back up");
+    }
+
+    #[test]
+    fn ends_that_say_nothing_about_the_client_are_not_counted() {
+        let mut t = ClientTally::default();
+        for r in [
+            EndReason::NeverConnected,
+            EndReason::Cancelled,
+            EndReason::NodeLost,
+            EndReason::NodeFailed,
+            EndReason::NodeShutdown,
+        ] {
+            t.add_end(r);
+            assert_eq!(broke_limits(r), None);
+        }
+        assert_eq!(t, ClientTally::default());
     }
 
     #[test]

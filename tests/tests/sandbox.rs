@@ -178,6 +178,77 @@ fn listen(addr: &str) -> anyhow::Result<Option<TcpListener>> {
 }
 
 #[test]
+fn a_client_that_breaks_limits_is_refused_orders() {
+    if !require_root("a_client_that_breaks_limits_is_refused_orders") {
+        return;
+    }
+    e2e("a_client_that_breaks_limits", |scene| {
+        // One session that breaks a limit takes a new client from 90 to 81 %:
+        // under 85 % it may not order.
+        let data = scene.subdir("broker")?;
+        let client = Broker::add_client(scene, &data)?;
+        let flags = ["--min-client-rating", "85"];
+        let mut broker = Broker::start_with(scene, "broker", data.clone(), 0, &flags)?;
+        let relay_port = broker.relay.port();
+        let mut node = Node::start(
+            scene,
+            "node",
+            &broker,
+            &["--ready-slots", "2", "--grace-secs", "1"],
+        )?;
+        broker.wait_capacity(scene, 2)?;
+        let account = format!("/account/{client}");
+        let (status, body) = broker.get(scene, &account)?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["rating_percent"], 90, "a new client: {body}");
+
+        let bomb = order(scene, &broker, &client)?;
+        let ssh = spawn_ssh(&bomb, "b() { b | b & }; b; sleep 60")?;
+        assert_eq!(ends_with(&mut node, &bomb, ssh)?, "PROC");
+        // The broker counts the end once it has settled the order.
+        let deadline = Instant::now() + END;
+        let body = loop {
+            let (status, body) = broker.get(scene, &account)?;
+            assert_eq!(status, 200, "{body}");
+            if body["sessions_broke_limits"] == 1 {
+                break body;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the end was never counted: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(body["rating_percent"], 81, "{body}");
+        assert_eq!(body["sessions_clean"], 0, "{body}");
+        let balance = body["balance_sat"].clone();
+
+        let refused = |broker: &Broker| -> anyhow::Result<()> {
+            let (status, body) = broker.order(scene, &client)?;
+            anyhow::ensure!(status == 403, "{status}: {body}");
+            anyhow::ensure!(body["status"] == "ERROR", "{body}");
+            let error = body["error"].as_str().unwrap_or_default();
+            anyhow::ensure!(error.contains("rating 81 %"), "{body}");
+            // Nothing was charged.
+            let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+            anyhow::ensure!(account["balance_sat"] == balance, "{account}");
+            Ok(())
+        };
+        refused(&broker)?;
+        // A free slot does not change that, and neither does a restart: the
+        // rating is read back from the orders.
+        broker.wait_capacity(scene, 2)?;
+        broker.proc.kill()?;
+        drop(broker);
+        let broker = Broker::start_with(scene, "broker-restarted", data, relay_port, &flags)?;
+        node.proc.wait_event("registered", END)?;
+        broker.wait_capacity(scene, 2)?;
+        refused(&broker)?;
+        Ok(())
+    })
+}
+
+#[test]
 fn network_allows_tcp_port_22_only() {
     if !require_root("network_allows_tcp_port_22_only") {
         return;

@@ -103,6 +103,8 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
         login(&b, &base, &hash)?;
         assert!(b.url()?.ends_with("/client"), "{}", b.url()?);
         assert!(b.text("#balance-amount")?.starts_with("0 sat"));
+        // A new account's rating.
+        assert_eq!(b.text("#rating-percent")?, "90 %");
 
         // A bad key is refused with a message; a good one is listed.
         b.fill("#key", "ssh-ed25519 not-a-key me@laptop")?;

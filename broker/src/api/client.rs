@@ -109,11 +109,15 @@ pub async fn account(
             })
         })
         .collect();
+    let rating = api.orders.client_tally(&id);
     Ok(axum::Json(json!({
         "status": "OK",
         "account_id": id.to_string(),
         "balance_sat": ledger.balance(&Account::Client(id))?,
         "price_sat": ledger.pricing.price_sat,
+        "rating_percent": rating.percent(),
+        "sessions_clean": rating.clean,
+        "sessions_broke_limits": rating.broke_limits,
         "ssh_keys": record.ssh_keys,
         "orders": orders,
     }))

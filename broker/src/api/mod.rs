@@ -137,6 +137,7 @@ impl From<OrderError> for ApiError {
         let status = match &e {
             OrderError::UnknownClient => StatusCode::UNAUTHORIZED,
             OrderError::Insufficient { .. } => StatusCode::PAYMENT_REQUIRED,
+            OrderError::LowRating { .. } => StatusCode::FORBIDDEN,
             OrderError::NoCapacity | OrderError::Node(_) | OrderError::Port(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -11,13 +11,13 @@
 
 mod remote;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::{self as books, Account, AccountId};
-use jusy_common::order::{Order, Settlement};
-use jusy_common::rating::Tally;
+use jusy_common::order::{Order, OrderState, Settlement};
+use jusy_common::rating::{ClientTally, Tally};
 use jusy_common::receipt::{Accepted, ChainVerifier, SignedReceipt};
 use jusy_common::wire::{Assignment, EndReason, OrderId, Slot};
 use russh::keys::PrivateKey;
@@ -73,7 +73,39 @@ pub enum OrderError {
     Ledger(LedgerError),
     #[error("key generation failed")]
     Key,
+    #[error(
+        "this client's recent sessions broke their node's limits too often (rating {rating} %, \
+         orders need {min} %); sessions older than {days} days stop counting"
+    )]
+    LowRating { rating: u8, min: u8, days: u64 },
 }
+
+/// Drops the ends before `since` (milliseconds) from `ends`, oldest first,
+/// and counts the rest.
+fn recent(ends: &mut ClientEnds, since: u64) -> ClientTally {
+    while ends.front().is_some_and(|&(at, _)| at < since) {
+        ends.pop_front();
+    }
+    let mut tally = ClientTally::default();
+    for &(_, broke) in ends.iter() {
+        if broke {
+            tally.broke_limits = tally.broke_limits.saturating_add(1);
+        } else {
+            tally.clean = tally.clean.saturating_add(1);
+        }
+    }
+    tally
+}
+
+/// How long a client's sessions count in its rating: a client refused for
+/// breaking limits may order again once the sessions that did are this old.
+pub const CLIENT_RATING_DAYS: u64 = 7;
+
+const CLIENT_RATING_MS: u64 = CLIENT_RATING_DAYS * 24 * 3600 * 1000;
+
+/// A client's sessions within [`CLIENT_RATING_DAYS`]: when each ended (or,
+/// for orders read back at start, was made) and whether it broke limits.
+type ClientEnds = VecDeque<(u64, bool)>;
 
 impl From<LedgerError> for OrderError {
     fn from(e: LedgerError) -> Self {
@@ -100,6 +132,7 @@ struct Live {
     next_seq: u64,
     closed: CancellationToken,
     receipts: ChainVerifier,
+    client: AccountId,
 }
 
 /// Orders in flight.
@@ -117,6 +150,9 @@ pub struct Orders {
     /// How each node's sessions ended, for its rating: nodes that drop
     /// sessions are offered less often.
     ratings: Mutex<HashMap<PeerId, Tally>>,
+    /// How each client's recent sessions ended, for its rating: clients that
+    /// keep breaking limits are refused orders.
+    clients: Mutex<HashMap<AccountId, ClientEnds>>,
     ports: TaskTracker,
 }
 
@@ -163,15 +199,34 @@ impl Orders {
     ) -> Arc<Self> {
         let (mesh, served) = mesh.unzip();
         let mut ratings: HashMap<PeerId, Tally> = HashMap::new();
+        let mut clients: HashMap<AccountId, ClientEnds> = HashMap::new();
+        let since = now_ms().saturating_sub(CLIENT_RATING_MS);
         match ledger.orders() {
             Ok(all) => {
                 for (_, rec) in all {
                     if let Ok(node) = rec.node_id.parse::<PeerId>() {
                         ratings.entry(node).or_default().add(rec.order.state);
                     }
+                    let ended = match rec.order.state {
+                        OrderState::Finished(r) | OrderState::Cancelled(r) => {
+                            jusy_common::rating::broke_limits(r)
+                        }
+                        _ => None,
+                    };
+                    let at = rec.order.last_disconnect_ms.unwrap_or(rec.created_ms);
+                    if let Some(broke) = ended.filter(|_| at >= since) {
+                        clients
+                            .entry(rec.client)
+                            .or_default()
+                            .push_back((at, broke));
+                    }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "node ratings start afresh: orders unreadable"),
+            Err(e) => tracing::warn!(error = %e, "ratings start afresh: orders unreadable"),
+        }
+        // Orders are read in id order, not time order.
+        for ends in clients.values_mut() {
+            ends.make_contiguous().sort_unstable();
         }
         Arc::new(Self {
             cfg,
@@ -182,6 +237,7 @@ impl Orders {
             served,
             live: Mutex::default(),
             ratings: Mutex::new(ratings),
+            clients: Mutex::new(clients),
             ports: TaskTracker::new(),
         })
     }
@@ -197,6 +253,36 @@ impl Orders {
     pub fn tally(&self, node: &PeerId) -> Tally {
         let ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
         ratings.get(node).copied().unwrap_or_default()
+    }
+
+    /// Counts a session of `client` that ended for `reason` in its rating.
+    fn rate_client(&self, client: AccountId, reason: EndReason) {
+        if let Some(broke) = jusy_common::rating::broke_limits(reason) {
+            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            clients
+                .entry(client)
+                .or_default()
+                .push_back((now_ms(), broke));
+        }
+    }
+
+    /// The lowest client rating (percent) that may order.
+    pub fn min_client_rating(&self) -> u8 {
+        self.cfg.min_client_rating
+    }
+
+    /// How a client's sessions of the last [`CLIENT_RATING_DAYS`] ended.
+    pub fn client_tally(&self, client: &AccountId) -> ClientTally {
+        let since = now_ms().saturating_sub(CLIENT_RATING_MS);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(ends) = clients.get_mut(client) else {
+            return ClientTally::default();
+        };
+        let tally = recent(ends, since);
+        if ends.is_empty() {
+            clients.remove(client);
+        }
+        tally
     }
 
     /// A node's rating in percent (see [`Tally::percent`]).
@@ -224,6 +310,15 @@ impl Orders {
             .store
             .account(Role::Client, client_hash)?
             .ok_or(OrderError::UnknownClient)?;
+        let min = self.cfg.min_client_rating;
+        let rating = self.client_tally(&client).percent();
+        if rating < min {
+            return Err(OrderError::LowRating {
+                rating,
+                min,
+                days: CLIENT_RATING_DAYS,
+            });
+        }
         let price = self.ledger.pricing.price_sat;
         // A cheap early answer; the charge itself is checked in its transaction.
         let balance = self.ledger.balance(&Account::Client(client))?;
@@ -295,6 +390,7 @@ impl Orders {
                 next_seq: 0,
                 closed: closed.clone(),
                 receipts: ChainVerifier::new(order_id, link.id),
+                client,
             },
         );
         tracing::info!(%order_id, node_id = %link.id.short(), port, user = %slot.username, "order placed");
@@ -401,15 +497,16 @@ impl Orders {
 
     /// Ends an order: closes its port and settles it.
     fn end(&self, order_id: OrderId, reason: EndReason) -> Result<Option<Settlement>, LedgerError> {
-        let node = self.live().remove(&order_id).map(|live| {
+        let ended = self.live().remove(&order_id).map(|live| {
             live.closed.cancel();
-            live.node
+            (live.node, live.client)
         });
         let settled = self
             .ledger
             .update(order_id, |o| o.handle_end(now_ms(), reason));
-        if let (Ok(Some(_)), Some(node)) = (&settled, node) {
+        if let (Ok(Some(_)), Some((node, client))) = (&settled, ended) {
             self.rate(node, reason);
+            self.rate_client(client, reason);
         }
         match settled {
             Err(LedgerError::UnknownOrder(_)) => {
@@ -449,6 +546,29 @@ impl Orders {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clients_rating_counts_only_its_recent_sessions() {
+        let mut ends: ClientEnds = [(100, true), (200, true), (300, false)].into();
+        assert_eq!(
+            recent(&mut ends, 0),
+            ClientTally {
+                clean: 1,
+                broke_limits: 2
+            }
+        );
+        // The first end ages out; the others stay, for the next look.
+        assert_eq!(
+            recent(&mut ends, 150),
+            ClientTally {
+                clean: 1,
+                broke_limits: 1
+            }
+        );
+        assert_eq!(ends.len(), 2);
+        assert_eq!(recent(&mut ends, 301), ClientTally::default());
+        assert!(ends.is_empty());
+    }
 
     #[test]
     fn known_hosts_brackets_non_default_ports() {

@@ -178,6 +178,7 @@ impl Orders {
                 next_seq: 0,
                 closed: CancellationToken::new(),
                 receipts: jusy_common::receipt::ChainVerifier::new(order_id, node_id),
+                client,
             },
         );
         tracing::info!(%order_id, node_id = %node_id.short(), %relay, host = %r.host, port = r.port, "order placed on another relay");

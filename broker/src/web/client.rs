@@ -44,6 +44,12 @@ struct Dashboard {
     balance: String,
     price: String,
     can_order: bool,
+    /// The client's rating (percent), what orders need, and its sessions of
+    /// the rating's days: all, and those that broke limits.
+    rating: u8,
+    min_rating: u8,
+    rated_sessions: u32,
+    broke_limits: u32,
     keys: Vec<String>,
     orders: Vec<OrderRow>,
     chart: Chart,
@@ -69,6 +75,8 @@ fn render_dashboard(
         .account_by_id(crate::store::Role::Client, &id)?
         .ok_or(WebError::Login)?;
     let balance = ledger.balance(&Account::Client(id))?;
+    let tally = web.api.orders.client_tally(&id);
+    let min_rating = web.api.orders.min_client_rating();
     let mut orders = Vec::new();
     for (oid, rec) in ledger
         .orders()?
@@ -90,7 +98,11 @@ fn render_dashboard(
         account_id: id.to_string(),
         balance: sat(balance),
         price: sat(ledger.pricing.price_sat),
-        can_order: balance >= ledger.pricing.price_sat,
+        can_order: balance >= ledger.pricing.price_sat && tally.percent() >= min_rating,
+        rating: tally.percent(),
+        min_rating,
+        rated_sessions: tally.clean.saturating_add(tally.broke_limits),
+        broke_limits: tally.broke_limits,
         keys: record.ssh_keys,
         chart: Chart::bars(&bars, cpu),
         width: WIDTH,
@@ -216,6 +228,7 @@ pub async fn order_now(
         Err(e) => {
             let (status, msg) = match &e {
                 OrderError::Insufficient { .. } => (StatusCode::PAYMENT_REQUIRED, e.to_string()),
+                OrderError::LowRating { .. } => (StatusCode::FORBIDDEN, e.to_string()),
                 OrderError::NoCapacity | OrderError::Node(_) | OrderError::Port(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
                 }

@@ -50,11 +50,17 @@ impl Tally {
     /// The rating in percent, 0 to 100: the share of sessions kept, pulled
     /// towards 90 % while the node has served few.
     pub fn percent(&self) -> u8 {
-        let kept = u64::from(self.kept) + PRIOR_KEPT;
-        let total = u64::from(self.kept) + u64::from(self.dropped) + PRIOR_TOTAL;
-        // kept ≤ total, so the quotient is at most 100.
-        u8::try_from(kept * 100 / total).unwrap_or(100)
+        smoothed_percent(self.kept, self.dropped)
     }
+}
+
+/// `good` of `good + bad` in percent, with [`PRIOR_KEPT`] of [`PRIOR_TOTAL`]
+/// added to both, so that few counts pull towards 90 %.
+fn smoothed_percent(good: u32, bad: u32) -> u8 {
+    let good = u64::from(good) + PRIOR_KEPT;
+    let total = good + u64::from(bad) + (PRIOR_TOTAL - PRIOR_KEPT);
+    // good ≤ total, so the quotient is at most 100.
+    u8::try_from(good * 100 / total).unwrap_or(100)
 }
 
 /// How a client's sessions ended: how many broke a limit of their node
@@ -86,10 +92,17 @@ pub fn broke_limits(reason: EndReason) -> Option<bool> {
 impl ClientTally {
     /// Counts one session of the client that ended for `reason`.
     pub fn add_end(&mut self, reason: EndReason) {
-        match broke_limits(reason) {
-            Some(true) => self.broke_limits = self.broke_limits.saturating_add(1),
-            Some(false) => self.clean = self.clean.saturating_add(1),
-            None => {}
+        if let Some(broke) = broke_limits(reason) {
+            self.add(broke);
+        }
+    }
+
+    /// Counts one session that broke limits or did not.
+    pub fn add(&mut self, broke: bool) {
+        if broke {
+            self.broke_limits = self.broke_limits.saturating_add(1);
+        } else {
+            self.clean = self.clean.saturating_add(1);
         }
     }
 
@@ -98,9 +111,7 @@ impl ClientTally {
     /// few (as [`Tally::percent`]), so that one runaway build does not
     /// count as abuse.
     pub fn percent(&self) -> u8 {
-        let clean = u64::from(self.clean) + PRIOR_KEPT;
-        let total = clean + u64::from(self.broke_limits) + (PRIOR_TOTAL - PRIOR_KEPT);
-        u8::try_from(clean * 100 / total).unwrap_or(100)
+        smoothed_percent(self.clean, self.broke_limits)
     }
 }
 

@@ -88,11 +88,7 @@ fn recent(ends: &mut ClientEnds, since: u64) -> ClientTally {
     }
     let mut tally = ClientTally::default();
     for &(_, broke) in ends.iter() {
-        if broke {
-            tally.broke_limits = tally.broke_limits.saturating_add(1);
-        } else {
-            tally.clean = tally.clean.saturating_add(1);
-        }
+        tally.add(broke);
     }
     tally
 }

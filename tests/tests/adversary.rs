@@ -1,0 +1,19 @@
+//! The adversarial suite: each test plays a hostile client, node owner or
+//! stranger against the real binaries, first shows that its attack's
+//! precondition holds (the victim's secret exists, the object was made), and
+//! then that the attack fails.
+//!
+//! * [`isolation`] — one session against another: files, disk images, IPC,
+//!   processes, leftovers, uid reuse, process and channel limits.
+//! * [`state`] — the node's and broker's own files and secrets.
+//! * [`syscalls`] — calls a session must not make (user namespaces, bpf, …).
+//! * [`network`] — where a session may connect: TCP 22 outside, nothing of the
+//!   node's own or its LAN, no special-use range.
+
+// Test code: a panic is how a check fails.
+#![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
+mod isolation;
+mod network;
+mod state;
+mod syscalls;

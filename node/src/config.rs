@@ -44,6 +44,15 @@ pub struct Config {
     pub memory_mib: u64,
     /// Processes (and threads) a session may have at once. Default 50.
     pub max_processes: u32,
+    /// SSH channels (shells, commands, sftp) a client may have open at once on
+    /// one connection, as OpenSSH's `MaxSessions`; one more is refused with
+    /// "administratively prohibited". Default 10.
+    pub max_channels: usize,
+    /// SSH channels a session may have open at once across all its
+    /// connections. With the client input the node holds for each (at most
+    /// about 4 MiB, see `ssh/input.rs`), this bounds what one session costs
+    /// the node. Default 32.
+    pub max_session_channels: usize,
     /// Size of a session's home disk image in MiB; 0 keeps homes on the node's
     /// own disk without a limit. Default 5120.
     pub disk_mib: u64,
@@ -79,6 +88,8 @@ impl Default for Config {
             receipt_secs: 10,
             memory_mib: 2048,
             max_processes: 50,
+            max_channels: 10,
+            max_session_channels: 32,
             disk_mib: 5120,
             net_allow_private: false,
             net_allow: Vec::new(),

@@ -303,6 +303,10 @@ pub async fn run(
         cpu_budget: Duration::from_secs(cfg.cpu_budget_secs),
         receipt_every: Duration::from_secs(cfg.receipt_secs.max(1)),
         sftp_server: cfg.sftp_server(),
+        channel_caps: ssh::channel::ChannelCaps {
+            per_connection: cfg.max_channels.max(1),
+            per_session: cfg.max_session_channels.max(1),
+        },
     };
     let sessions = Sessions::new(
         settings,

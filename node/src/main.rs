@@ -51,6 +51,12 @@ struct Cli {
     /// Processes a session may have at once.
     #[arg(long)]
     max_processes: Option<u32>,
+    /// SSH channels a client may open at once on one connection.
+    #[arg(long)]
+    max_channels: Option<usize>,
+    /// SSH channels a session may have open at once across its connections.
+    #[arg(long)]
+    max_session_channels: Option<usize>,
     /// Size of a session's home disk in MiB (0: no separate disk).
     #[arg(long)]
     disk_mib: Option<u64>,
@@ -64,6 +70,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    jusy_node::sandbox::init::run_if_asked();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -110,6 +117,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.max_processes {
         cfg.max_processes = v;
+    }
+    if let Some(v) = cli.max_channels {
+        cfg.max_channels = v;
+    }
+    if let Some(v) = cli.max_session_channels {
+        cfg.max_session_channels = v;
     }
     if let Some(v) = cli.disk_mib {
         cfg.disk_mib = v;

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::receipts::Receipts;
 use crate::sandbox::{Host, Sandbox};
-use crate::ssh::channel::ChannelCtx;
+use crate::ssh::channel::{ChannelCaps, ChannelCtx};
 use crate::ssh::{self, Access};
 
 /// How often the kernel's counters are read while a session runs: limit events
@@ -40,6 +40,7 @@ pub struct Settings {
     /// Time between two receipts of a running session.
     pub receipt_every: Duration,
     pub sftp_server: PathBuf,
+    pub channel_caps: ChannelCaps,
 }
 
 /// One order's running session.
@@ -199,6 +200,9 @@ impl Sessions {
                 ctx: Arc::new(ChannelCtx {
                     sandbox,
                     sftp_server: self.settings.sftp_server.clone(),
+                    backlog: Arc::default(),
+                    caps: self.settings.channel_caps,
+                    open: Arc::default(),
                 }),
                 keys,
             }),

@@ -141,12 +141,13 @@ fn limits_end_sessions_with_proc_ram_and_disk_and_spare_others() {
         // An open connection keeps the bystander's session going meanwhile.
         let mut keep = spawn_ssh(&bystander, "sleep 600")?;
 
-        // The kernel holds a session at 50 processes: its own cgroup says so
-        // (asked from the bystander, whose open connection keeps it going).
+        // The kernel holds a session at 50 processes and its init: its own
+        // cgroup says so (asked from the bystander, whose open connection
+        // keeps it going).
         let pids_max = "p=$(grep -E ':pids:|^0::' /proc/self/cgroup | head -1 | cut -d: -f3); \
              cat /sys/fs/cgroup/pids$p/pids.max 2>/dev/null || cat /sys/fs/cgroup$p/pids.max";
         let out = bystander.ssh(scene, pids_max, None)?;
-        assert_eq!(out.text(), "50\n", "{}", out.stderr);
+        assert_eq!(out.text(), "51\n", "{}", out.stderr);
         let bomb = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&bomb, "b() { b | b & }; b; sleep 60")?;
         assert_eq!(ends_with(&mut node, &bomb, ssh)?, "PROC");

@@ -1,8 +1,10 @@
 //! What isolates one session from the node and from other sessions: a fresh
 //! unprivileged user, a cgroup with memory and process limits that also meters
 //! CPU time, a home on its own size-limited disk image, outbound network rules,
-//! and processes started with a clean environment, their own session id,
-//! `no_new_privs` and umask 077.
+//! and an init ([`init`]) in namespaces of the session's own (pid, ipc, mount,
+//! uts) that starts every program with a clean environment, its own
+//! session id, `no_new_privs` and umask 077, with private directories over the
+//! host's world-writable ones ([`shared_dirs`]).
 //!
 //! [`Host`] holds the node-wide parts (its cgroup parent, nftables table, data
 //! directories) and makes, tears down and sweeps per-session [`Sandbox`]es.
@@ -10,14 +12,17 @@
 pub mod cgroup;
 pub mod cgroupfs;
 pub mod disk;
+pub mod init;
 pub mod netfilter;
 pub mod process;
+pub mod shared_dirs;
 pub mod user;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
+use init::{InitConfig, SessionInit};
 use netfilter::{Netfilter, Policy};
 use user::SessionUser;
 
@@ -40,17 +45,21 @@ pub enum SandboxError {
     Disk(#[from] disk::DiskError),
     #[error(transparent)]
     Net(#[from] netfilter::NetError),
+    #[error(transparent)]
+    Init(#[from] init::InitError),
     #[error("session uid range {0}..={1} is empty or reaches below 1000 (people's accounts)")]
     Ids(u32, u32),
 }
 
-/// One session's isolation: its user, cgroup and disk.
+/// One session's isolation: its user, cgroup, disk and init.
 #[derive(Debug)]
 pub struct Sandbox {
     pub user: SessionUser,
     /// None in development mode (not root).
     pub cgroup: Option<SessionCgroup>,
     pub disk: Option<Disk>,
+    /// None only while the sandbox is being made.
+    pub init: Option<SessionInit>,
 }
 
 impl Sandbox {
@@ -67,16 +76,47 @@ impl Sandbox {
     }
 }
 
-/// Makes the session's private `/tmp` and `/dev/shm` directories in its home,
-/// so they count against its disk.
-async fn private_dirs(user: &SessionUser) -> Result<(), SandboxError> {
-    for (dir, _) in process::PRIVATE_DIRS {
-        let path = user.home.join(dir);
-        user::create_private_dir(&path).await?;
-        std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
-            .map_err(|source| user::UserError::Home { path, source })?;
+/// The node's own binary, which is also every session's init.
+const INIT_EXE: &str = "/proc/self/exe";
+
+/// Where a session keeps what the node made for it inside its home: root's,
+/// so the session can use but not remove it.
+const STATE_DIR: &str = ".jusy";
+
+/// Makes the session's private directories (one per world-writable host
+/// directory in `covered`, on its disk so they count against it) and returns
+/// what the init binds where.
+fn private_dirs(home: &Path, covered: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>, SandboxError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let state = home.join(STATE_DIR);
+    let made = |path: &Path, mode: u32| {
+        let err = |source| user::UserError::Home {
+            path: path.to_owned(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(path)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(err(e))
+                }
+            })?;
+        // The mode is set again: the node's umask narrowed it at creation.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+    };
+    made(&state, 0o755)?;
+    let mut binds = Vec::with_capacity(covered.len());
+    for target in covered {
+        let source = state.join(shared_dirs::private_name(target));
+        // Like the host's: anyone (in the session, only its user) may write,
+        // only the owner of a file may remove it.
+        made(&source, 0o1777)?;
+        binds.push((source, target.clone()));
     }
-    Ok(())
+    Ok(binds)
 }
 
 /// The node-wide parts of the sandbox.
@@ -86,6 +126,8 @@ pub struct Host {
     images: PathBuf,
     limits: SandboxLimits,
     ids: user::IdRange,
+    /// The host's world-writable directories, private in every session.
+    covered: Vec<PathBuf>,
     /// None in development mode: the node is not root and isolates nothing.
     isolation: Option<(NodeCgroups, Netfilter)>,
 }
@@ -128,11 +170,17 @@ impl Host {
                 source,
             })?;
         net.install().await?;
+        let data_dir = homes.parent().unwrap_or(&homes).to_owned();
+        let covered = tokio::task::spawn_blocking(move || shared_dirs::find(&data_dir))
+            .await
+            .unwrap_or_default();
+        tracing::info!(dirs = ?covered, "world-writable directories private to each session");
         Ok(Self {
             homes,
             images,
             limits,
             ids,
+            covered,
             isolation: Some((cgroups, net)),
         })
     }
@@ -147,6 +195,7 @@ impl Host {
                 disk: 0,
             },
             ids: user::DEFAULT_IDS,
+            covered: Vec::new(),
             isolation: None,
         }
     }
@@ -155,11 +204,28 @@ impl Host {
     pub async fn prepare(&self) -> Result<Sandbox, SandboxError> {
         let Some((cgroups, net)) = &self.isolation else {
             let user = SessionUser::create_dev(&self.homes).await?;
-            return Ok(Sandbox {
+            let mut sandbox = Sandbox {
                 user,
                 cgroup: None,
                 disk: None,
-            });
+                init: None,
+            };
+            return match SessionInit::start(
+                Path::new(INIT_EXE),
+                &self.init_config(&sandbox.user, false, Vec::new()),
+                Vec::new(),
+            )
+            .await
+            {
+                Ok(init) => {
+                    sandbox.init = Some(init);
+                    Ok(sandbox)
+                }
+                Err(e) => {
+                    self.teardown(&sandbox).await;
+                    Err(e.into())
+                }
+            };
         };
         let with_disk = self.limits.disk > 0;
         let user = SessionUser::create(&self.homes, !with_disk, self.ids).await?;
@@ -167,9 +233,13 @@ impl Host {
             user,
             cgroup: None,
             disk: None,
+            init: None,
         };
         let made = async {
-            sandbox.cgroup = Some(cgroups.create(&sandbox.user.name, self.limits.cgroup)?);
+            // One more process than the session's limit: its init.
+            let mut limits = self.limits.cgroup;
+            limits.pids = limits.pids.saturating_add(1);
+            sandbox.cgroup = Some(cgroups.create(&sandbox.user.name, limits)?);
             if with_disk {
                 let u = &sandbox.user;
                 let image = self.images.join(format!("{}.img", u.name));
@@ -177,7 +247,20 @@ impl Host {
                     Disk::create(image, u.home.clone(), self.limits.disk, u.uid, u.gid).await?,
                 );
             }
-            private_dirs(&sandbox.user).await?;
+            let binds = private_dirs(&sandbox.user.home, &self.covered)?;
+            let join = sandbox
+                .cgroup
+                .as_ref()
+                .map(SessionCgroup::join_fds)
+                .unwrap_or_default();
+            sandbox.init = Some(
+                SessionInit::start(
+                    Path::new(INIT_EXE),
+                    &self.init_config(&sandbox.user, true, binds),
+                    join,
+                )
+                .await?,
+            );
             net.add_user(sandbox.user.uid).await?;
             Ok::<_, SandboxError>(())
         }
@@ -191,10 +274,31 @@ impl Host {
         }
     }
 
+    fn init_config(
+        &self,
+        user: &SessionUser,
+        isolate: bool,
+        binds: Vec<(PathBuf, PathBuf)>,
+    ) -> InitConfig {
+        InitConfig {
+            isolate,
+            net_namespace: false,
+            uid: user.uid,
+            gid: user.gid,
+            home: user.home.clone(),
+            hostname: user.name.clone(),
+            binds,
+            resolv_conf: None,
+        }
+    }
+
     /// Kills everything of a session and removes its cgroup, disk, user and
     /// rules. Logs what fails and carries on, so one stuck part does not keep the
     /// others behind.
     pub async fn teardown(&self, sandbox: &Sandbox) {
+        if let Some(init) = &sandbox.init {
+            init.kill().await;
+        }
         if let Some(cg) = &sandbox.cgroup
             && let Err(e) = cg.destroy().await
         {

@@ -2,27 +2,61 @@
 //! requested program as the session user, and pumps bytes, window changes,
 //! signals, EOF and the exit status between the channel and the process.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::process::Child;
+use tokio::net::unix::pipe;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::input::{self, Backlog};
 use super::pty::{Pty, WinSize};
 use crate::sandbox::Sandbox;
-use crate::sandbox::process::{Program, command, env_allowed};
+use crate::sandbox::init::Process;
+use crate::sandbox::process::{Program, env_allowed, spawn};
 
 /// What every channel of one order shares.
 #[derive(Debug)]
 pub struct ChannelCtx {
     pub sandbox: Sandbox,
     pub sftp_server: std::path::PathBuf,
+    /// Client input queued for the session's programs, across all its
+    /// connections and channels: it sets every connection's window.
+    pub backlog: Arc<Backlog>,
+    pub caps: ChannelCaps,
+    /// Channels open on the session, across its connections.
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// How many channels a client may have open at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelCaps {
+    /// On one SSH connection (OpenSSH's `MaxSessions` is 10).
+    pub per_connection: usize,
+    /// On one session, across its connections.
+    pub per_session: usize,
+}
+
+impl ChannelCtx {
+    /// Asks the session's init to start `program` with `stdio`.
+    async fn start(
+        &self,
+        program: &Program,
+        setup: &Setup,
+        tty: bool,
+        stdio: [&std::os::fd::OwnedFd; 3],
+    ) -> std::io::Result<Process> {
+        let init = self.sandbox.init.as_ref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotConnected, "the session has no init")
+        })?;
+        let request = spawn(&self.sandbox, program, &setup.env, tty, &self.sftp_server);
+        init.spawn(request, stdio).await
+    }
 }
 
 /// Requests gathered before the program starts.
@@ -33,12 +67,7 @@ struct Setup {
 }
 
 /// Runs a channel to its end.
-pub async fn run(
-    channel: Channel<Msg>,
-    ctx: Arc<ChannelCtx>,
-    backlog: Arc<Backlog>,
-    handle: Handle,
-) {
+pub async fn run(channel: Channel<Msg>, ctx: Arc<ChannelCtx>, handle: Handle) {
     let id = channel.id();
     let (mut reader, writer) = channel.split();
     let mut setup = Setup::default();
@@ -95,9 +124,9 @@ pub async fn run(
         Some((term, size)) if program != Program::Sftp => {
             setup.env.retain(|(k, _)| k != "TERM");
             setup.env.push(("TERM".to_owned(), term));
-            run_with_pty(&ctx, &program, &setup, size, backlog, &mut reader, &writer).await
+            run_with_pty(&ctx, &program, &setup, size, &mut reader, &writer).await
         }
-        _ => run_with_pipes(&ctx, &program, &setup, backlog, &mut reader, &writer).await,
+        _ => run_with_pipes(&ctx, &program, &setup, &mut reader, &writer).await,
     };
     finish(id, status, &writer, &handle).await;
 }
@@ -106,22 +135,40 @@ async fn run_with_pipes(
     ctx: &ChannelCtx,
     program: &Program,
     setup: &Setup,
-    backlog: Arc<Backlog>,
     reader: &mut ChannelReadHalf,
     writer: &ChannelWriteHalf<Msg>,
 ) -> Option<ExitStatus> {
-    let mut cmd = command(&ctx.sandbox, program, &setup.env, false, &ctx.sftp_server);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
+    let pipes =
+        (|| Ok::<_, std::io::Error>((std::io::pipe()?, std::io::pipe()?, std::io::pipe()?)))();
+    let ((in_r, in_w), (out_r, out_w), (err_r, err_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => return spawn_failed(writer, e).await,
+    };
+    let (in_r, out_w, err_w) = (
+        OwnedFd::from(in_r),
+        OwnedFd::from(out_w),
+        OwnedFd::from(err_w),
+    );
+    let mut child = match ctx
+        .start(program, setup, false, [&in_r, &out_w, &err_w])
+        .await
+    {
         Ok(c) => c,
         Err(e) => return spawn_failed(writer, e).await,
     };
-    let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return None;
+    // Only the program holds its ends now, so reading ends when it (and what
+    // it started) let go of them.
+    drop((in_r, out_w, err_w));
+    let ends = (|| {
+        Ok::<_, std::io::Error>((
+            pipe::Sender::from_owned_fd(OwnedFd::from(in_w))?,
+            pipe::Receiver::from_owned_fd(OwnedFd::from(out_r))?,
+            pipe::Receiver::from_owned_fd(OwnedFd::from(err_r))?,
+        ))
+    })();
+    let Ok((stdin, stdout, stderr)) = ends else {
+        child.signal(libc::SIGKILL).await;
+        return child.wait().await;
     };
     // Output is pumped by its own task: writing a large input to the program
     // below may wait until the program's output has been drained.
@@ -133,7 +180,7 @@ async fn run_with_pipes(
     // Input is fed by its own task too, so that this loop never waits: as long
     // as it takes the channel's messages, russh keeps reading the connection,
     // and the client's window adjustments on it (see `input`).
-    let (input, feed) = input::queue(backlog);
+    let (input, feed) = input::queue(ctx.backlog.clone());
     let _feeder = AbortOnDropHandle::new(tokio::spawn(feed.write_to(stdin)));
     loop {
         tokio::select! {
@@ -142,10 +189,10 @@ async fn run_with_pipes(
                 Some(ChannelMsg::Data { data }) => input.push(&data),
                 // The feeder closes stdin once it has written what is queued.
                 Some(ChannelMsg::Eof) => input.end(),
-                Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal),
+                Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal).await,
                 Some(ChannelMsg::Close) | None => {
                     // The client is gone: stop the program like sshd does.
-                    let _ = child.start_kill();
+                    child.signal(libc::SIGKILL).await;
                     break;
                 }
                 Some(_) => {}
@@ -155,7 +202,7 @@ async fn run_with_pipes(
     // The channel is not read any more: the program's input ends with what
     // is queued.
     input.end();
-    child.wait().await.ok()
+    child.wait().await
 }
 
 async fn run_with_pty(
@@ -163,7 +210,6 @@ async fn run_with_pty(
     program: &Program,
     setup: &Setup,
     size: WinSize,
-    backlog: Arc<Backlog>,
     reader: &mut ChannelReadHalf,
     writer: &ChannelWriteHalf<Msg>,
 ) -> Option<ExitStatus> {
@@ -171,34 +217,29 @@ async fn run_with_pty(
         Ok(p) => p,
         Err(e) => return spawn_failed(writer, e).await,
     };
-    let mut cmd = command(&ctx.sandbox, program, &setup.env, true, &ctx.sftp_server);
-    let stdio = |fd: &std::os::fd::OwnedFd| fd.try_clone().map(Stdio::from);
-    let (i, o, e) = match (stdio(&pty.slave), stdio(&pty.slave), stdio(&pty.slave)) {
-        (Ok(i), Ok(o), Ok(e)) => (i, o, e),
-        _ => return None,
-    };
-    cmd.stdin(i).stdout(o).stderr(e);
-    let mut child = match cmd.spawn() {
+    let slave = &pty.slave;
+    let mut child = match ctx.start(program, setup, true, [slave, slave, slave]).await {
         Ok(c) => c,
         Err(e) => return spawn_failed(writer, e).await,
     };
-    drop(cmd);
-    // Only the child may hold the slave now, so reading the master ends (EIO) when
-    // the child and everything it started have let go of the terminal.
+    // Only the program may hold the slave now, so reading the master ends (EIO)
+    // when it and everything it started have let go of the terminal.
     drop(pty.slave);
     let master = pty.master;
     // Output and input have their own tasks, so that this loop never waits
     // (see `run_with_pipes`).
     let mut output =
         AbortOnDropHandle::new(tokio::spawn(pump(master.clone(), writer.make_writer())));
-    let (input, feed) = input::queue(backlog);
+    let (input, feed) = input::queue(ctx.backlog.clone());
     let _feeder = AbortOnDropHandle::new(tokio::spawn(feed.write_to(master.clone())));
     let mut status = None;
+    let mut exited = false;
     loop {
         tokio::select! {
             _ = &mut output => break,
-            st = child.wait(), if status.is_none() => {
-                status = st.ok();
+            st = child.wait(), if !exited => {
+                exited = true;
+                status = st;
                 // Programs left in the background may keep the terminal open; like
                 // sshd, stop waiting for them shortly after the main process exits.
                 let _ = tokio::time::timeout(Duration::from_millis(200), &mut output).await;
@@ -209,19 +250,16 @@ async fn run_with_pty(
                 Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
                     let _ = master.resize(WinSize { cols: col_width, rows: row_height, px_width: pix_width, px_height: pix_height });
                 }
-                Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal),
+                Some(ChannelMsg::Signal { signal }) => send_signal(&child, &signal).await,
                 Some(ChannelMsg::Close) | None => {
-                    let _ = child.start_kill();
+                    child.signal(libc::SIGKILL).await;
                     break;
                 }
                 Some(_) => {}
             }
         }
     }
-    match status {
-        Some(s) => Some(s),
-        None => child.wait().await.ok(),
-    }
+    if exited { status } else { child.wait().await }
 }
 
 /// Copies `from` into a channel writer until EOF or error.
@@ -251,7 +289,7 @@ async fn spawn_failed(writer: &ChannelWriteHalf<Msg>, e: std::io::Error) -> Opti
     Some(ExitStatus::from_raw(127 << 8))
 }
 
-fn send_signal(child: &Child, signal: &Sig) {
+async fn send_signal(child: &Process, signal: &Sig) {
     let number = match signal {
         Sig::ABRT => libc::SIGABRT,
         Sig::ALRM => libc::SIGALRM,
@@ -267,10 +305,7 @@ fn send_signal(child: &Child, signal: &Sig) {
         Sig::USR1 => libc::SIGUSR1,
         Sig::Custom(_) => return,
     };
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        // SAFETY: signalling our own child's process group; no memory effects.
-        unsafe { libc::kill(-pid, number) };
-    }
+    child.signal(number).await;
 }
 
 fn sig_of(number: i32) -> Sig {

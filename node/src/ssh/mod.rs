@@ -8,17 +8,17 @@ pub mod input;
 pub mod pty;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
 use crate::sandbox::process::env_allowed;
 use channel::ChannelCtx;
-use input::Backlog;
 
 /// Server settings shared by all connections.
 pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
@@ -37,7 +37,7 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
         max_auth_attempts: 6,
-        // The first window; later ones are the connection's `Backlog::window`.
+        // The first window; later ones are the session's `Backlog::window`.
         window_size: input::WINDOW,
         preferred: russh::Preferred {
             cipher: std::borrow::Cow::Borrowed(ciphers(jusy_common::tls::aes_in_hardware())),
@@ -99,7 +99,7 @@ where
 {
     let handler = ConnHandler {
         access,
-        backlog: Arc::default(),
+        open: Arc::default(),
         channels: JoinSet::new(),
     };
     let session = russh::server::run_stream(config, stream, handler).await?;
@@ -110,9 +110,46 @@ where
 /// aborts its channel tasks.
 struct ConnHandler {
     access: Arc<Access>,
-    /// Client input its channels have queued; it sets the client's window.
-    backlog: Arc<Backlog>,
+    /// Channels open on this connection.
+    open: Arc<AtomicUsize>,
     channels: JoinSet<()>,
+}
+
+/// Counts one open channel on its connection and its session until dropped.
+struct Opened([Arc<AtomicUsize>; 2]);
+
+impl Opened {
+    /// Takes a place under both caps, or none.
+    fn take(
+        conn: &Arc<AtomicUsize>,
+        conn_cap: usize,
+        session: &Arc<AtomicUsize>,
+        session_cap: usize,
+    ) -> Option<Self> {
+        let taken = |count: &AtomicUsize, cap: usize| {
+            count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < cap).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if !taken(conn, conn_cap) {
+            return None;
+        }
+        if !taken(session, session_cap) {
+            conn.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self([conn.clone(), session.clone()]))
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        for count in &self.0 {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl russh::server::Handler for ConnHandler {
@@ -148,20 +185,36 @@ impl russh::server::Handler for ConnHandler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let ctx = &self.access.ctx;
+        let Some(opened) = Opened::take(
+            &self.open,
+            ctx.caps.per_connection,
+            &ctx.open,
+            ctx.caps.per_session,
+        ) else {
+            tracing::info!(caps = ?ctx.caps, "channel refused: too many open");
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+                    code: 1,
+                    reason: "too many channels".into(),
+                })
+                .await;
+            return Ok(());
+        };
         reply.accept().await;
-        self.channels.spawn(channel::run(
-            channel,
-            self.access.ctx.clone(),
-            self.backlog.clone(),
-            session.handle(),
-        ));
+        let run = channel::run(channel, ctx.clone(), session.handle());
+        self.channels.spawn(async move {
+            run.await;
+            drop(opened);
+        });
         Ok(())
     }
 
     /// russh asks this each time it has refilled a channel's receive window,
     /// for the size of the next refill (on any channel of the connection).
     fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
-        self.backlog.window()
+        self.access.ctx.backlog.window()
     }
 
     /// The data itself reaches the channel's task; this only paces a client
@@ -173,7 +226,7 @@ impl russh::server::Handler for ConnHandler {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(pause) = self.backlog.pause(data.len()) {
+        if let Some(pause) = self.access.ctx.backlog.pause(data.len()) {
             tokio::time::sleep(pause).await;
         }
         Ok(())

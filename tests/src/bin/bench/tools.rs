@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use jusy_node::sandbox::init::{InitConfig, SessionInit};
 use jusy_node::sandbox::user::SessionUser;
 use jusy_node::ssh::Access;
-use jusy_node::ssh::channel::ChannelCtx;
+use jusy_node::ssh::channel::{ChannelCaps, ChannelCtx};
 use jusy_tests::Scene;
 use jusy_tests::process::Proc;
 
@@ -292,16 +293,39 @@ pub async fn node_ssh_direct(
     let host_key = jusy_node::keys::load_or_create_host_key(&scene.subdir("node-direct")?)?;
     let host_pub = host_key.public_key().to_openssh()?;
     let config = jusy_node::ssh::config(host_key);
+    // Only the user and the init that starts its programs: this column
+    // measures the SSH server, not the cgroup, namespaces and disk a node
+    // would add.
+    let init = SessionInit::start(
+        &std::env::current_exe()?.with_file_name("jusy-node"),
+        &InitConfig {
+            isolate: false,
+            net_namespace: false,
+            uid: user.uid,
+            gid: user.gid,
+            home: user.home.clone(),
+            hostname: user.name.clone(),
+            binds: Vec::new(),
+            resolv_conf: None,
+        },
+        Vec::new(),
+    )
+    .await?;
     let access = Arc::new(Access {
         ctx: Arc::new(ChannelCtx {
-            // Only the user: this column measures the SSH server, not the
-            // cgroup and disk a node would add.
             sandbox: jusy_node::sandbox::Sandbox {
                 user,
                 cgroup: None,
                 disk: None,
+                init: Some(init),
             },
             sftp_server: PathBuf::from("/usr/lib/openssh/sftp-server"),
+            backlog: Arc::default(),
+            caps: ChannelCaps {
+                per_connection: 10,
+                per_session: 32,
+            },
+            open: Arc::default(),
         }),
         keys: vec![russh::keys::PublicKey::from_openssh(client_pub)?],
     });

@@ -12,13 +12,17 @@ pub mod cgroupfs;
 pub mod disk;
 pub mod netfilter;
 pub mod process;
+pub mod seccomp;
+pub mod uids;
 pub mod user;
+mod weights;
 
 use std::path::PathBuf;
 
 use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
 use netfilter::{Netfilter, Policy};
+use uids::Uids;
 use user::SessionUser;
 
 /// Limits every session gets.
@@ -40,6 +44,8 @@ pub enum SandboxError {
     Disk(#[from] disk::DiskError),
     #[error(transparent)]
     Net(#[from] netfilter::NetError),
+    #[error(transparent)]
+    Uid(#[from] uids::UidError),
     #[error("session uid range {0}..={1} is empty or reaches below 1000 (people's accounts)")]
     Ids(u32, u32),
 }
@@ -85,7 +91,8 @@ pub struct Host {
     homes: PathBuf,
     images: PathBuf,
     limits: SandboxLimits,
-    ids: user::IdRange,
+    /// The uid each new session user gets; None in development mode.
+    uids: Option<Uids>,
     /// None in development mode: the node is not root and isolates nothing.
     isolation: Option<(NodeCgroups, Netfilter)>,
 }
@@ -128,11 +135,13 @@ impl Host {
                 source,
             })?;
         net.install().await?;
+        // Beside the homes, in the node's data directory.
+        let uids = Uids::open(homes.with_file_name("uid-cursor"), ids).await;
         Ok(Self {
             homes,
             images,
             limits,
-            ids,
+            uids: Some(uids),
             isolation: Some((cgroups, net)),
         })
     }
@@ -146,14 +155,14 @@ impl Host {
                 cgroup: CgroupLimits { memory: 0, pids: 0 },
                 disk: 0,
             },
-            ids: user::DEFAULT_IDS,
+            uids: None,
             isolation: None,
         }
     }
 
     /// Prepares one session's sandbox; on failure removes what was made.
     pub async fn prepare(&self) -> Result<Sandbox, SandboxError> {
-        let Some((cgroups, net)) = &self.isolation else {
+        let (Some((cgroups, net)), Some(uids)) = (&self.isolation, &self.uids) else {
             let user = SessionUser::create_dev(&self.homes).await?;
             return Ok(Sandbox {
                 user,
@@ -162,7 +171,7 @@ impl Host {
             });
         };
         let with_disk = self.limits.disk > 0;
-        let user = SessionUser::create(&self.homes, !with_disk, self.ids).await?;
+        let user = SessionUser::create(&self.homes, !with_disk, uids.next().await?).await?;
         let mut sandbox = Sandbox {
             user,
             cgroup: None,

@@ -51,9 +51,10 @@ pub struct SessionUser {
 
 impl SessionUser {
     /// Creates a fresh unprivileged user (no password, no supplementary groups)
-    /// with a private home (mode 0700) when `create_home`; otherwise the home is
-    /// the caller's to make (a mounted disk).
-    pub async fn create(homes: &Path, create_home: bool, ids: IdRange) -> Result<Self, UserError> {
+    /// with uid `uid` and a group of its own with the same gid (from
+    /// [`super::uids::Uids`]), and a private home (mode 0700) when
+    /// `create_home`; otherwise the home is the caller's to make (a mounted disk).
+    pub async fn create(homes: &Path, create_home: bool, uid: u32) -> Result<Self, UserError> {
         let name = format!("{USER_PREFIX}{}", random_hex(4));
         let home = homes.join(&name);
         let shell = login_shell();
@@ -67,10 +68,11 @@ impl SessionUser {
             .arg(&home)
             .arg("--shell")
             .arg(&shell)
-            .args(["-K", &format!("UID_MIN={}", ids.0)])
-            .args(["-K", &format!("UID_MAX={}", ids.1)])
-            .args(["-K", &format!("GID_MIN={}", ids.0)])
-            .args(["-K", &format!("GID_MAX={}", ids.1)])
+            .args(["--uid", &uid.to_string()])
+            // The user's group gets the same number: useradd prefers the uid
+            // as gid, and a one-id range leaves it no other choice.
+            .args(["-K", &format!("GID_MIN={uid}")])
+            .args(["-K", &format!("GID_MAX={uid}")])
             .args(["-K", "UMASK=077", "--comment", "jusy session"])
             .arg(&name)
             .stdin(Stdio::null())

@@ -189,27 +189,31 @@ fn insn(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
 
 /// What seccompiler cannot say, as a few instructions run before its program
 /// (which starts over, so jumping to it is safe): `clone3` returns `ENOSYS`,
-/// and an x32 call (native arch, number with bit 30) kills. Another arch jumps
-/// straight to seccompiler's program, whose arch check kills.
+/// and an x32 call (native arch, number with bit 30 set) kills. Another arch
+/// jumps straight to seccompiler's program, whose arch check kills; so does a
+/// negative number, which no rule matches and the kernel answers with ENOSYS.
 fn prologue() -> Vec<sock_filter> {
     let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS.unsigned_abs();
     let kill = libc::SECCOMP_RET_KILL_PROCESS;
     // A jump goes to the instruction after it plus its offset; the comments
-    // number the instructions, and 7 is the start of seccompiler's program.
+    // number the instructions, and 8 is the start of seccompiler's program.
     vec![
         /* 0 */ insn(LD_W_ABS, ARCH_OFFSET, 0, 0),
-        /* 1 */ insn(JEQ_K, AUDIT_ARCH, 0, 5),
+        /* 1 */ insn(JEQ_K, AUDIT_ARCH, 0, 6),
         /* 2 */ insn(LD_W_ABS, NR, 0, 0),
-        /* 3 */ insn(JGE_K, X32_SYSCALL_BIT, 2, 0),
-        /* 4 */ insn(JEQ_K, CLONE3, 0, 2),
-        /* 5 */ insn(RET_K, enosys, 0, 0),
-        /* 6 */ insn(RET_K, kill, 0, 0),
+        /* 3 */ insn(JGE_K, NEGATIVE, 4, 0),
+        /* 4 */ insn(JGE_K, X32_SYSCALL_BIT, 2, 0),
+        /* 5 */ insn(JEQ_K, CLONE3, 0, 2),
+        /* 6 */ insn(RET_K, enosys, 0, 0),
+        /* 7 */ insn(RET_K, kill, 0, 0),
     ]
 }
 
 /// x86_64's mark of an x32 system call number; aarch64 has no such ABI and no
 /// number this high, so the check never fires there.
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+/// The sign bit of the (32-bit) system call number.
+const NEGATIVE: u32 = 0x8000_0000;
 /// System call numbers are small and positive; the cast only changes the type.
 const CLONE3: u32 = libc::SYS_clone3 as u32;
 
@@ -375,6 +379,9 @@ mod tests {
         let free = probe(false, probes);
         assert!(free[0].1 >= 0, "precondition: {free:?}");
         assert_eq!(probe(true, probes)[0].1, -libc::SIGSYS);
+        // A negative number is no x32 call: the kernel's ENOSYS, not a kill.
+        let negative: &[(&str, libc::c_long, &[i64])] = &[("minus_one", -1, &[])];
+        assert_eq!(probe(true, negative)[0].1, libc::ENOSYS);
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod uids;
 pub mod user;
 mod weights;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
@@ -83,6 +83,26 @@ async fn private_dirs(user: &SessionUser) -> Result<(), SandboxError> {
             .map_err(|source| user::UserError::Home { path, source })?;
     }
     Ok(())
+}
+
+/// A new session user with the next uid. Another node on the machine with an
+/// overlapping range may take a uid between our choice and useradd; the next
+/// free one is then as good.
+async fn create_user(
+    homes: &Path,
+    create_home: bool,
+    uids: &Uids,
+) -> Result<SessionUser, SandboxError> {
+    let mut tries = 0;
+    loop {
+        match SessionUser::create(homes, create_home, uids.next().await?).await {
+            Err(user::UserError::UidTaken(uid)) if tries < 5 => {
+                tracing::info!(uid, "uid taken meanwhile, trying the next");
+                tries += 1;
+            }
+            made => return Ok(made?),
+        }
+    }
 }
 
 /// The node-wide parts of the sandbox.
@@ -171,7 +191,7 @@ impl Host {
             });
         };
         let with_disk = self.limits.disk > 0;
-        let user = SessionUser::create(&self.homes, !with_disk, uids.next().await?).await?;
+        let user = create_user(&self.homes, !with_disk, uids).await?;
         let mut sandbox = Sandbox {
             user,
             cgroup: None,

@@ -32,6 +32,8 @@ pub enum UserError {
     },
     #[error("user {0} was created but is missing from /etc/passwd")]
     Missing(String),
+    #[error("uid {0} was taken by someone else before useradd could use it")]
+    UidTaken(u32),
     #[error("preparing home {path}: {source}")]
     Home { path: PathBuf, source: io::Error },
 }
@@ -70,7 +72,10 @@ impl SessionUser {
             .arg(&shell)
             .args(["--uid", &uid.to_string()])
             // The user's group gets the same number: useradd prefers the uid
-            // as gid, and a one-id range leaves it no other choice.
+            // as gid, and a one-id range leaves it no other choice. The uid
+            // range only spares a warning about a uid outside it.
+            .args(["-K", &format!("UID_MIN={uid}")])
+            .args(["-K", &format!("UID_MAX={uid}")])
             .args(["-K", &format!("GID_MIN={uid}")])
             .args(["-K", &format!("GID_MAX={uid}")])
             .args(["-K", "UMASK=077", "--comment", "jusy session"])
@@ -82,6 +87,10 @@ impl SessionUser {
                 cmd: "useradd",
                 source,
             })?;
+        // Exit code 4: another node on this machine took the uid meanwhile.
+        if output.status.code() == Some(4) {
+            return Err(UserError::UidTaken(uid));
+        }
         if !output.status.success() {
             return Err(UserError::Failed {
                 cmd: "useradd",

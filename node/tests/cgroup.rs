@@ -20,6 +20,8 @@ fn layouts() -> Vec<Layout> {
         pids,
         cpuacct,
         freezer,
+        cpu,
+        blkio,
         unified: Some(_),
     } = detected
     {
@@ -28,10 +30,55 @@ fn layouts() -> Vec<Layout> {
             pids,
             cpuacct,
             freezer,
+            cpu,
+            blkio,
             unified: None,
         });
     }
     all
+}
+
+/// The node's parent cgroup got the low CPU weight (and disk weight where the
+/// hierarchy has the file), and a session process sits below it.
+fn weighed_down(layout: &Layout, tag: &str, pid: u32) {
+    let parent = format!("jusy-{tag}");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    match layout {
+        Layout::V1 { cpu, blkio, .. } => {
+            let cpu = cpu
+                .as_ref()
+                .expect("this test expects the v1 cpu controller");
+            let shares = std::fs::read_to_string(cpu.join(&parent).join("cpu.shares")).unwrap();
+            assert_eq!(shares.trim(), "205");
+            let line = cgroups.lines().find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "cpu"))
+            });
+            assert!(
+                line.is_some_and(|l| l.ends_with(&format!("/{parent}/s"))),
+                "{cgroups}"
+            );
+            for (file, value) in [("blkio.bfq.weight", "20"), ("blkio.weight", "100")] {
+                if let Some(path) = blkio
+                    .as_ref()
+                    .map(|b| b.join(&parent).join(file))
+                    .filter(|p| p.exists())
+                {
+                    assert_eq!(std::fs::read_to_string(path).unwrap().trim(), value);
+                }
+            }
+        }
+        Layout::V2 { root } => {
+            let weight = root.join(&parent).join("cpu.weight");
+            if weight.exists() {
+                assert_eq!(std::fs::read_to_string(weight).unwrap().trim(), "20");
+            } else {
+                eprintln!("no cpu controller on cgroup v2 here: CPU weight not checked");
+            }
+            assert!(cgroups.contains(&format!("/{parent}/s")), "{cgroups}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -65,6 +112,7 @@ async fn processes_join_are_counted_and_killed() {
             cmd.pre_exec(move || join_in_child(&fds));
         }
         let mut child = cmd.spawn().unwrap();
+        weighed_down(&layout, &tag, child.id());
         let counters = loop {
             let c = cg.counters().unwrap();
             if c.forks_refused > 0 {

@@ -14,6 +14,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::weights;
+
 /// The cgroup parts of a session's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupLimits {
@@ -52,12 +54,15 @@ pub enum Layout {
     V2 { root: PathBuf },
     /// Legacy per-controller hierarchies. `unified` is the v2 hierarchy mounted
     /// beside them without controllers (hybrid systems): used only for its
-    /// `cgroup.kill`.
+    /// `cgroup.kill`. `cpu` and `blkio` only weigh sessions down against the
+    /// machine's other processes, and are left out where they cannot.
     V1 {
         memory: PathBuf,
         pids: PathBuf,
         cpuacct: PathBuf,
         freezer: PathBuf,
+        cpu: Option<PathBuf>,
+        blkio: Option<PathBuf>,
         unified: Option<PathBuf>,
     },
 }
@@ -78,6 +83,7 @@ impl Layout {
     fn from_mountinfo(mountinfo: &str, controllers: impl Fn(&Path) -> String) -> Option<Self> {
         let mut unified = None;
         let (mut memory, mut pids, mut cpuacct, mut freezer) = (None, None, None, None);
+        let (mut cpu, mut blkio) = (None, None);
         for line in mountinfo.lines() {
             let Some((left, right)) = line.split_once(" - ") else {
                 continue;
@@ -101,6 +107,8 @@ impl Layout {
                             "pids" => &mut pids,
                             "cpuacct" => &mut cpuacct,
                             "freezer" => &mut freezer,
+                            "cpu" => &mut cpu,
+                            "blkio" => &mut blkio,
                             _ => continue,
                         };
                         slot.get_or_insert_with(|| at.clone());
@@ -121,6 +129,8 @@ impl Layout {
             pids: pids?,
             cpuacct: cpuacct?,
             freezer: freezer?,
+            cpu,
+            blkio,
             unified,
         })
     }
@@ -134,9 +144,13 @@ impl Layout {
                 pids,
                 cpuacct,
                 freezer,
+                cpu,
+                blkio,
                 unified,
             } => {
                 let mut roots = vec![memory.as_path(), pids, cpuacct, freezer];
+                roots.extend(cpu.as_deref());
+                roots.extend(blkio.as_deref());
                 roots.extend(unified.as_deref());
                 // Controllers mounted together share a directory.
                 roots.sort();
@@ -157,12 +171,16 @@ impl Layout {
                 pids,
                 cpuacct,
                 freezer,
+                cpu,
+                blkio,
                 unified,
             } => Self::V1 {
                 memory: memory.join(sub),
                 pids: pids.join(sub),
                 cpuacct: cpuacct.join(sub),
                 freezer: freezer.join(sub),
+                cpu: cpu.as_ref().map(|c| c.join(sub)),
+                blkio: blkio.as_ref().map(|b| b.join(sub)),
                 unified: unified.as_ref().map(|u| u.join(sub)),
             },
         }
@@ -179,8 +197,10 @@ pub struct NodeCgroups {
 }
 
 impl NodeCgroups {
-    /// Creates (if needed) this node's parent cgroups; `tag` names the node.
-    pub fn new(top: Layout, tag: &str) -> Result<Self, CgroupError> {
+    /// Creates (if needed) this node's parent cgroups, with a low CPU and disk
+    /// weight for the sessions inside; `tag` names the node.
+    pub fn new(mut top: Layout, tag: &str) -> Result<Self, CgroupError> {
+        weights::keep_usable(&mut top);
         let parent = top.join(&format!("jusy-{tag}"));
         for dir in parent.roots() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -191,7 +211,9 @@ impl NodeCgroups {
             for dir in [top_root, root] {
                 write(&dir.join("cgroup.subtree_control"), "+memory +pids")?;
             }
+            weights::enable_v2(top_root);
         }
+        weights::lower(&parent);
         Ok(Self { top, parent })
     }
 
@@ -500,6 +522,8 @@ mod tests {
                 pids: "/sys/fs/cgroup/pids".into(),
                 cpuacct: "/sys/fs/cgroup/cpu,cpuacct".into(),
                 freezer: "/sys/fs/cgroup/freezer".into(),
+                cpu: Some("/sys/fs/cgroup/cpu,cpuacct".into()),
+                blkio: None,
                 unified: Some("/sys/fs/cgroup/unified".into()),
             })
         );

@@ -11,8 +11,9 @@ use tokio::process::Command;
 
 use super::cgroup::{CgroupError, Layout};
 
-/// The controllers a session needs.
-const NEEDED: [&str; 4] = ["memory", "pids", "cpuacct", "freezer"];
+/// The controllers sessions use: the four they need, and the two that weigh
+/// them down against the machine's other processes.
+const NEEDED: [&str; 6] = ["memory", "pids", "cpuacct", "freezer", "cpu", "blkio"];
 
 /// The layout from the mount table, mounting the hierarchies under `dir` first
 /// when the table has none.

@@ -16,7 +16,10 @@ pub mod init;
 pub mod netfilter;
 pub mod process;
 pub mod shared_dirs;
+pub mod seccomp;
+pub mod uids;
 pub mod user;
+mod weights;
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +27,7 @@ use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
 use init::{InitConfig, SessionInit};
 use netfilter::{Netfilter, Policy};
+use uids::Uids;
 use user::SessionUser;
 
 /// Limits every session gets.
@@ -47,6 +51,8 @@ pub enum SandboxError {
     Net(#[from] netfilter::NetError),
     #[error(transparent)]
     Init(#[from] init::InitError),
+    #[error(transparent)]
+    Uid(#[from] uids::UidError),
     #[error("session uid range {0}..={1} is empty or reaches below 1000 (people's accounts)")]
     Ids(u32, u32),
 }
@@ -119,15 +125,36 @@ fn private_dirs(home: &Path, covered: &[PathBuf]) -> Result<Vec<(PathBuf, PathBu
     Ok(binds)
 }
 
+/// A new session user with the next uid. Another node on the machine with an
+/// overlapping range may take a uid between our choice and useradd; the next
+/// free one is then as good.
+async fn create_user(
+    homes: &Path,
+    create_home: bool,
+    uids: &Uids,
+) -> Result<SessionUser, SandboxError> {
+    let mut tries = 0;
+    loop {
+        match SessionUser::create(homes, create_home, uids.next().await?).await {
+            Err(user::UserError::UidTaken(uid)) if tries < 5 => {
+                tracing::info!(uid, "uid taken meanwhile, trying the next");
+                tries += 1;
+            }
+            made => return Ok(made?),
+        }
+    }
+}
+
 /// The node-wide parts of the sandbox.
 #[derive(Debug)]
 pub struct Host {
     homes: PathBuf,
     images: PathBuf,
     limits: SandboxLimits,
-    ids: user::IdRange,
     /// The host's world-writable directories, private in every session.
     covered: Vec<PathBuf>,
+    /// The uid each new session user gets; None in development mode.
+    uids: Option<Uids>,
     /// None in development mode: the node is not root and isolates nothing.
     isolation: Option<(NodeCgroups, Netfilter)>,
 }
@@ -175,12 +202,14 @@ impl Host {
             .await
             .unwrap_or_default();
         tracing::info!(dirs = ?covered, "world-writable directories private to each session");
+        // Beside the homes, in the node's data directory.
+        let uids = Uids::open(homes.with_file_name("uid-cursor"), ids).await;
         Ok(Self {
             homes,
             images,
             limits,
-            ids,
             covered,
+            uids: Some(uids),
             isolation: Some((cgroups, net)),
         })
     }
@@ -194,15 +223,15 @@ impl Host {
                 cgroup: CgroupLimits { memory: 0, pids: 0 },
                 disk: 0,
             },
-            ids: user::DEFAULT_IDS,
             covered: Vec::new(),
+            uids: None,
             isolation: None,
         }
     }
 
     /// Prepares one session's sandbox; on failure removes what was made.
     pub async fn prepare(&self) -> Result<Sandbox, SandboxError> {
-        let Some((cgroups, net)) = &self.isolation else {
+        let (Some((cgroups, net)), Some(uids)) = (&self.isolation, &self.uids) else {
             let user = SessionUser::create_dev(&self.homes).await?;
             let mut sandbox = Sandbox {
                 user,
@@ -228,7 +257,7 @@ impl Host {
             };
         };
         let with_disk = self.limits.disk > 0;
-        let user = SessionUser::create(&self.homes, !with_disk, self.ids).await?;
+        let user = create_user(&self.homes, !with_disk, uids).await?;
         let mut sandbox = Sandbox {
             user,
             cgroup: None,

@@ -32,6 +32,8 @@ pub enum UserError {
     },
     #[error("user {0} was created but is missing from /etc/passwd")]
     Missing(String),
+    #[error("uid {0} was taken by someone else before useradd could use it")]
+    UidTaken(u32),
     #[error("preparing home {path}: {source}")]
     Home { path: PathBuf, source: io::Error },
 }
@@ -51,9 +53,10 @@ pub struct SessionUser {
 
 impl SessionUser {
     /// Creates a fresh unprivileged user (no password, no supplementary groups)
-    /// with a private home (mode 0700) when `create_home`; otherwise the home is
-    /// the caller's to make (a mounted disk).
-    pub async fn create(homes: &Path, create_home: bool, ids: IdRange) -> Result<Self, UserError> {
+    /// with uid `uid` and a group of its own with the same gid (from
+    /// [`super::uids::Uids`]), and a private home (mode 0700) when
+    /// `create_home`; otherwise the home is the caller's to make (a mounted disk).
+    pub async fn create(homes: &Path, create_home: bool, uid: u32) -> Result<Self, UserError> {
         let name = format!("{USER_PREFIX}{}", random_hex(4));
         let home = homes.join(&name);
         let shell = login_shell();
@@ -67,10 +70,14 @@ impl SessionUser {
             .arg(&home)
             .arg("--shell")
             .arg(&shell)
-            .args(["-K", &format!("UID_MIN={}", ids.0)])
-            .args(["-K", &format!("UID_MAX={}", ids.1)])
-            .args(["-K", &format!("GID_MIN={}", ids.0)])
-            .args(["-K", &format!("GID_MAX={}", ids.1)])
+            .args(["--uid", &uid.to_string()])
+            // The user's group gets the same number: useradd prefers the uid
+            // as gid, and a one-id range leaves it no other choice. The uid
+            // range only spares a warning about a uid outside it.
+            .args(["-K", &format!("UID_MIN={uid}")])
+            .args(["-K", &format!("UID_MAX={uid}")])
+            .args(["-K", &format!("GID_MIN={uid}")])
+            .args(["-K", &format!("GID_MAX={uid}")])
             .args(["-K", "UMASK=077", "--comment", "jusy session"])
             .arg(&name)
             .stdin(Stdio::null())
@@ -80,6 +87,10 @@ impl SessionUser {
                 cmd: "useradd",
                 source,
             })?;
+        // Exit code 4: another node on this machine took the uid meanwhile.
+        if output.status.code() == Some(4) {
+            return Err(UserError::UidTaken(uid));
+        }
         if !output.status.success() {
             return Err(UserError::Failed {
                 cmd: "useradd",

@@ -84,6 +84,8 @@ pub enum InitError {
     Sys { call: &'static str, source: Errno },
     #[error("mounting {target}: {source}")]
     Mount { target: PathBuf, source: Errno },
+    #[error("session seccomp filter: {0}")]
+    Seccomp(crate::sandbox::seccomp::SeccompError),
     #[error("session init message: {0}")]
     Wire(wire::WireError),
     #[error("session init protocol: {0}")]

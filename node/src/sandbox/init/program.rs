@@ -51,9 +51,13 @@ fn run(cfg: &InitConfig) -> Result<(), InitError> {
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&children), None).map_err(sys("sigprocmask"))?;
     let sigfd = SignalFd::with_flags(&children, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(sys("signalfd"))?;
-    if cfg.isolate {
+    // Built once; every program of an isolated session runs under it.
+    let filter = if cfg.isolate {
         setup(cfg)?;
-    }
+        Some(crate::sandbox::seccomp::session_filter().map_err(InitError::Seccomp)?)
+    } else {
+        None
+    };
     reply(sock.as_fd(), &Reply::Ready)?;
     let mut running: HashMap<i32, u64> = HashMap::new();
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -88,7 +92,7 @@ fn run(cfg: &InitConfig) -> Result<(), InitError> {
             .and_then(|b| wire::decode::<Request>(b).map_err(InitError::Wire))?;
         match request {
             Request::Spawn(spawn) => {
-                let answer = match start(cfg, &spawn, fds) {
+                let answer = match start(cfg, filter.as_deref(), &spawn, fds) {
                     Ok(pid) => {
                         running.insert(pid.as_raw(), spawn.id);
                         Reply::Spawned {
@@ -324,7 +328,12 @@ fn cstrings(list: &[Vec<u8>]) -> Result<Vec<CString>, Errno> {
 }
 
 /// Forks and execs one program; returns its pid once the exec succeeded.
-fn start(cfg: &InitConfig, spawn: &Spawn, fds: Vec<OwnedFd>) -> Result<Pid, Errno> {
+fn start(
+    cfg: &InitConfig,
+    filter: Option<&[seccompiler::sock_filter]>,
+    spawn: &Spawn,
+    fds: Vec<OwnedFd>,
+) -> Result<Pid, Errno> {
     let [stdin, stdout, stderr]: [OwnedFd; 3] = fds.try_into().map_err(|_| Errno::EBADF)?;
     let exec = Exec {
         path: CString::new(spawn.path.clone()).map_err(|_| Errno::EINVAL)?,
@@ -337,7 +346,7 @@ fn start(cfg: &InitConfig, spawn: &Spawn, fds: Vec<OwnedFd>) -> Result<Pid, Errn
     // it still only makes system calls and exits without unwinding.
     match unsafe { nix::unistd::fork() }? {
         ForkResult::Child => {
-            let errno = become_program(cfg, spawn.tty, [&stdin, &stdout, &stderr], &exec);
+            let errno = become_program(cfg, filter, spawn.tty, [&stdin, &stdout, &stderr], &exec);
             let code = (errno as i32).to_ne_bytes();
             let _ = nix::unistd::write(&errors_w, &code);
             // SAFETY: _exit ends the child at once, without running the
@@ -365,7 +374,13 @@ fn start(cfg: &InitConfig, spawn: &Spawn, fds: Vec<OwnedFd>) -> Result<Pid, Errn
 
 /// In the forked child: stdio, session, user, limits, filter, exec. Returns
 /// only on failure, with the reason.
-fn become_program(cfg: &InitConfig, tty: bool, stdio: [&OwnedFd; 3], exec: &Exec) -> Errno {
+fn become_program(
+    cfg: &InitConfig,
+    filter: Option<&[seccompiler::sock_filter]>,
+    tty: bool,
+    stdio: [&OwnedFd; 3],
+    exec: &Exec,
+) -> Errno {
     let attempt = || -> nix::Result<std::convert::Infallible> {
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
         // Rust ignores SIGPIPE in its own processes; programs expect the default.
@@ -412,6 +427,12 @@ fn become_program(cfg: &InitConfig, tty: bool, stdio: [&OwnedFd; 3], exec: &Exec
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
             return Err(Errno::last());
+        }
+        // Last: the filter refuses calls made above (setgroups is fine, but
+        // nothing of the init's own work should depend on what it allows).
+        if let Some(program) = filter {
+            crate::sandbox::seccomp::apply(program)
+                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EPERM)))?;
         }
         nix::unistd::execve(&exec.path, &exec.argv, &exec.env)
     };

@@ -157,11 +157,11 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench: working in {}", scene.dir().display());
     let homes = scene.subdir("homes")?;
     std::fs::set_permissions(&homes, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-    let user = rt.block_on(jusy_node::sandbox::user::SessionUser::create(
-        &homes,
-        true,
-        jusy_node::sandbox::user::DEFAULT_IDS,
-    ))?;
+    let user = rt.block_on(async {
+        use jusy_node::sandbox::{uids::Uids, user};
+        let uids = Uids::open(scene.dir().join("uid-cursor"), user::DEFAULT_IDS).await;
+        anyhow::Ok(user::SessionUser::create(&homes, true, uids.next().await?).await?)
+    })?;
     rt.spawn(clean_up_when_interrupted(
         user.clone(),
         scene.dir().to_owned(),

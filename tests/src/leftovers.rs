@@ -70,7 +70,11 @@ pub fn of_node(node_id: &str, data_dir: &Path) -> Vec<String> {
 pub const SHARED_DIRS: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock"];
 
 /// The SysV IPC tables, one per kind of object.
-const SYSV_TABLES: [&str; 3] = ["/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem"];
+const SYSV_TABLES: [&str; 3] = [
+    "/proc/sysvipc/shm",
+    "/proc/sysvipc/msg",
+    "/proc/sysvipc/sem",
+];
 
 /// A process on the machine, as /proc shows it to root.
 #[derive(Debug, Clone)]
@@ -127,7 +131,11 @@ pub fn pids_current_file(proc_cgroup: &str) -> Option<std::path::PathBuf> {
     };
     let root = Path::new("/sys/fs/cgroup");
     if let Some(path) = line(&|l| l.split(':').nth(1) == Some("pids")) {
-        return Some(root.join("pids").join(path.trim_start_matches('/')).join("pids.current"));
+        return Some(
+            root.join("pids")
+                .join(path.trim_start_matches('/'))
+                .join("pids.current"),
+        );
     }
     line(&|l| l.starts_with("0::"))
         .map(|path| root.join(path.trim_start_matches('/')).join("pids.current"))

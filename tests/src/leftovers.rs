@@ -290,3 +290,46 @@ fn posix_queues(uids: &[u32], remove: bool) -> Vec<(String, u32)> {
     let _ = std::fs::remove_dir(&dir);
     found
 }
+
+/// The kinds of namespace a process has, as named in `/proc/<pid>/ns`.
+pub const NAMESPACES: [&str; 6] = ["net", "ipc", "pid", "mnt", "uts", "cgroup"];
+
+/// This process's own namespaces, as `readlink /proc/self/ns/<kind>` says
+/// them (`net:[4026531840]`).
+pub fn own_namespaces() -> Vec<String> {
+    NAMESPACES
+        .iter()
+        .filter_map(|kind| std::fs::read_link(format!("/proc/self/ns/{kind}")).ok())
+        .map(|l| l.display().to_string())
+        .collect()
+}
+
+/// Processes of the node tagged `node_id` still in one of `namespaces` (each
+/// as `net:[4026531840]`): in its cgroups, of its session users `uids`, or a
+/// `session-init` (one that left its cgroup). A namespace's
+/// number is reused once it is gone, so processes of anything else found in a
+/// number (another test's network, another node's sessions) are not counted.
+/// Bind mounts of namespaces in the node's data directory are mounts
+/// [`of_node`] lists.
+pub fn in_namespaces(node_id: &str, uids: &[u32], namespaces: &[String]) -> Vec<String> {
+    let tag = format!("jusy-{}", node_id.chars().take(12).collect::<String>());
+    let mut found = Vec::new();
+    for p in processes() {
+        let other_node = p.cgroup.contains("/jusy-") && !p.cgroup.contains(&tag);
+        let ours =
+            p.cgroup.contains(&tag) || uids.contains(&p.uid) || p.args.contains("session-init");
+        if other_node || !ours {
+            continue;
+        }
+        for kind in NAMESPACES {
+            let Ok(link) = std::fs::read_link(format!("/proc/{}/ns/{kind}", p.pid)) else {
+                continue;
+            };
+            let link = link.display().to_string();
+            if namespaces.contains(&link) {
+                found.push(format!("process {} in {link}: {}", p.pid, p.args));
+            }
+        }
+    }
+    found
+}

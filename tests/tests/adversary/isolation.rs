@@ -596,6 +596,9 @@ fn nothing_is_left_after_many_hostile_sessions() {
         };
         let dirs = world_writable();
         let mut queues = Vec::new();
+        // The sessions' own namespaces (those the test process is not in).
+        let host_namespaces = leftovers::own_namespaces();
+        let mut namespaces = Vec::new();
         for round in 0..HOSTILE_SESSIONS / AT_ONCE {
             net.broker.wait_capacity(scene, AT_ONCE as u64)?;
             let logins = (0..AT_ONCE)
@@ -623,6 +626,13 @@ fn nothing_is_left_after_many_hostile_sessions() {
                 let uid: Option<u32> = text.lines().next().and_then(|l| l.trim().parse().ok());
                 uids.borrow_mut().extend(uid);
                 queues.push(marker);
+                let ns: Vec<String> = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("ns "))
+                    .map(str::to_owned)
+                    .collect();
+                assert_eq!(ns.len(), leftovers::NAMESPACES.len(), "{text}");
+                namespaces.extend(ns.into_iter().filter(|n| !host_namespaces.contains(n)));
                 // Precondition: each made its objects and files.
                 for made in ["ipc", "mq ok", "escaped", "file /tmp"] {
                     assert!(text.contains(made), "{made:?} missing: {text}");
@@ -636,6 +646,14 @@ fn nothing_is_left_after_many_hostile_sessions() {
         assert!(net.node.proc.stop(Duration::from_secs(30))?, "clean stop");
         let mut left = leftovers::of_node(&node_id, &data);
         left.extend(leftovers::of_uids(&node_id, &uids.borrow(), false));
+        namespaces.sort();
+        namespaces.dedup();
+        scene.note(&format!("the sessions had namespaces {namespaces:?}"));
+        left.extend(leftovers::in_namespaces(
+            &node_id,
+            &uids.borrow(),
+            &namespaces,
+        ));
         left.extend(
             queues
                 .iter()
@@ -649,7 +667,7 @@ fn nothing_is_left_after_many_hostile_sessions() {
 
 /// What one hostile session does: says its uid, makes SysV IPC objects, a POSIX
 /// queue and files in the shared directories, leaves processes that escape its
-/// shell, and with `bomb` forks until the limit ends it.
+/// shell, says its namespaces, and with `bomb` forks until the limit ends it.
 fn hostile(marker: &str, dirs: &[&str], bomb: bool) -> String {
     let files: Vec<String> = dirs.iter().map(|d| format!("{d}/{marker}")).collect();
     let mut script = format!(
@@ -658,7 +676,9 @@ fn hostile(marker: &str, dirs: &[&str], bomb: bool) -> String {
          {mq}; \
          for f in {files}; do touch \"$f\" && echo \"file ${{f%/*}}\"; done; \
          (setsid sleep 600 </dev/null >/dev/null 2>&1 &); \
-         (nohup sleep 601 </dev/null >/dev/null 2>&1 &) && echo escaped",
+         (nohup sleep 601 </dev/null >/dev/null 2>&1 &) && echo escaped; \
+         for k in {kinds}; do echo \"ns $(readlink /proc/self/ns/$k)\"; done",
+        kinds = leftovers::NAMESPACES.join(" "),
         mq = mq_open(marker, true),
         files = files.join(" "),
     );

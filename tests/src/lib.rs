@@ -13,6 +13,7 @@
 //! * [`lab`] — a network of namespaced hosts: the internet, brokers, home
 //!   routers that NAT, carrier-grade NAT, and clients.
 //! * [`leftovers`] — what a node's sessions left on the machine, if anything.
+//! * [`mux`] — an OpenSSH master connection and channels opened over it.
 //! * [`terminal`] — a program on a pty of its own, resized like a window.
 //!
 //! The binaries are taken from the Cargo target directory the tests were built
@@ -27,6 +28,7 @@ pub mod client;
 pub mod jusy;
 pub mod lab;
 pub mod leftovers;
+pub mod mux;
 pub mod process;
 pub mod scene;
 pub mod site;

@@ -13,7 +13,11 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "adversary/isolation.rs"]
 mod isolation;
+#[path = "adversary/network.rs"]
 mod network;
+#[path = "adversary/state.rs"]
 mod state;
+#[path = "adversary/syscalls.rs"]
 mod syscalls;

@@ -10,7 +10,9 @@
 pub mod cgroup;
 pub mod cgroupfs;
 pub mod disk;
+pub mod dns;
 pub mod netfilter;
+pub mod network;
 pub mod process;
 pub mod user;
 
@@ -18,7 +20,7 @@ use std::path::PathBuf;
 
 use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
-use netfilter::{Netfilter, Policy};
+use network::{HostNet, NetConfig};
 use user::SessionUser;
 
 /// Limits every session gets.
@@ -40,6 +42,8 @@ pub enum SandboxError {
     Disk(#[from] disk::DiskError),
     #[error(transparent)]
     Net(#[from] netfilter::NetError),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
     #[error("session uid range {0}..={1} is empty or reaches below 1000 (people's accounts)")]
     Ids(u32, u32),
 }
@@ -87,7 +91,7 @@ pub struct Host {
     limits: SandboxLimits,
     ids: user::IdRange,
     /// None in development mode: the node is not root and isolates nothing.
-    isolation: Option<(NodeCgroups, Netfilter)>,
+    isolation: Option<(NodeCgroups, HostNet)>,
 }
 
 impl Host {
@@ -99,7 +103,7 @@ impl Host {
         tag: &str,
         limits: SandboxLimits,
         ids: user::IdRange,
-        policy: Policy,
+        net: &NetConfig,
     ) -> Result<Self, SandboxError> {
         if ids.0 > ids.1 || ids.0 < 1000 {
             return Err(SandboxError::Ids(ids.0, ids.1));
@@ -107,7 +111,6 @@ impl Host {
         let mount_dir = images.with_file_name("cgroup");
         let cgroups = NodeCgroups::new(cgroupfs::layout(&mount_dir).await?, tag)?;
         tracing::info!(layout = ?cgroups.layout(), "cgroups");
-        let net = Netfilter::new(tag, policy);
         // Order matters: processes die with their cgroups first, so that disks
         // can be unmounted and users deleted.
         let cgs = cgroups.sweep().await;
@@ -127,7 +130,7 @@ impl Host {
                 path: images.clone(),
                 source,
             })?;
-        net.install().await?;
+        let net = HostNet::start(tag, net).await?;
         Ok(Self {
             homes,
             images,
@@ -178,7 +181,7 @@ impl Host {
                 );
             }
             private_dirs(&sandbox.user).await?;
-            net.add_user(sandbox.user.uid).await?;
+            net.netfilter().add_user(sandbox.user.uid).await?;
             Ok::<_, SandboxError>(())
         }
         .await;
@@ -210,19 +213,22 @@ impl Host {
         }
         if let Some((_, net)) = &self.isolation
             && !sandbox.user.shared_dev_user
-            && let Err(e) = net.remove_user(sandbox.user.uid).await
+            && let Err(e) = net.netfilter().remove_user(sandbox.user.uid).await
         {
             tracing::error!(error = %e, "removing a session's network rules failed");
         }
+    }
+
+    /// The node's session networking; None in development mode.
+    pub fn network(&self) -> Option<&HostNet> {
+        self.isolation.as_ref().map(|(_, net)| net)
     }
 
     /// Removes the node-wide parts (after every sandbox was torn down).
     pub async fn stop(&self) {
         if let Some((cgroups, net)) = &self.isolation {
             cgroups.remove();
-            if let Err(e) = net.remove().await {
-                tracing::error!(error = %e, "removing the nftables table failed");
-            }
+            net.stop().await;
         }
     }
 }

@@ -183,6 +183,7 @@ pub struct HostNet {
     prefix: String,
     block: Block,
     netfilter: Netfilter,
+    forwarding: Forwarding,
     resolver: Resolver,
     /// Which session indices are in use.
     used: Mutex<Vec<bool>>,
@@ -215,7 +216,24 @@ impl HostNet {
         }
         let ipv6 = Path::new("/proc/sys/net/ipv6").exists();
         let block = claim(&prefix, cfg, ipv6, &tag8).await?;
-        let guard = enable_forwarding(ipv6)?;
+        let started = Self::finish(tag, cfg, prefix.clone(), block, ipv6).await;
+        if started.is_err() {
+            let _ = sweep(&prefix).await;
+        }
+        started
+    }
+
+    /// The rest of [`HostNet::start`], once the block is claimed.
+    async fn finish(
+        tag: &str,
+        cfg: &NetConfig,
+        prefix: String,
+        block: Block,
+        ipv6: bool,
+    ) -> Result<Self, NetworkError> {
+        let resolver = Resolver::system()?;
+        let forwarding = Forwarding::new(ipv6)?;
+        let guard = forwarding.was_off()?;
         let mut pools = vec![cfg.v4];
         if ipv6 {
             pools.push(cfg.v6);
@@ -229,13 +247,17 @@ impl HostNet {
                 guard,
             },
         );
+        // The rules stand before forwarding starts, and a node stopping now
+        // sees this node's table and leaves forwarding on.
         netfilter.install().await?;
+        forwarding.enable(guard)?;
         tracing::info!(v4 = %block.v4, v6 = ?block.v6.map(|c| c.to_string()), guard, "session networks");
         Ok(Self {
             prefix,
             block,
             netfilter,
-            resolver: Resolver::system()?,
+            forwarding,
+            resolver,
             used: Mutex::new(vec![false; SESSIONS as usize]),
         })
     }
@@ -245,14 +267,17 @@ impl HostNet {
         &self.netfilter
     }
 
-    /// Removes the rules and releases the block (after every session detached).
-    /// Forwarding stays on: another node on the machine may rely on it.
+    /// Removes the rules and releases the block (after every session detached),
+    /// and turns forwarding off if jusy turned it on and no other node runs.
     pub async fn stop(&self) {
         if let Err(e) = self.netfilter.remove().await {
             tracing::error!(error = %e, "removing the nftables table failed");
         }
         if let Err(e) = sweep(&self.prefix).await {
             tracing::error!(error = %e, "removing session links failed");
+        }
+        if let Err(e) = self.forwarding.restore().await {
+            tracing::error!(error = %e, "turning forwarding off again failed");
         }
     }
 
@@ -513,52 +538,98 @@ async fn routes_of(family: &str) -> Result<Vec<Cidr>, NetworkError> {
         .collect())
 }
 
-/// Turns IPv4 (and IPv6) forwarding on. Returns whether it was off before, in
-/// which case the rules keep the machine from routing anything but sessions.
+/// The machine's forwarding switches (each network namespace has its own).
 ///
 /// IPv6 forwarding is global in Linux (`all.forwarding`), and a forwarding
 /// interface stops accepting router advertisements; every interface that
-/// accepted them (`accept_ra` 1) is set to accept them while forwarding (2) first
-/// so the owner's IPv6 addresses and routes stay.
-fn enable_forwarding(ipv6: bool) -> Result<bool, NetworkError> {
-    // Forwarding is a setting of each network namespace, so is the marker.
-    let ns = std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| {
+/// accepted them (`accept_ra` 1) is set to accept them while forwarding (2)
+/// first, so the owner's IPv6 addresses and routes stay. When forwarding was
+/// off, a marker in `/run` remembers it until reboot (when it is off again): the
+/// rules then keep the machine from routing anything but sessions, and the last
+/// jusy node to stop turns it off again.
+#[derive(Debug)]
+struct Forwarding {
+    ipv6: bool,
+    marker: PathBuf,
+}
+
+const FORWARD_V4: &str = "/proc/sys/net/ipv4/ip_forward";
+const FORWARD_V6: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+impl Forwarding {
+    fn new(ipv6: bool) -> Result<Self, NetworkError> {
+        let path = Path::new("/proc/thread-self/ns/net");
+        let ns = std::fs::metadata(path).map_err(|source| NetworkError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         use std::os::unix::fs::MetadataExt;
-        m.ino()
-    });
-    let marker = PathBuf::from(format!("/run/jusy-forwarding-was-off-{ns}"));
-    let mut was_off = marker.exists();
-    let mut switch = |path: &str| -> Result<(), NetworkError> {
-        if read_sysctl(path)? != "1" {
-            was_off = true;
+        let marker = PathBuf::from(format!("/run/jusy-forwarding-was-off-{}", ns.ino()));
+        Ok(Self { ipv6, marker })
+    }
+
+    fn switches(&self) -> &'static [&'static str] {
+        if self.ipv6 {
+            &[FORWARD_V4, FORWARD_V6]
+        } else {
+            &[FORWARD_V4]
+        }
+    }
+
+    /// Whether forwarding was off before jusy turned it on.
+    fn was_off(&self) -> Result<bool, NetworkError> {
+        let mut off = self.marker.exists();
+        for path in self.switches() {
+            off |= read_sysctl(path)? != "1";
+        }
+        Ok(off)
+    }
+
+    fn enable(&self, was_off: bool) -> Result<(), NetworkError> {
+        if was_off {
+            std::fs::write(&self.marker, b"").map_err(|source| NetworkError::Io {
+                path: self.marker.clone(),
+                source,
+            })?;
+        }
+        if self.ipv6 {
+            let conf = Path::new("/proc/sys/net/ipv6/conf");
+            let dirs = std::fs::read_dir(conf).map_err(|source| NetworkError::Io {
+                path: conf.to_owned(),
+                source,
+            })?;
+            for dir in dirs.flatten() {
+                let ra = dir.path().join("accept_ra");
+                let ra = ra.to_string_lossy();
+                if read_sysctl(&ra).is_ok_and(|v| v == "1") {
+                    write_sysctl(&ra, "2")?;
+                }
+            }
+        }
+        for path in self.switches() {
             write_sysctl(path, "1")?;
         }
         Ok(())
-    };
-    if ipv6 {
-        let conf = Path::new("/proc/sys/net/ipv6/conf");
-        let dirs = std::fs::read_dir(conf).map_err(|source| NetworkError::Io {
-            path: conf.to_owned(),
-            source,
-        })?;
-        for dir in dirs.flatten() {
-            let ra = dir.path().join("accept_ra");
-            if read_sysctl(&ra.to_string_lossy()).is_ok_and(|v| v == "1") {
-                write_sysctl(&ra.to_string_lossy(), "2")?;
-            }
+    }
+
+    /// Turns forwarding off again if jusy turned it on and no jusy table is
+    /// left (no other node runs here).
+    async fn restore(&self) -> Result<(), NetworkError> {
+        if !self.marker.exists() {
+            return Ok(());
         }
-        switch("/proc/sys/net/ipv6/conf/all/forwarding")?;
-    }
-    switch("/proc/sys/net/ipv4/ip_forward")?;
-    if was_off {
-        // Remembered until reboot (when forwarding is off again), so that a
-        // later node on this machine keeps guarding too.
-        std::fs::write(&marker, b"").map_err(|source| NetworkError::Io {
-            path: marker.clone(),
+        let tables = run("nft", &["list", "tables"]).await?;
+        if tables.contains("jusy_") {
+            return Ok(());
+        }
+        for path in self.switches() {
+            write_sysctl(path, "0")?;
+        }
+        std::fs::remove_file(&self.marker).map_err(|source| NetworkError::Io {
+            path: self.marker.clone(),
             source,
-        })?;
+        })
     }
-    Ok(was_off)
 }
 
 fn read_sysctl(path: &str) -> Result<String, NetworkError> {

@@ -131,6 +131,17 @@ fn session_networks_from_the_module() {
         })?;
         let _ = (node_ssh.accept()?, web.accept()?);
 
+        let forwarding = || {
+            in_netns(&node_ns, || {
+                std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap()
+            })
+            .unwrap()
+        };
+        // A namespace copies the machine's setting when made: start from off.
+        in_netns(&node_ns, || {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").unwrap()
+        })?;
+        assert_eq!(forwarding(), "0\n");
         let (a, b) = (BareNs::new()?, BareNs::new()?);
         let (pid_a, pid_b) = (a.pid(), b.pid());
         let cfg = NetConfig {
@@ -272,6 +283,7 @@ fn session_networks_from_the_module() {
             .unwrap()
         };
         assert!(links().contains(&link_a), "{}", links());
+        assert_eq!(forwarding(), "1\n");
         let _ = done_tx.send(());
         let traffic = node_thread.join().unwrap();
         assert!(traffic.sent > 0 && traffic.received > 0, "{traffic:?}");
@@ -284,6 +296,11 @@ fn session_networks_from_the_module() {
             String::from_utf8_lossy(&out.stdout).into_owned()
         })?;
         assert!(!tables.contains("jusy_nettest1"), "{tables}");
+        assert_eq!(
+            forwarding(),
+            "0\n",
+            "the last node turns forwarding off again"
+        );
         Ok(())
     });
 }

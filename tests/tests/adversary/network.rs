@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use jusy_node::sandbox::netfilter::Policy;
 use jusy_node::sandbox::network::{HostNet, NetConfig};
-use jusy_tests::lab::{Lab, in_netns};
+use jusy_tests::lab::{HomeOpts, Lab, in_netns};
 use jusy_tests::{Broker, Login, Node, Scene, e2e, leftovers};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -423,6 +423,28 @@ fn session_sees_no_host_sockets() {
     });
 }
 
+/// Asks the resolver of the session's `/etc/resolv.conf` for the A record of
+/// `argv[1]` with a raw UDP question (no files, no cache) and prints
+/// `<nameserver> rcode <n> answers <n> <last 4 bytes as an address>`.
+const DNS_PY: &str = "import socket,struct,sys\n\
+ns=[l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]\n\
+q=struct.pack('>6H',0x4a59,0x100,1,0,0,0)\n\
+q+=b''.join(bytes([len(p)])+p.encode() for p in sys.argv[1].split('.'))+b'\\0\\0\\1\\0\\1'\n\
+s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3);s.sendto(q,(ns,53))\n\
+r=s.recv(512)\n\
+print(ns,'rcode',r[3]&15,'answers',r[7],'.'.join(map(str,r[-4:])))\n";
+
+/// Sends a UDP datagram to each `host:port` argument and prints `host open`
+/// when anything but a refusal comes back, else `host closed`.
+const UDP_PY: &str = "import socket,sys\n\
+for a in sys.argv[1:]:\n\
+    h,p=a.rsplit(':',1)\n\
+    u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.settimeout(3);u.connect((h,int(p)))\n\
+    try:\n\
+        u.send(b'x');u.recv(8);print(h,'open')\n\
+    except OSError:\n\
+        print(h,'closed')\n";
+
 #[test]
 fn names_resolve_and_other_udp_fails() {
     e2e("names_resolve_and_other_udp_fails", |scene| {
@@ -431,37 +453,22 @@ fn names_resolve_and_other_udp_fails() {
         let port = outside.local_addr()?.port();
         let (broker, _node, client) = node(scene, 1)?;
         let login = order(scene, &broker, &client)?;
-        // The session asks the resolver its resolv.conf names (for a name the
-        // node resolves from its hosts file) and sends UDP elsewhere.
-        let remote = format!(
-            "cat /etc/resolv.conf; python3 -c 'import socket\n\
-             print(socket.getaddrinfo(\"localhost.\",22,socket.AF_INET)[0][4][0])\n\
-             ns=open(\"/etc/resolv.conf\").read().split()[1]\n\
-             s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3)\n\
-             s.sendto(bytes.fromhex(\"4a59010000010000000000000\"+\"96c6f63616c686f73740000010001\"),(ns,53))\n\
-             r=s.recv(512);print(\"rcode\",r[3]&15,\"answers\",r[7])\n\
-             for h in (\"127.0.0.1\",\"1.1.1.1\",ns):\n\
-               u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.settimeout(3);u.connect((h,{port}))\n\
-               try:\n    u.send(b\"x\");u.recv(8);print(h,\"open\")\n\
-               except OSError: print(h,\"closed\")'"
-        );
-        let out = login.ssh(scene, &remote, None)?;
+        // The node answers (localhost comes from its hosts file).
+        let out = login.ssh(scene, "python3 - localhost", Some(DNS_PY.as_bytes()))?;
         let text = out.text();
-        let mut lines = text.lines();
-        let ns = lines
-            .next()
-            .and_then(|l| l.strip_prefix("nameserver "))
-            .unwrap_or_else(|| panic!("resolv.conf: {text} {}", out.stderr));
-        assert!(ns.starts_with("172.30."), "{text}");
+        let ns = text.split(' ').next().unwrap_or_default().to_owned();
+        assert!(ns.starts_with("172.30."), "{text} {}", out.stderr);
+        assert_eq!(text, format!("{ns} rcode 0 answers 1 127.0.0.1\n"));
+        // UDP anywhere else is refused and never arrives, even to the resolver's
+        // address on another port.
+        let out = login.ssh(
+            scene,
+            &format!("python3 - 127.0.0.1:{port} 1.1.1.1:53 {ns}:{port}"),
+            Some(UDP_PY.as_bytes()),
+        )?;
         assert_eq!(
-            lines.collect::<Vec<_>>(),
-            [
-                "127.0.0.1",
-                "rcode 0 answers 1",
-                "127.0.0.1 closed",
-                "1.1.1.1 closed",
-                &format!("{ns} closed")
-            ],
+            out.text(),
+            format!("127.0.0.1 closed\n1.1.1.1 closed\n{ns} closed\n"),
             "{}",
             out.stderr
         );
@@ -470,6 +477,85 @@ fn names_resolve_and_other_udp_fails() {
             outside.recv(&mut buf).is_err(),
             "a session's UDP reached the host"
         );
+        Ok(())
+    });
+}
+
+/// A file of `/etc/netns/<ns>/`, which `ip netns exec` shows at `/etc/` to the
+/// programs it runs in `ns`; removed when dropped.
+struct NetnsEtc(std::path::PathBuf);
+
+impl NetnsEtc {
+    fn write(ns: &str, name: &str, text: &str) -> anyhow::Result<Self> {
+        let dir = std::path::Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir)?;
+        let me = Self(dir);
+        std::fs::write(me.0.join(name), text)?;
+        Ok(me)
+    }
+}
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn ssh_to_a_lab_host_by_name_across_nat() {
+    e2e("ssh_to_a_lab_host_by_name_across_nat", |scene| {
+        let mut lab = Lab::new(scene)?;
+        let site = lab.public_host("broker")?;
+        let data = scene.subdir("broker")?;
+        let client = Broker::add_client(scene, &data)?;
+        let broker = Broker::start_at(scene, "broker", &site, data, 0, &[])?;
+        let git = lab.public_host("git")?;
+        let laptop = lab.public_host("client")?;
+        let home = lab.home("home", HomeOpts::default())?;
+        let home_ns = home.host.netns.clone().unwrap();
+        // The node knows the git host by name (its hosts file); nothing else does.
+        let _hosts = NetnsEtc::write(
+            &home_ns,
+            "hosts",
+            &format!("127.0.0.1 localhost\n{} git.lab\n", git.ip),
+        )?;
+        let git_ns = git.netns.clone().unwrap();
+        let sshd = in_netns(&git_ns, || TcpListener::bind("0.0.0.0:22").unwrap())?;
+        let (banner_tx, banner) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, peer) = sshd.accept().unwrap();
+            s.write_all(b"SSH-2.0-lab\r\n").unwrap();
+            let _ = banner_tx.send(peer.ip());
+        });
+        let _node = Node::start_at(
+            scene,
+            "node",
+            &home.host,
+            &broker,
+            &["--ready-slots", "1", "--net-allow", "198.18.0.0/15"],
+        )?;
+        broker.wait_capacity(scene, 1)?;
+        let (status, body) = broker.order_from(scene, &laptop, &client)?;
+        anyhow::ensure!(status == 200, "order failed with {status}: {body}");
+        let login = Login::from_order_at(scene, &laptop, &body)?;
+        let out = login.ssh(scene, "python3 - git.lab", Some(DNS_PY.as_bytes()))?;
+        assert!(
+            out.text()
+                .ends_with(&format!("rcode 0 answers 1 {}\n", git.ip)),
+            "{} {}",
+            out.text(),
+            out.stderr
+        );
+        let out = login.ssh(
+            scene,
+            "timeout 10 ssh -o BatchMode=yes -o StrictHostKeyChecking=no git@git.lab 2>&1; \
+             true",
+            None,
+        )?;
+        // The lab's "sshd" only says hello: OpenSSH got that far by name.
+        let peer = banner.recv_timeout(Duration::from_secs(10));
+        assert_eq!(peer, Ok(IpAddr::V4(home.router.wan_ip)), "{}", out.text());
+        assert!(!out.text().contains("Could not resolve"), "{}", out.text());
         Ok(())
     });
 }

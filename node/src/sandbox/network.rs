@@ -335,7 +335,7 @@ impl HostNet {
                 index: k,
                 addrs: a,
                 _ns: ns,
-                _dns: dns,
+                dns,
             }),
             Err(e) => {
                 let _ = ip_batch(&["-b", "-"], &format!("link del {name}\n")).await;
@@ -346,9 +346,13 @@ impl HostNet {
 
     /// Removes a session's link and returns what it carried (an error only
     /// when the counters could not be read; the link is removed regardless).
-    pub async fn detach(&self, net: SessionNet) -> Result<Traffic, NetworkError> {
+    pub async fn detach(&self, mut net: SessionNet) -> Result<Traffic, NetworkError> {
         let traffic = net.traffic().await;
         let removed = ip_batch(&["-b", "-"], &format!("link del {}\n", net.name)).await;
+        // The DNS sockets must be closed before the index (and so the gateway
+        // address they are bound to) can be handed out again.
+        net.dns.abort_all();
+        while net.dns.join_next().await.is_some() {}
         self.free_index(net.index);
         removed?;
         let traffic = traffic?;
@@ -386,7 +390,7 @@ pub struct SessionNet {
     addrs: Addrs,
     _ns: File,
     /// The session's DNS service; aborted when dropped.
-    _dns: JoinSet<()>,
+    dns: JoinSet<()>,
 }
 
 impl SessionNet {

@@ -426,24 +426,26 @@ fn session_sees_no_host_sockets() {
 /// Asks the resolver of the session's `/etc/resolv.conf` for the A record of
 /// `argv[1]` with a raw UDP question (no files, no cache) and prints
 /// `<nameserver> rcode <n> answers <n> <last 4 bytes as an address>`.
-const DNS_PY: &str = "import socket,struct,sys\n\
-ns=[l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]\n\
-q=struct.pack('>6H',0x4a59,0x100,1,0,0,0)\n\
-q+=b''.join(bytes([len(p)])+p.encode() for p in sys.argv[1].split('.'))+b'\\0\\0\\1\\0\\1'\n\
-s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3);s.sendto(q,(ns,53))\n\
-r=s.recv(512)\n\
-print(ns,'rcode',r[3]&15,'answers',r[7],'.'.join(map(str,r[-4:])))\n";
+const DNS_PY: &str = r"import socket,struct,sys
+ns=[l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]
+q=struct.pack('>6H',0x4a59,0x100,1,0,0,0)
+q+=b''.join(bytes([len(p)])+p.encode() for p in sys.argv[1].split('.'))+b'\0\0\1\0\1'
+s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3);s.sendto(q,(ns,53))
+r=s.recv(512)
+print(ns,'rcode',r[3]&15,'answers',r[7],'.'.join(map(str,r[-4:])))
+";
 
 /// Sends a UDP datagram to each `host:port` argument and prints `host open`
 /// when anything but a refusal comes back, else `host closed`.
-const UDP_PY: &str = "import socket,sys\n\
-for a in sys.argv[1:]:\n\
-    h,p=a.rsplit(':',1)\n\
-    u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.settimeout(3);u.connect((h,int(p)))\n\
-    try:\n\
-        u.send(b'x');u.recv(8);print(h,'open')\n\
-    except OSError:\n\
-        print(h,'closed')\n";
+const UDP_PY: &str = r"import socket,sys
+for a in sys.argv[1:]:
+    h,p=a.rsplit(':',1)
+    u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.settimeout(3);u.connect((h,int(p)))
+    try:
+        u.send(b'x');u.recv(8);print(h,'open')
+    except OSError:
+        print(h,'closed')
+";
 
 #[test]
 fn names_resolve_and_other_udp_fails() {

@@ -579,6 +579,10 @@ fn nothing_of_the_network_is_left_after_teardown_and_a_crash() {
                 .filter(|l| l.contains(&format!("jy{tag8}")))
                 .count()
         };
+        for _ in 0..2 {
+            node.proc
+                .wait_event("slot_ready", Duration::from_secs(60))?;
+        }
         // Precondition: the ready slots have their links (and the claim bridge).
         assert_eq!(links(), 3);
         let login = order(scene, &broker, &client)?;

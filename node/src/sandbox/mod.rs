@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
-use network::{HostNet, NetConfig};
+use network::{HostNet, NetConfig, SessionNet};
 use user::SessionUser;
 
 /// Limits every session gets.
@@ -55,6 +55,9 @@ pub struct Sandbox {
     /// None in development mode (not root).
     pub cgroup: Option<SessionCgroup>,
     pub disk: Option<Disk>,
+    /// The session's own network once [`Host::attach_network`] made it; taken
+    /// out at teardown.
+    pub net: std::sync::Mutex<Option<SessionNet>>,
 }
 
 impl Sandbox {
@@ -162,6 +165,7 @@ impl Host {
                 user,
                 cgroup: None,
                 disk: None,
+                net: std::sync::Mutex::new(None),
             });
         };
         let with_disk = self.limits.disk > 0;
@@ -170,6 +174,7 @@ impl Host {
             user,
             cgroup: None,
             disk: None,
+            net: std::sync::Mutex::new(None),
         };
         let made = async {
             sandbox.cgroup = Some(cgroups.create(&sandbox.user.name, self.limits.cgroup)?);
@@ -194,14 +199,50 @@ impl Host {
         }
     }
 
-    /// Kills everything of a session and removes its cgroup, disk, user and
-    /// rules. Logs what fails and carries on, so one stuck part does not keep the
+    /// Gives the session's network namespace (that of process `pid`, the
+    /// session's init) its link to the node, and returns what the session's
+    /// `/etc/resolv.conf` should say. Nothing to do in development mode.
+    pub async fn attach_network(
+        &self,
+        sandbox: &Sandbox,
+        pid: u32,
+    ) -> Result<Option<String>, SandboxError> {
+        let Some((_, net)) = &self.isolation else {
+            return Ok(None);
+        };
+        let session = net.attach(pid).await?;
+        let resolv = session.resolv_conf();
+        let old = sandbox
+            .net
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(session);
+        if let Some(old) = old
+            && let Err(e) = net.detach(old).await
+        {
+            tracing::error!(error = %e, "replacing a session's network failed");
+        }
+        Ok(Some(resolv))
+    }
+
+    /// Kills everything of a session and removes its cgroup, network, disk,
+    /// user and rules. Logs what fails and carries on, so one stuck part does not keep the
     /// others behind.
     pub async fn teardown(&self, sandbox: &Sandbox) {
         if let Some(cg) = &sandbox.cgroup
             && let Err(e) = cg.destroy().await
         {
             tracing::error!(error = %e, "removing a session cgroup failed");
+        }
+        let session_net = sandbox
+            .net
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let (Some((_, net)), Some(session_net)) = (&self.isolation, session_net)
+            && let Err(e) = net.detach(session_net).await
+        {
+            tracing::error!(error = %e, "removing a session's network failed");
         }
         if let Some(disk) = &sandbox.disk
             && let Err(e) = disk.remove().await

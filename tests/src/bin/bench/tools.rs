@@ -300,6 +300,7 @@ pub async fn node_ssh_direct(
                 user,
                 cgroup: None,
                 disk: None,
+                net: std::sync::Mutex::new(None),
             },
             sftp_server: PathBuf::from("/usr/lib/openssh/sftp-server"),
         }),

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cgroupfs;
 pub mod disk;
 pub mod dns;
+mod forwarding;
 pub mod netfilter;
 pub mod network;
 pub mod process;

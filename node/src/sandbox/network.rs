@@ -28,6 +28,7 @@ use tokio::process::Command;
 use tokio::task::JoinSet;
 
 use super::dns::{DnsError, Resolver};
+use super::forwarding::Forwarding;
 use super::netfilter::{Cidr, NetError, Netfilter, Policy, SessionLinks};
 
 /// Every jusy session interface name starts with this.
@@ -542,116 +543,6 @@ async fn routes_of(family: &str) -> Result<Vec<Cidr>, NetworkError> {
         .collect())
 }
 
-/// The machine's forwarding switches (each network namespace has its own).
-///
-/// IPv6 forwarding is global in Linux (`all.forwarding`), and a forwarding
-/// interface stops accepting router advertisements; every interface that
-/// accepted them (`accept_ra` 1) is set to accept them while forwarding (2)
-/// first, so the owner's IPv6 addresses and routes stay. When forwarding was
-/// off, a marker in `/run` remembers it until reboot (when it is off again): the
-/// rules then keep the machine from routing anything but sessions, and the last
-/// jusy node to stop turns it off again.
-#[derive(Debug)]
-struct Forwarding {
-    ipv6: bool,
-    marker: PathBuf,
-}
-
-const FORWARD_V4: &str = "/proc/sys/net/ipv4/ip_forward";
-const FORWARD_V6: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
-
-impl Forwarding {
-    fn new(ipv6: bool) -> Result<Self, NetworkError> {
-        let path = Path::new("/proc/thread-self/ns/net");
-        let ns = std::fs::metadata(path).map_err(|source| NetworkError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        use std::os::unix::fs::MetadataExt;
-        let marker = PathBuf::from(format!("/run/jusy-forwarding-was-off-{}", ns.ino()));
-        Ok(Self { ipv6, marker })
-    }
-
-    fn switches(&self) -> &'static [&'static str] {
-        if self.ipv6 {
-            &[FORWARD_V4, FORWARD_V6]
-        } else {
-            &[FORWARD_V4]
-        }
-    }
-
-    /// Whether forwarding was off before jusy turned it on.
-    fn was_off(&self) -> Result<bool, NetworkError> {
-        let mut off = self.marker.exists();
-        for path in self.switches() {
-            off |= read_sysctl(path)? != "1";
-        }
-        Ok(off)
-    }
-
-    fn enable(&self, was_off: bool) -> Result<(), NetworkError> {
-        if was_off {
-            std::fs::write(&self.marker, b"").map_err(|source| NetworkError::Io {
-                path: self.marker.clone(),
-                source,
-            })?;
-        }
-        if self.ipv6 {
-            let conf = Path::new("/proc/sys/net/ipv6/conf");
-            let dirs = std::fs::read_dir(conf).map_err(|source| NetworkError::Io {
-                path: conf.to_owned(),
-                source,
-            })?;
-            for dir in dirs.flatten() {
-                let ra = dir.path().join("accept_ra");
-                let ra = ra.to_string_lossy();
-                if read_sysctl(&ra).is_ok_and(|v| v == "1") {
-                    write_sysctl(&ra, "2")?;
-                }
-            }
-        }
-        for path in self.switches() {
-            write_sysctl(path, "1")?;
-        }
-        Ok(())
-    }
-
-    /// Turns forwarding off again if jusy turned it on and no jusy table is
-    /// left (no other node runs here).
-    async fn restore(&self) -> Result<(), NetworkError> {
-        if !self.marker.exists() {
-            return Ok(());
-        }
-        let tables = run("nft", &["list", "tables"]).await?;
-        if tables.contains("jusy_") {
-            return Ok(());
-        }
-        for path in self.switches() {
-            write_sysctl(path, "0")?;
-        }
-        std::fs::remove_file(&self.marker).map_err(|source| NetworkError::Io {
-            path: self.marker.clone(),
-            source,
-        })
-    }
-}
-
-fn read_sysctl(path: &str) -> Result<String, NetworkError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|source| NetworkError::Io {
-            path: path.into(),
-            source,
-        })
-}
-
-fn write_sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
-    std::fs::write(path, value).map_err(|source| NetworkError::Io {
-        path: path.into(),
-        source,
-    })
-}
-
 /// Runs `ip` (or `nsenter … ip` when the first argument is `--net=`) with a
 /// batch script on stdin.
 async fn ip_batch(args: &[&str], script: &str) -> Result<(), NetworkError> {
@@ -696,7 +587,7 @@ async fn ip_batch(args: &[&str], script: &str) -> Result<(), NetworkError> {
     }
 }
 
-async fn run(program: &'static str, args: &[&str]) -> Result<String, NetworkError> {
+pub(super) async fn run(program: &'static str, args: &[&str]) -> Result<String, NetworkError> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use crate::sandbox::SandboxLimits;
 use crate::sandbox::cgroup::CgroupLimits;
 use crate::sandbox::netfilter::{Cidr, Policy};
+use crate::sandbox::network::NetConfig;
 use crate::sandbox::user::DEFAULT_IDS;
 
 /// Everything a node needs to run. Every field has a default except the broker.
@@ -63,6 +64,16 @@ pub struct Config {
     /// Address ranges (`addr/len`) exempt from the private-address refusal, TCP
     /// port 22 only. Default none.
     pub net_allow: Vec<Cidr>,
+    /// IPv4 range the node draws session networks from (at most a /22). Each node
+    /// on a machine claims a free /22 of it (512 sessions of a /31) that no route
+    /// of the machine overlaps; the node refuses to start when there is none.
+    /// Default 172.30.0.0/16, outside the ranges home routers and the usual
+    /// container tools hand out first.
+    pub session_net_v4: Cidr,
+    /// IPv6 range the node draws session networks from (at most a /64; each node
+    /// claims a /64, each session a /127), masqueraded like IPv4. Default
+    /// fd6a:7573:7900::/48, a unique-local range ("jusy" in hex).
+    pub session_net_v6: Cidr,
     /// OpenSSH `sftp-server` to run for the sftp subsystem. Default: the first that
     /// exists of the usual Debian, Fedora and Arch paths.
     pub sftp_server: Option<PathBuf>,
@@ -93,6 +104,16 @@ impl Default for Config {
             disk_mib: 5120,
             net_allow_private: false,
             net_allow: Vec::new(),
+            session_net_v4: Cidr {
+                addr: std::net::IpAddr::V4(std::net::Ipv4Addr::new(172, 30, 0, 0)),
+                len: 16,
+            },
+            session_net_v6: Cidr {
+                addr: std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+                    0xfd6a, 0x7573, 0x7900, 0, 0, 0, 0, 0,
+                )),
+                len: 48,
+            },
             sftp_server: None,
             quic_max_mtu: crate::QUIC_MTU,
         }
@@ -154,10 +175,14 @@ impl Config {
         }
     }
 
-    pub fn net_policy(&self) -> Policy {
-        Policy {
-            allow_private: self.net_allow_private,
-            allow: self.net_allow.clone(),
+    pub fn net_config(&self) -> NetConfig {
+        NetConfig {
+            v4: self.session_net_v4,
+            v6: self.session_net_v6,
+            policy: Policy {
+                allow_private: self.net_allow_private,
+                allow: self.net_allow.clone(),
+            },
         }
     }
 
@@ -202,6 +227,8 @@ mod tests {
         assert_eq!(cfg.disk_mib, 5120);
         assert!(!cfg.net_allow_private);
         assert_eq!(cfg.quic_max_mtu, 6500);
+        assert_eq!(cfg.session_net_v4.to_string(), "172.30.0.0/16");
+        assert_eq!(cfg.session_net_v6.to_string(), "fd6a:7573:7900::/48");
     }
 
     #[test]

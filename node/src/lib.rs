@@ -281,7 +281,7 @@ pub async fn run(
             &tag,
             cfg.sandbox_limits(),
             (cfg.uid_min, cfg.uid_max),
-            cfg.net_policy(),
+            &cfg.net_config(),
         )
         .await?
     };

@@ -67,6 +67,12 @@ struct Cli {
     /// private; repeatable.
     #[arg(long)]
     net_allow: Vec<jusy_node::sandbox::netfilter::Cidr>,
+    /// IPv4 range session networks come from (`addr/len`, at most /22).
+    #[arg(long)]
+    session_net_v4: Option<jusy_node::sandbox::netfilter::Cidr>,
+    /// IPv6 range session networks come from (`addr/len`, at most /64).
+    #[arg(long)]
+    session_net_v6: Option<jusy_node::sandbox::netfilter::Cidr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,6 +135,12 @@ fn main() -> anyhow::Result<()> {
     }
     cfg.net_allow_private |= cli.net_allow_private;
     cfg.net_allow.extend(cli.net_allow);
+    if let Some(v) = cli.session_net_v4 {
+        cfg.session_net_v4 = v;
+    }
+    if let Some(v) = cli.session_net_v6 {
+        cfg.session_net_v6 = v;
+    }
     anyhow::ensure!(
         !cfg.broker.is_empty(),
         "no broker address: pass --broker or set `broker` in the config"

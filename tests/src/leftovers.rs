@@ -1,8 +1,8 @@
 //! What a node's sessions may leave on the machine — users, mounts, loop devices,
-//! cgroups, nftables tables, and whatever their users still own: processes,
-//! SysV IPC objects, POSIX message queues, files in the shared world-writable
-//! directories — listed from the kernel's and the system's own tables, so tests
-//! can check that teardown and the crash sweep leave nothing.
+//! cgroups, nftables tables, session links, and whatever their users still
+//! own: processes, SysV IPC objects, POSIX message queues, files in the shared
+//! world-writable directories — listed from the kernel's and the system's own
+//! tables, so tests can check that teardown and the crash sweep leave nothing.
 
 use std::path::Path;
 use std::process::Command;
@@ -61,6 +61,26 @@ pub fn of_node(node_id: &str, data_dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     if tables.contains(&format!("jusy_{tag}")) {
         found.push(format!("nft table jusy_{tag}"));
+    }
+    // Session links and the claim bridge: `jy` and the tag's first 8 characters.
+    let links = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let prefix = format!(
+        "jy{}",
+        tag.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect::<String>()
+    );
+    for line in links.lines() {
+        if let Some(name) = line.split(": ").nth(1)
+            && name.starts_with(&prefix)
+        {
+            found.push(format!("link {name}"));
+        }
     }
     found.dedup();
     found

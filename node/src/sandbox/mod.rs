@@ -1,6 +1,7 @@
 //! What isolates one session from the node and from other sessions: a fresh
 //! unprivileged user, a cgroup with memory and process limits that also meters
-//! CPU time, a home on its own size-limited disk image, outbound network rules,
+//! CPU time, a home on its own size-limited disk image, a network namespace of
+//! its own behind the node's rules ([`network`]),
 //! and an init ([`init`]) in namespaces of the session's own (pid, ipc, mount,
 //! uts) that starts every program with a clean environment, its own
 //! session id, `no_new_privs` and umask 077, with private directories over the
@@ -12,11 +13,14 @@
 pub mod cgroup;
 pub mod cgroupfs;
 pub mod disk;
+pub mod dns;
+mod forwarding;
 pub mod init;
 pub mod netfilter;
+pub mod network;
 pub mod process;
-pub mod shared_dirs;
 pub mod seccomp;
+pub mod shared_dirs;
 pub mod uids;
 pub mod user;
 mod weights;
@@ -26,7 +30,7 @@ use std::path::{Path, PathBuf};
 use cgroup::{CgroupLimits, Counters, NodeCgroups, SessionCgroup};
 use disk::Disk;
 use init::{InitConfig, SessionInit};
-use netfilter::{Netfilter, Policy};
+use network::{HostNet, NetConfig, SessionNet};
 use uids::Uids;
 use user::SessionUser;
 
@@ -50,6 +54,8 @@ pub enum SandboxError {
     #[error(transparent)]
     Net(#[from] netfilter::NetError),
     #[error(transparent)]
+    Network(#[from] network::NetworkError),
+    #[error(transparent)]
     Init(#[from] init::InitError),
     #[error(transparent)]
     Uid(#[from] uids::UidError),
@@ -66,6 +72,9 @@ pub struct Sandbox {
     pub disk: Option<Disk>,
     /// None only while the sandbox is being made.
     pub init: Option<SessionInit>,
+    /// The session's own network once [`Host::attach_network`] made it; taken
+    /// out at teardown.
+    pub net: std::sync::Mutex<Option<SessionNet>>,
 }
 
 impl Sandbox {
@@ -80,6 +89,12 @@ impl Sandbox {
     pub fn disk_full(&self) -> bool {
         self.disk.as_ref().is_some_and(Disk::full)
     }
+}
+
+fn lock_net(
+    m: &std::sync::Mutex<Option<SessionNet>>,
+) -> std::sync::MutexGuard<'_, Option<SessionNet>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The node's own binary, which is also every session's init.
@@ -156,7 +171,7 @@ pub struct Host {
     /// The uid each new session user gets; None in development mode.
     uids: Option<Uids>,
     /// None in development mode: the node is not root and isolates nothing.
-    isolation: Option<(NodeCgroups, Netfilter)>,
+    isolation: Option<(NodeCgroups, HostNet)>,
 }
 
 impl Host {
@@ -168,7 +183,7 @@ impl Host {
         tag: &str,
         limits: SandboxLimits,
         ids: user::IdRange,
-        policy: Policy,
+        net: &NetConfig,
     ) -> Result<Self, SandboxError> {
         if ids.0 > ids.1 || ids.0 < 1000 {
             return Err(SandboxError::Ids(ids.0, ids.1));
@@ -176,7 +191,6 @@ impl Host {
         let mount_dir = images.with_file_name("cgroup");
         let cgroups = NodeCgroups::new(cgroupfs::layout(&mount_dir).await?, tag)?;
         tracing::info!(layout = ?cgroups.layout(), "cgroups");
-        let net = Netfilter::new(tag, policy);
         // Order matters: processes die with their cgroups first, so that disks
         // can be unmounted and users deleted.
         let cgs = cgroups.sweep().await;
@@ -196,7 +210,7 @@ impl Host {
                 path: images.clone(),
                 source,
             })?;
-        net.install().await?;
+        let net = HostNet::start(tag, net).await?;
         let data_dir = homes.parent().unwrap_or(&homes).to_owned();
         let covered = tokio::task::spawn_blocking(move || shared_dirs::find(&data_dir))
             .await
@@ -238,6 +252,7 @@ impl Host {
                 cgroup: None,
                 disk: None,
                 init: None,
+                net: std::sync::Mutex::new(None),
             };
             return match SessionInit::start(
                 Path::new(INIT_EXE),
@@ -263,6 +278,7 @@ impl Host {
             cgroup: None,
             disk: None,
             init: None,
+            net: std::sync::Mutex::new(None),
         };
         let made = async {
             // One more process than the session's limit: its init.
@@ -277,6 +293,13 @@ impl Host {
                 );
             }
             let binds = private_dirs(&sandbox.user.home, &self.covered)?;
+            // Bound over /etc/resolv.conf by the init; filled in (the same
+            // file, so the bind shows it) once the network is attached.
+            let resolv = sandbox.user.home.join(STATE_DIR).join("resolv.conf");
+            std::fs::write(&resolv, b"").map_err(|source| user::UserError::Home {
+                path: resolv.clone(),
+                source,
+            })?;
             let join = sandbox
                 .cgroup
                 .as_ref()
@@ -285,12 +308,27 @@ impl Host {
             sandbox.init = Some(
                 SessionInit::start(
                     Path::new(INIT_EXE),
-                    &self.init_config(&sandbox.user, true, binds),
+                    &InitConfig {
+                        resolv_conf: Some(resolv.clone()),
+                        net_namespace: true,
+                        ..self.init_config(&sandbox.user, true, binds)
+                    },
                     join,
                 )
                 .await?,
             );
-            net.add_user(sandbox.user.uid).await?;
+            let pid = sandbox
+                .init
+                .as_ref()
+                .map(SessionInit::pid)
+                .unwrap_or_default();
+            let session = net.attach(pid).await?;
+            let text = session.resolv_conf();
+            *lock_net(&sandbox.net) = Some(session);
+            std::fs::write(&resolv, text).map_err(|source| user::UserError::Home {
+                path: resolv.clone(),
+                source,
+            })?;
             Ok::<_, SandboxError>(())
         }
         .await;
@@ -321,8 +359,8 @@ impl Host {
         }
     }
 
-    /// Kills everything of a session and removes its cgroup, disk, user and
-    /// rules. Logs what fails and carries on, so one stuck part does not keep the
+    /// Kills everything of a session and removes its cgroup, network, disk
+    /// and user. Logs what fails and carries on, so one stuck part does not keep the
     /// others behind.
     pub async fn teardown(&self, sandbox: &Sandbox) {
         if let Some(init) = &sandbox.init {
@@ -333,6 +371,12 @@ impl Host {
         {
             tracing::error!(error = %e, "removing a session cgroup failed");
         }
+        let session_net = lock_net(&sandbox.net).take();
+        if let (Some((_, net)), Some(session_net)) = (&self.isolation, session_net)
+            && let Err(e) = net.detach(session_net).await
+        {
+            tracing::error!(error = %e, "removing a session's network failed");
+        }
         if let Some(disk) = &sandbox.disk
             && let Err(e) = disk.remove().await
         {
@@ -341,21 +385,18 @@ impl Host {
         if let Err(e) = sandbox.user.remove().await {
             tracing::error!(error = %e, "removing a session user failed");
         }
-        if let Some((_, net)) = &self.isolation
-            && !sandbox.user.shared_dev_user
-            && let Err(e) = net.remove_user(sandbox.user.uid).await
-        {
-            tracing::error!(error = %e, "removing a session's network rules failed");
-        }
+    }
+
+    /// The node's session networking; None in development mode.
+    pub fn network(&self) -> Option<&HostNet> {
+        self.isolation.as_ref().map(|(_, net)| net)
     }
 
     /// Removes the node-wide parts (after every sandbox was torn down).
     pub async fn stop(&self) {
         if let Some((cgroups, net)) = &self.isolation {
             cgroups.remove();
-            if let Err(e) = net.remove().await {
-                tracing::error!(error = %e, "removing the nftables table failed");
-            }
+            net.stop().await;
         }
     }
 }

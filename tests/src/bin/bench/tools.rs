@@ -318,6 +318,7 @@ pub async fn node_ssh_direct(
                 cgroup: None,
                 disk: None,
                 init: Some(init),
+                net: std::sync::Mutex::new(None),
             },
             sftp_server: PathBuf::from("/usr/lib/openssh/sftp-server"),
             backlog: Arc::default(),

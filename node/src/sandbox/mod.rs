@@ -151,7 +151,7 @@ async fn create_user(
     let mut tries = 0;
     loop {
         match SessionUser::create(homes, create_home, uids.next().await?).await {
-            Err(user::UserError::UidTaken(uid)) if tries < 5 => {
+            Err(user::UserError::UidTaken(uid)) if tries < 20 => {
                 tracing::info!(uid, "uid taken meanwhile, trying the next");
                 tries += 1;
             }

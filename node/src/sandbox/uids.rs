@@ -37,9 +37,10 @@ pub struct Uids {
 }
 
 impl Uids {
-    /// Loads the cursor saved at `path`. A node without one starts at the
-    /// bottom of `range`; a corrupt one (not a number) starts at a random point,
-    /// since the bottom may be where the uids of the last clients are.
+    /// Loads the cursor saved at `path`. A node without one, or with a corrupt
+    /// one, starts at a random point: the bottom may be where the uids of the
+    /// last clients are, and nodes sharing a machine (and a range) that all
+    /// started at the bottom would race each other for every uid.
     pub async fn open(path: PathBuf, range: IdRange) -> Self {
         let next = match tokio::fs::read_to_string(&path).await {
             Ok(text) => match text.trim().parse::<u32>() {
@@ -58,7 +59,7 @@ impl Uids {
                     n
                 }
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => range.0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => random_in(range),
             Err(e) => {
                 let n = random_in(range);
                 tracing::warn!(path = %path.display(), error = %e, start = n, "unreadable uid cursor: starting at a random uid");
@@ -229,6 +230,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("uid-cursor");
         let range = (4_000_000_000, 4_000_000_009);
+        std::fs::write(&path, "4000000000").unwrap();
         let uids = Uids::open(path.clone(), range).await;
         assert_eq!(uids.next().await.unwrap(), 4_000_000_000);
         assert_eq!(uids.next().await.unwrap(), 4_000_000_001);

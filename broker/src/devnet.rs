@@ -19,6 +19,8 @@ pub async fn run(
     api_listen: SocketAddr,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    // The node's session users pass through this directory to their homes.
+    jusy_node::state::create_traversable(&data_dir)?;
     let store = Store::open(&data_dir.join("broker"))?;
     let cfg = Config {
         data_dir: data_dir.join("broker"),

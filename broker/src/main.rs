@@ -211,6 +211,7 @@ fn open(dir: &Path) -> anyhow::Result<(Store, Ledger)> {
 }
 
 fn main() -> anyhow::Result<()> {
+    jusy_node::state::private_umask();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -257,6 +257,31 @@ impl Node {
         Self::start_at(scene, name, &Site::local(), broker, extra)
     }
 
+    /// Like [`Node::start`], earning for the owner whose hash is `owner`
+    /// (given as a node owner is told to: in the environment).
+    pub fn start_owned(
+        scene: &Scene,
+        name: &str,
+        broker: &Broker,
+        owner: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let site = Site::local();
+        let dir = scene.subdir(name)?;
+        let mut node = Self::spawn_in(
+            scene,
+            name,
+            &site,
+            dir,
+            broker,
+            broker.relay,
+            Some(owner),
+            extra,
+        )?;
+        node.wait_registered()?;
+        Ok(node)
+    }
+
     /// Like [`Node::start`] with the node's data directory at `data_dir`.
     pub fn start_in(
         scene: &Scene,
@@ -272,6 +297,7 @@ impl Node {
             data_dir,
             broker,
             broker.relay,
+            None,
             extra,
         )?;
         node.wait_registered()?;
@@ -337,10 +363,21 @@ impl Node {
         relay: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        Self::spawn_in(scene, name, site, scene.subdir(name)?, broker, relay, extra)
+        Self::spawn_in(
+            scene,
+            name,
+            site,
+            scene.subdir(name)?,
+            broker,
+            relay,
+            None,
+            extra,
+        )
     }
 
-    /// Like [`Node::spawn_via`] with the node's data directory at `data_dir`.
+    /// Like [`Node::spawn_via`] with the node's data directory at `data_dir`,
+    /// and the owner hash, if any, in `JUSY_OWNER`.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_in(
         scene: &Scene,
         name: &str,
@@ -348,6 +385,7 @@ impl Node {
         data_dir: PathBuf,
         broker: &Broker,
         relay: SocketAddr,
+        owner: Option<&str>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let mut cmd = site.command(bin("jusy-node")?);
@@ -358,6 +396,9 @@ impl Node {
             .arg(&data_dir)
             .args(extra)
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
+        if let Some(owner) = owner {
+            cmd.env("JUSY_OWNER", owner);
+        }
         let proc = Proc::start(scene, name, cmd)?;
         Ok(Self {
             proc,

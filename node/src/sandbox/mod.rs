@@ -12,6 +12,7 @@ pub mod cgroupfs;
 pub mod disk;
 pub mod netfilter;
 pub mod process;
+pub mod space;
 pub mod user;
 
 use std::path::PathBuf;
@@ -121,7 +122,11 @@ impl Host {
                 "removed sessions left by an earlier run"
             );
         }
-        tokio::fs::create_dir_all(&images)
+        // Images hold the sessions' files: only the node may list or read them.
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::state::DIR)
+            .create(&images)
             .await
             .map_err(|source| disk::DiskError::Io {
                 path: images.clone(),
@@ -149,6 +154,13 @@ impl Host {
             ids: user::DEFAULT_IDS,
             isolation: None,
         }
+    }
+
+    /// Room on the data file system for more session disks, keeping `reserve`
+    /// bytes free; `None` when sessions have no disk of their own.
+    pub fn disk_room(&self, reserve: u64) -> Option<Result<space::Room, space::SpaceError>> {
+        (self.isolation.is_some() && self.limits.disk > 0)
+            .then(|| space::measure(&self.images, self.limits.disk, reserve))
     }
 
     /// Prepares one session's sandbox; on failure removes what was made.

@@ -134,7 +134,8 @@ pub fn repair_logged(tree: Tree<'_>) -> Result<usize, RepairError> {
         tracing::info!(
             paths = repaired,
             dir = %tree.root.display(),
-            "repaired permissions: files are now 0600 and directories 0700"
+            "repaired permissions that let others in: files are now 0600, directories 0700 \
+             (0711 where sessions pass through to their homes)"
         );
     }
     Ok(repaired)

@@ -395,6 +395,14 @@ impl Node {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(extra)
+            // Every session disk counts at its full size against the free
+            // space (5 GiB by default): tests that do not size their disks
+            // get 1 GiB ones, so parallel tests fit on a build machine.
+            .args(if extra.contains(&"--disk-mib") {
+                &[][..]
+            } else {
+                &["--disk-mib", "1024"][..]
+            })
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
         if let Some(owner) = owner {
             cmd.env("JUSY_OWNER", owner);

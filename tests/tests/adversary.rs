@@ -13,7 +13,13 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
+// A test target's root resolves `mod x;` beside itself (tests/tests/x.rs):
+// the rooms live in tests/tests/adversary/.
+#[path = "adversary/isolation.rs"]
 mod isolation;
+#[path = "adversary/network.rs"]
 mod network;
+#[path = "adversary/state.rs"]
 mod state;
+#[path = "adversary/syscalls.rs"]
 mod syscalls;

@@ -266,15 +266,27 @@ impl Node {
         owner: &str,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_owned_in(scene, name, scene.subdir(name)?, broker, owner, extra)
+    }
+
+    /// Like [`Node::start_owned`] with the node's data directory at `data_dir`.
+    pub fn start_owned_in(
+        scene: &Scene,
+        name: &str,
+        data_dir: PathBuf,
+        broker: &Broker,
+        owner: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let site = Site::local();
-        let dir = scene.subdir(name)?;
+        let relay = broker.relay;
         let mut node = Self::spawn_in(
             scene,
             name,
             &site,
-            dir,
+            data_dir,
             broker,
-            broker.relay,
+            relay,
             Some(owner),
             extra,
         )?;

@@ -446,11 +446,12 @@ fn owners_are_paid_what_receipts_prove() {
         // The killed node's restart sweeps what it left behind.
         let (data_dir, node_id) = (node.data_dir.clone(), node.node_id.clone());
         drop(node);
-        let node = Node::start_in(
+        let node = Node::start_owned_in(
             scene,
             "node-2-restarted",
             data_dir.clone(),
             &broker,
+            &owner,
             &node_args,
         )?;
         // The session it dropped counts against it: rated down from a new

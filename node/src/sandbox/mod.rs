@@ -181,7 +181,11 @@ impl Host {
             disk: None,
         };
         let made = async {
-            sandbox.cgroup = Some(cgroups.create(&sandbox.user.name, self.limits.cgroup)?);
+            // Kept at once, so that a failure below still removes it.
+            let cgroup = sandbox
+                .cgroup
+                .insert(cgroups.create(&sandbox.user.name, self.limits.cgroup)?);
+            cgroup.readable_by(sandbox.user.gid)?;
             if with_disk {
                 let u = &sandbox.user;
                 let image = self.images.join(format!("{}.img", u.name));

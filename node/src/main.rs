@@ -99,10 +99,12 @@ fn main() -> anyhow::Result<()> {
         cfg.broker_key = v;
     }
     cfg.relays.extend(cli.relay);
-    cfg.take_owner(
-        cli.owner_file.as_deref(),
-        std::env::var_os(config::OWNER_ENV),
-    )?;
+    let owner_env = std::env::var_os(config::OWNER_ENV);
+    // SAFETY: no other thread exists yet (the runtime is built below), so
+    // nothing reads the environment meanwhile. Removed so that no program the
+    // node starts (helpers, a session's init) inherits the hash.
+    unsafe { std::env::remove_var(config::OWNER_ENV) };
+    cfg.take_owner(cli.owner_file.as_deref(), owner_env)?;
     if let Some(v) = cli.data_dir {
         cfg.data_dir = v;
     }

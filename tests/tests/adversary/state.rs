@@ -274,6 +274,7 @@ fn the_owner_hash_never_appears_on_a_command_line() {
         // in a file only root reads.
         let data = scene.subdir("broker")?;
         let owner = Broker::add_account(scene, &data, "owner", 0)?;
+        let client = Broker::add_client(scene, &data)?;
         let broker = Broker::start(scene, "broker", data, 0)?;
         let args = ["--ready-slots", "1", "--disk-mib", "64"];
         let by_env = Node::start_owned(scene, "node-env", &broker, &owner, &args)?;
@@ -308,6 +309,24 @@ fn the_owner_hash_never_appears_on_a_command_line() {
             std::thread::sleep(Duration::from_millis(100));
         }
 
+        // A session on each node (one slot each) finds it neither in its environment nor in
+        // any process's it can see.
+        broker.wait_capacity(scene, 2)?;
+        for _ in [&by_env, &by_file] {
+            let login = order(scene, &broker, &client)?;
+            let look = "env; cat /proc/*/environ /proc/*/cmdline 2>/dev/null | tr '\\0' '\\n'";
+            let out = login.ssh(scene, look, None)?;
+            let said = out.text();
+            assert!(
+                said.contains("HOME="),
+                "the session read its environment: {said}"
+            );
+            assert!(
+                !said.contains(&owner),
+                "a session sees the owner hash: {said}"
+            );
+        }
+
         // No process's command line on the machine carries it.
         let mut seen = Vec::new();
         for entry in std::fs::read_dir("/proc")?.flatten() {
@@ -323,6 +342,16 @@ fn the_owner_hash_never_appears_on_a_command_line() {
                 !text.contains(&owner),
                 "pid {pid} shows the owner hash: {text}"
             );
+            // Only the node it was given to holds it in its environment: the
+            // programs the nodes start do not inherit it.
+            if pid != by_env.proc.pid() {
+                let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+                let environ = String::from_utf8_lossy(&environ);
+                assert!(
+                    !environ.contains(&owner),
+                    "pid {pid} inherited the owner hash: {text}"
+                );
+            }
             seen.push(pid);
         }
         for node in [&by_env, &by_file] {

@@ -104,7 +104,21 @@ fn main() -> anyhow::Result<()> {
     // nothing reads the environment meanwhile. Removed so that no program the
     // node starts (helpers, a session's init) inherits the hash.
     unsafe { std::env::remove_var(config::OWNER_ENV) };
+    let config_holds_owner = cfg.owner.is_some();
     cfg.take_owner(cli.owner_file.as_deref(), owner_env)?;
+    let secret_files = cli
+        .owner_file
+        .iter()
+        .chain(cli.config.as_ref().filter(|_| config_holds_owner));
+    for path in secret_files {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(path).is_ok_and(|m| m.mode() & 0o077 != 0) {
+            tracing::warn!(
+                path = %path.display(),
+                "this file holds the owner hash and others may read it: chmod 600 it"
+            );
+        }
+    }
     if let Some(v) = cli.data_dir {
         cfg.data_dir = v;
     }

@@ -409,11 +409,12 @@ impl Node {
             .args(extra)
             // Every session disk counts at its full size against the free
             // space (5 GiB by default): tests that do not size their disks
-            // get 1 GiB ones, so parallel tests fit on a build machine.
+            // get 512 MiB ones (more than any test writes), so parallel
+            // tests fit on a build machine.
             .args(if extra.contains(&"--disk-mib") {
                 &[][..]
             } else {
-                &["--disk-mib", "1024"][..]
+                &["--disk-mib", "512"][..]
             })
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
         if let Some(owner) = owner {

@@ -19,6 +19,8 @@ pub async fn run(
     api_listen: SocketAddr,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    // The node's session users pass through this directory to their homes.
+    jusy_node::state::create_traversable(&data_dir)?;
     let store = Store::open(&data_dir.join("broker"))?;
     let cfg = Config {
         data_dir: data_dir.join("broker"),
@@ -41,6 +43,10 @@ pub async fn run(
         broker_key: broker.key.to_string(),
         data_dir: data_dir.join("node"),
         ready_slots: Some(2),
+        // Session disks count at their full size against the free space: a
+        // demo's 1 GiB ones fit on a development machine where 5 GiB ones
+        // (the default) might leave no slot at all.
+        disk_mib: 1024,
         owner: Some(owner),
         ..Default::default()
     };

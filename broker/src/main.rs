@@ -213,6 +213,7 @@ fn open(dir: &Path) -> anyhow::Result<(Store, Ledger)> {
 fn main() -> anyhow::Result<()> {
     // The devnet's node starts its sessions' inits from this binary.
     jusy_node::sandbox::init::run_if_asked();
+    jusy_node::state::private_umask();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

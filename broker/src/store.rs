@@ -7,7 +7,7 @@
 //! hash and cannot even be searched for one.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
@@ -31,6 +31,13 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("repairing the data directory's permissions: {0}")]
+    Repair(#[from] jusy_node::state::RepairError),
 }
 
 /// Which kind of account a secret hash opens.
@@ -126,11 +133,23 @@ fn open_db(path: &Path) -> sled::Result<sled::Db> {
 }
 
 impl Store {
+    /// Opens (or creates) the database in `dir`. Everything in `dir` is the
+    /// broker's alone: directories 0700, files 0600, repaired when found
+    /// looser (the process's umask keeps what sled creates so).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::DigestKey {
-            path: dir.to_owned(),
-            source,
+        jusy_node::state::repair_logged(jusy_node::state::Tree {
+            root: dir,
+            traverse: &[],
+            opaque: &[],
         })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(jusy_node::state::DIR)
+            .create(dir)
+            .map_err(|source| StoreError::DataDir {
+                path: dir.to_owned(),
+                source,
+            })?;
         let digest_key = load_or_create_key(&dir.join("digest.key"))?;
         let path = dir.join("db");
         let db = open_db(&path).map_err(|source| StoreError::Open {

@@ -23,7 +23,10 @@ pub struct Config {
     /// Default none.
     pub relays: Vec<String>,
     /// The owner hash whose account earns for this node's sessions. Default: none
-    /// (the node works but earns nothing).
+    /// (the node works but earns nothing). Also read from the file named by
+    /// `--owner-file` or the environment variable `JUSY_OWNER` (they win, in
+    /// that order), never from the command line, which every process on the
+    /// machine can read.
     pub owner: Option<String>,
     /// Where the node keeps its keys and session homes. Default `/var/lib/jusy-node`.
     pub data_dir: PathBuf,
@@ -57,6 +60,12 @@ pub struct Config {
     /// Size of a session's home disk image in MiB; 0 keeps homes on the node's
     /// own disk without a limit. Default 5120.
     pub disk_mib: u64,
+    /// Space in MiB kept free on the data directory's file system. Images are
+    /// sparse but may each grow to `disk_mib`: a slot is prepared only while
+    /// every image at its full size, the new one included, leaves this much
+    /// free; otherwise fewer slots are kept ready (logged as a warning, and a
+    /// `disk_short` event line). Default 1024.
+    pub disk_reserve_mib: u64,
     /// Let sessions reach private, link-local and loopback addresses (still TCP
     /// port 22 only). Default false: the owner's LAN and the node's own services
     /// are out of reach.
@@ -102,6 +111,7 @@ impl Default for Config {
             max_channels: 10,
             max_session_channels: 32,
             disk_mib: 5120,
+            disk_reserve_mib: 1024,
             net_allow_private: false,
             net_allow: Vec::new(),
             session_net_v4: Cidr {
@@ -135,7 +145,12 @@ pub enum ConfigError {
     },
     #[error("quic_max_mtu {0} is outside 1200 to 6500")]
     QuicMtu(u16),
+    #[error("the owner hash from {from} is not 64 hex characters")]
+    Owner { from: String },
 }
+
+/// The environment variable that may hold the owner hash.
+pub const OWNER_ENV: &str = "JUSY_OWNER";
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -156,6 +171,37 @@ impl Config {
             return Err(ConfigError::QuicMtu(self.quic_max_mtu));
         }
         Ok(())
+    }
+
+    /// Takes the owner hash from the file `file` names, else from `env` (the
+    /// value of [`OWNER_ENV`]), else keeps the config's, and checks it.
+    pub fn take_owner(
+        &mut self,
+        file: Option<&Path>,
+        env: Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
+        let from = if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            self.owner = Some(text.trim().to_owned());
+            path.display().to_string()
+        } else if let Some(value) = env {
+            let value = value.into_string().map_err(|_| ConfigError::Owner {
+                from: OWNER_ENV.into(),
+            })?;
+            self.owner = Some(value.trim().to_owned());
+            OWNER_ENV.into()
+        } else {
+            "the config file".into()
+        };
+        match &self.owner {
+            Some(hash) if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Err(ConfigError::Owner { from })
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn ready_slots(&self) -> usize {
@@ -225,6 +271,7 @@ mod tests {
         assert_eq!(cfg.memory_mib, 2048);
         assert_eq!(cfg.max_processes, 50);
         assert_eq!(cfg.disk_mib, 5120);
+        assert_eq!(cfg.disk_reserve_mib, 1024);
         assert!(!cfg.net_allow_private);
         assert_eq!(cfg.quic_max_mtu, 6500);
         assert_eq!(cfg.session_net_v4.to_string(), "172.30.0.0/16");
@@ -237,6 +284,30 @@ mod tests {
             let cfg: Config = toml::from_str(&format!("quic_max_mtu = {mtu}")).expect("parses");
             assert_eq!(cfg.validate().is_ok(), ok, "{mtu}");
         }
+    }
+
+    #[test]
+    fn owner_comes_from_a_file_the_environment_or_the_config() {
+        let hash = |c: char| c.to_string().repeat(64);
+        let dir = std::env::temp_dir().join(format!("jusy-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("owner");
+        std::fs::write(&file, format!("{}\n", hash('a'))).expect("owner file");
+        let mut cfg: Config = toml::from_str(&format!("owner = \"{}\"", hash('c'))).expect("toml");
+        cfg.take_owner(None, None).expect("config's own");
+        assert_eq!(cfg.owner, Some(hash('c')));
+        cfg.take_owner(None, Some(hash('b').into())).expect("env");
+        assert_eq!(cfg.owner, Some(hash('b')));
+        cfg.take_owner(Some(&file), Some(hash('b').into()))
+            .expect("file");
+        assert_eq!(cfg.owner, Some(hash('a')), "the file wins, trimmed");
+        let err = cfg.take_owner(None, Some("not-a-hash".into()));
+        assert!(matches!(err, Err(ConfigError::Owner { from }) if from == OWNER_ENV));
+        let mut none = Config::default();
+        none.take_owner(None, None).expect("no owner is allowed");
+        assert_eq!(none.owner, None);
+        assert!(none.take_owner(Some(&dir.join("missing")), None).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! * [`receipts`] — signing each session's usage receipts.
 //! * [`sandbox`] — what isolates a session: user, cgroup, disk, network rules,
 //!   and how its processes are started.
+//! * [`state`] — private modes for what the node and the broker keep on disk.
 
 pub mod config;
 pub mod keys;
@@ -20,6 +21,7 @@ pub mod relays;
 pub mod sandbox;
 pub mod sessions;
 pub mod ssh;
+pub mod state;
 pub mod uplink;
 
 use std::path::PathBuf;
@@ -51,6 +53,8 @@ pub enum NodeError {
     HostKey(String),
     #[error("relay {0:?}: {1}")]
     Relay(String, jusy_common::wire::BadRelayAddr),
+    #[error("repairing the data directory's permissions: {0}")]
+    Repair(#[from] state::RepairError),
 }
 
 /// Prints one machine-readable event line on stdout (`{"event": …}`), so that
@@ -254,16 +258,23 @@ pub async fn run(
         tracing::warn!("==================================================================");
     }
     let homes = cfg.data_dir.join("homes");
-    // Keys inside are 0600; session users must be able to traverse to their own
-    // home (itself 0700), so the directories above it are 0711.
+    // Keys, disk images and everything else inside are the node's alone
+    // (0600, 0700). Session users must still reach their own home (itself
+    // 0700, or a mounted disk), so the two directories above it are 0711:
+    // passing through, but no listing of the other sessions' names.
+    state::repair_logged(state::Tree {
+        root: &cfg.data_dir,
+        traverse: &[&cfg.data_dir, &homes],
+        opaque: &[&homes],
+    })?;
     for dir in [&cfg.data_dir, &homes] {
         let io = |source| NodeError::DataDir {
             path: dir.clone(),
             source,
         };
-        tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        state::create_traversable(dir).map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
-        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(state::TRAVERSE))
             .await
             .map_err(io)?;
     }
@@ -292,12 +303,16 @@ pub async fn run(
         .map_err(|e| NodeError::HostKey(e.to_string()))?;
     tracing::info!(%node_id, "node identity");
     if cfg.owner.is_none() {
-        tracing::warn!("no owner hash configured (--owner): this node's sessions earn nothing");
+        tracing::warn!(
+            "no owner hash configured (owner in the config, --owner-file or JUSY_OWNER): \
+             this node's sessions earn nothing"
+        );
     }
 
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let settings = Settings {
         ready_slots: cfg.ready_slots(),
+        disk_reserve: cfg.disk_reserve_mib.saturating_mul(1 << 20),
         grace: Duration::from_secs(cfg.grace_secs),
         wall: Duration::from_secs(cfg.wall_secs),
         cpu_budget: Duration::from_secs(cfg.cpu_budget_secs),

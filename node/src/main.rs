@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use jusy_common::identity::PeerId;
-use jusy_node::config::Config;
+use jusy_node::config::{self, Config};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +24,12 @@ struct Cli {
     /// `host:port=<broker key>`; repeatable.
     #[arg(long = "relay", value_name = "ADDR=KEY")]
     relay: Vec<String>,
-    /// Owner hash that earns for this node's sessions.
-    #[arg(long)]
+    /// File holding the owner hash that earns for this node's sessions (or
+    /// `owner` in the config, or the JUSY_OWNER environment variable).
+    #[arg(long, value_name = "PATH")]
+    owner_file: Option<PathBuf>,
+    /// Refused: every process on the machine can read a command line.
+    #[arg(long, hide = true)]
     owner: Option<String>,
     /// Data directory for keys and session homes.
     #[arg(long)]
@@ -60,6 +64,9 @@ struct Cli {
     /// Size of a session's home disk in MiB (0: no separate disk).
     #[arg(long)]
     disk_mib: Option<u64>,
+    /// Space in MiB kept free on the data directory's file system.
+    #[arg(long)]
+    disk_reserve_mib: Option<u64>,
     /// Let sessions reach private, link-local and loopback addresses (port 22 only).
     #[arg(long)]
     net_allow_private: bool,
@@ -77,7 +84,15 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     jusy_node::sandbox::init::run_if_asked();
+    jusy_node::state::private_umask();
     let cli = Cli::parse();
+    anyhow::ensure!(
+        cli.owner.is_none(),
+        "--owner is refused: the owner hash is a secret, and every process on this machine \
+         (sessions included) can read a command line. Put it in the config file \
+         (owner = \"…\"), in a file named by --owner-file, or in the environment variable {}",
+        config::OWNER_ENV
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -97,8 +112,25 @@ fn main() -> anyhow::Result<()> {
         cfg.broker_key = v;
     }
     cfg.relays.extend(cli.relay);
-    if let Some(v) = cli.owner {
-        cfg.owner = Some(v);
+    let owner_env = std::env::var_os(config::OWNER_ENV);
+    // SAFETY: no other thread exists yet (the runtime is built below), so
+    // nothing reads the environment meanwhile. Removed so that no program the
+    // node starts (helpers, a session's init) inherits the hash.
+    unsafe { std::env::remove_var(config::OWNER_ENV) };
+    let config_holds_owner = cfg.owner.is_some();
+    cfg.take_owner(cli.owner_file.as_deref(), owner_env)?;
+    let secret_files = cli
+        .owner_file
+        .iter()
+        .chain(cli.config.as_ref().filter(|_| config_holds_owner));
+    for path in secret_files {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(path).is_ok_and(|m| m.mode() & 0o077 != 0) {
+            tracing::warn!(
+                path = %path.display(),
+                "this file holds the owner hash and others may read it: chmod 600 it"
+            );
+        }
     }
     if let Some(v) = cli.data_dir {
         cfg.data_dir = v;
@@ -132,6 +164,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.disk_mib {
         cfg.disk_mib = v;
+    }
+    if let Some(v) = cli.disk_reserve_mib {
+        cfg.disk_reserve_mib = v;
     }
     cfg.net_allow_private |= cli.net_allow_private;
     cfg.net_allow.extend(cli.net_allow);

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::receipts::Receipts;
+use crate::sandbox::space::Room;
 use crate::sandbox::{Host, Sandbox};
 use crate::ssh::channel::{ChannelCaps, ChannelCtx};
 use crate::ssh::{self, Access};
@@ -30,10 +31,16 @@ use crate::ssh::{self, Access};
 /// and the CPU budget are noticed within this time.
 const SAMPLE: Duration = Duration::from_millis(200);
 
+/// How often a data file system too full for every slot is measured again.
+const DISK_RECHECK: Duration = Duration::from_secs(10);
+
 /// Settings the session manager needs.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub ready_slots: usize,
+    /// Bytes kept free on the data file system beyond every session disk at
+    /// its full size.
+    pub disk_reserve: u64,
     pub grace: Duration,
     pub wall: Duration,
     pub cpu_budget: Duration,
@@ -114,40 +121,78 @@ impl Sessions {
         slots
     }
 
-    /// Keeps the configured number of slots prepared until shutdown.
+    /// Keeps the configured number of slots prepared until shutdown, or as
+    /// many as the data file system has room for.
     pub async fn keep_slots_ready(self: Arc<Self>) {
+        let wanted = self.settings.ready_slots;
+        // What the disk allowed when last said: all that was asked, until
+        // measured otherwise.
+        let mut allowed = wanted;
         loop {
-            while lock(&self.ready).len() < self.settings.ready_slots
-                && !self.shutdown.is_cancelled()
-            {
-                match self.host.prepare().await {
-                    Ok(sandbox) => {
-                        let name = sandbox.user.name.clone();
-                        let slot_id = self.next_slot.fetch_add(1, Ordering::Relaxed);
-                        let slot = Slot {
-                            slot_id,
-                            username: name.clone(),
-                        };
-                        tracing::info!(slot_id, user = %name, "slot ready");
-                        crate::announce(
-                            "slot_ready",
-                            serde_json::json!({"slot_id": slot_id, "user": name}),
-                        );
-                        lock(&self.ready).insert(slot_id, sandbox);
-                        let _ = self.events.send(NodeMsg::SlotsReady { slots: vec![slot] });
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot prepare a session slot; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                            _ = self.shutdown.cancelled() => {}
-                        }
-                    }
+            while !self.shutdown.is_cancelled() {
+                let ready = lock(&self.ready).len();
+                let (now, room) = self.slots_disk_allows(ready);
+                if now != allowed {
+                    say_disk_room(now, wanted, room);
+                    allowed = now;
                 }
+                if ready >= allowed {
+                    break;
+                }
+                self.prepare_slot().await;
             }
+            // Sessions ending free their disks and wake this loop; other
+            // programs on the file system do not, so a short disk is measured
+            // again now and then.
             tokio::select! {
                 _ = self.refill.notified() => {}
+                _ = tokio::time::sleep(DISK_RECHECK), if allowed < wanted => {}
                 _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// How many ready slots the data file system allows with `ready`
+    /// prepared, and what it measured. All that were asked for where
+    /// sessions have no disk of their own or the file system cannot be
+    /// measured (logged).
+    fn slots_disk_allows(&self, ready: usize) -> (usize, Option<Room>) {
+        let wanted = self.settings.ready_slots;
+        match self.host.disk_room(self.settings.disk_reserve) {
+            Some(Ok(room)) => (room.slots(ready, wanted), Some(room)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot measure the free space for session disks");
+                (wanted, None)
+            }
+            None => (wanted, None),
+        }
+    }
+
+    /// Prepares one slot and offers it; on failure waits a little, so a
+    /// broken machine is not hammered.
+    async fn prepare_slot(&self) {
+        match self.host.prepare().await {
+            Ok(sandbox) => {
+                let name = sandbox.user.name.clone();
+                let slot_id = self.next_slot.fetch_add(1, Ordering::Relaxed);
+                let slot = Slot {
+                    slot_id,
+                    username: name.clone(),
+                };
+                tracing::info!(slot_id, user = %name, "slot ready");
+                crate::announce(
+                    "slot_ready",
+                    serde_json::json!({"slot_id": slot_id, "user": name}),
+                );
+                lock(&self.ready).insert(slot_id, sandbox);
+                let _ = self.events.send(NodeMsg::SlotsReady { slots: vec![slot] });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot prepare a session slot; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = self.shutdown.cancelled() => {}
+                }
             }
         }
     }
@@ -275,6 +320,8 @@ impl Sessions {
         lock(&r.receipts).emit(&lock(&r.machine), Instant::now().into_std(), Some(reason));
         self.host.teardown(sandbox).await;
         lock(&self.running).remove(&r.order_id);
+        // Its disk is gone: a short data file system may have room again.
+        self.refill.notify_one();
         crate::announce(
             "session_ended",
             serde_json::json!({
@@ -394,4 +441,40 @@ impl Drop for Connected {
         lock(&self.0.machine).handle_disconnect(Instant::now().into_std());
         self.0.wake.notify_one();
     }
+}
+
+/// Says that the disk now allows `allowed` of the `wanted` ready slots: a
+/// warning and a `disk_short` event line while it is short, one info line
+/// when it has room for all again.
+fn say_disk_room(allowed: usize, wanted: usize, room: Option<Room>) {
+    let mib = |bytes: u64| bytes >> 20;
+    let Some(room) = room.filter(|_| allowed < wanted) else {
+        tracing::info!(
+            ready_slots = wanted,
+            "the disk has room for every ready slot again"
+        );
+        return;
+    };
+    tracing::warn!(
+        slots = allowed,
+        ready_slots = wanted,
+        free_mib = mib(room.free),
+        growth_mib = mib(room.growth),
+        reserve_mib = mib(room.reserve),
+        disk_mib = mib(room.image),
+        "the data file system has room for fewer session disks than ready_slots asks: \
+         keeping fewer slots ready (free space less what existing images may still grow by \
+         and disk_reserve_mib, divided by disk_mib)"
+    );
+    crate::announce(
+        "disk_short",
+        serde_json::json!({
+            "slots": allowed,
+            "ready_slots": wanted,
+            "free_mib": mib(room.free),
+            "growth_mib": mib(room.growth),
+            "reserve_mib": mib(room.reserve),
+            "disk_mib": mib(room.image),
+        }),
+    );
 }

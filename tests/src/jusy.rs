@@ -257,6 +257,43 @@ impl Node {
         Self::start_at(scene, name, &Site::local(), broker, extra)
     }
 
+    /// Like [`Node::start`], earning for the owner whose hash is `owner`
+    /// (given as a node owner is told to: in the environment).
+    pub fn start_owned(
+        scene: &Scene,
+        name: &str,
+        broker: &Broker,
+        owner: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_owned_in(scene, name, scene.subdir(name)?, broker, owner, extra)
+    }
+
+    /// Like [`Node::start_owned`] with the node's data directory at `data_dir`.
+    pub fn start_owned_in(
+        scene: &Scene,
+        name: &str,
+        data_dir: PathBuf,
+        broker: &Broker,
+        owner: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let site = Site::local();
+        let relay = broker.relay;
+        let mut node = Self::spawn_in(
+            scene,
+            name,
+            &site,
+            data_dir,
+            broker,
+            relay,
+            Some(owner),
+            extra,
+        )?;
+        node.wait_registered()?;
+        Ok(node)
+    }
+
     /// Like [`Node::start`] with the node's data directory at `data_dir`.
     pub fn start_in(
         scene: &Scene,
@@ -272,6 +309,7 @@ impl Node {
             data_dir,
             broker,
             broker.relay,
+            None,
             extra,
         )?;
         node.wait_registered()?;
@@ -337,10 +375,21 @@ impl Node {
         relay: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        Self::spawn_in(scene, name, site, scene.subdir(name)?, broker, relay, extra)
+        Self::spawn_in(
+            scene,
+            name,
+            site,
+            scene.subdir(name)?,
+            broker,
+            relay,
+            None,
+            extra,
+        )
     }
 
-    /// Like [`Node::spawn_via`] with the node's data directory at `data_dir`.
+    /// Like [`Node::spawn_via`] with the node's data directory at `data_dir`,
+    /// and the owner hash, if any, in `JUSY_OWNER`.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_in(
         scene: &Scene,
         name: &str,
@@ -348,6 +397,7 @@ impl Node {
         data_dir: PathBuf,
         broker: &Broker,
         relay: SocketAddr,
+        owner: Option<&str>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let mut cmd = site.command(bin("jusy-node")?);
@@ -357,7 +407,19 @@ impl Node {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(extra)
+            // Every session disk counts at its full size against the free
+            // space (5 GiB by default): tests that do not size their disks
+            // get 512 MiB ones (more than any test writes), so parallel
+            // tests fit on a build machine.
+            .args(if extra.contains(&"--disk-mib") {
+                &[][..]
+            } else {
+                &["--disk-mib", "512"][..]
+            })
             .env("RUST_LOG", "info,jusy_node=debug,quinn=warn");
+        if let Some(owner) = owner {
+            cmd.env("JUSY_OWNER", owner);
+        }
         let proc = Proc::start(scene, name, cmd)?;
         Ok(Self {
             proc,

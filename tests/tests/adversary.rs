@@ -13,8 +13,8 @@
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
-// A test crate's root resolves `mod x;` next to itself: the rooms live in
-// adversary/.
+// A test target's root resolves `mod x;` beside itself (tests/tests/x.rs):
+// the rooms live in tests/tests/adversary/.
 #[path = "adversary/isolation.rs"]
 mod isolation;
 #[path = "adversary/network.rs"]

@@ -75,11 +75,12 @@ fn orders_are_charged_refunded_and_paid_for() {
         let owner = Broker::add_account(scene, &data, "owner", 0)?;
         let client = Broker::add_account(scene, &data, "client", 2 * PRICE)?;
         let broker = Broker::start_with(scene, "broker", data, 0, &["--operator-token", TOKEN])?;
-        let mut node = Node::start(
+        let mut node = Node::start_owned(
             scene,
             "node",
             &broker,
-            &["--owner", &owner, "--ready-slots", "2", "--grace-secs", "1"],
+            &owner,
+            &["--ready-slots", "2", "--grace-secs", "1"],
         )?;
         broker.wait_capacity(scene, 2)?;
 
@@ -229,11 +230,12 @@ fn broker_killed_at_random_moments_loses_no_money() {
         let flags = ["--rate-limit-per-sec", "1000", "--rate-limit-burst", "1000"];
         let mut broker = Broker::start_with(scene, "broker-0", data.clone(), 0, &flags)?;
         let relay_port = broker.relay.port();
-        let _node = Node::start(
+        let _node = Node::start_owned(
             scene,
             "node",
             &broker,
-            &["--owner", &owner, "--ready-slots", "3", "--grace-secs", "1"],
+            &owner,
+            &["--ready-slots", "3", "--grace-secs", "1"],
         )?;
         let api = Arc::new(Mutex::new(broker.api));
         let delivered = Mutex::new(HashSet::new());
@@ -358,11 +360,12 @@ fn owners_are_paid_what_receipts_prove() {
         let client = Broker::add_account(scene, &data, "client", 2 * HOUR_PRICE)?;
         let price = HOUR_PRICE.to_string();
         let broker = Broker::start_with(scene, "broker", data, 0, &["--price-sat", &price])?;
-        let node_args = ["--owner", &owner, "--ready-slots", "1", "--grace-secs", "1"];
-        let mut node = Node::start(
+        let node_args = ["--ready-slots", "1", "--grace-secs", "1"];
+        let mut node = Node::start_owned(
             scene,
             "node",
             &broker,
+            &owner,
             &[
                 &node_args[..],
                 &["--receipt-secs", "1", "--cpu-budget-secs", "2"],
@@ -443,11 +446,12 @@ fn owners_are_paid_what_receipts_prove() {
         // The killed node's restart sweeps what it left behind.
         let (data_dir, node_id) = (node.data_dir.clone(), node.node_id.clone());
         drop(node);
-        let node = Node::start_in(
+        let node = Node::start_owned_in(
             scene,
             "node-2-restarted",
             data_dir.clone(),
             &broker,
+            &owner,
             &node_args,
         )?;
         // The session it dropped counts against it: rated down from a new

@@ -69,11 +69,12 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
         let data = scene.subdir("broker")?;
         let owner = Broker::add_account(scene, &data, "owner", 0)?;
         let broker = Broker::start_with(scene, "broker", data, 0, &["--operator-token", TOKEN])?;
-        let mut node = Node::start(
+        let mut node = Node::start_owned(
             scene,
             "node",
             &broker,
-            &["--owner", &owner, "--ready-slots", "1", "--grace-secs", "1"],
+            &owner,
+            &["--ready-slots", "1", "--grace-secs", "1"],
         )?;
         broker.wait_capacity(scene, 1)?;
         let base = format!("http://{}", broker.api);
@@ -238,16 +239,24 @@ fn node_owner_runs_the_shown_command_and_sees_the_node_online() {
         assert!(b.try_find("#no-nodes")?.is_some());
         b.screenshot("web-owner-new")?;
 
+        // `JUSY_OWNER=<hash> jusy-node …`: the hash in the environment, never
+        // among the arguments, which every process on the node can read.
         let command = b.text("#node-command")?;
         let mut words = command.split_whitespace();
+        assert_eq!(
+            words.next(),
+            Some(format!("JUSY_OWNER={hash}").as_str()),
+            "{command}"
+        );
         assert_eq!(words.next(), Some("jusy-node"), "{command}");
         let args: Vec<&str> = words.collect();
         assert!(
-            args.contains(&hash.as_str()),
-            "the command carries the owner hash"
+            !args.iter().any(|a| a.contains(hash.as_str())),
+            "the arguments do not carry the owner hash: {command}"
         );
         let mut cmd = Command::new(bin("jusy-node")?);
-        cmd.args(&args)
+        cmd.env("JUSY_OWNER", &hash)
+            .args(&args)
             .arg("--data-dir")
             .arg(scene.subdir("node")?)
             .args(["--ready-slots", "1"])

@@ -111,9 +111,13 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
         })
         .collect();
     payouts.reverse();
+    // The hash goes in the environment, not on the command line, which every
+    // process on the node (sessions included) can read; the node refuses it there.
     let command = format!(
-        "jusy-node --broker {} --broker-key {} --owner {hash}",
-        web.relay, web.broker_key
+        "{}={hash} jusy-node --broker {} --broker-key {}",
+        jusy_node::config::OWNER_ENV,
+        web.relay,
+        web.broker_key
     );
     let page = Dashboard {
         nav: Nav::of(&session),

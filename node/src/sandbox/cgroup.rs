@@ -7,10 +7,10 @@
 //! nodes on one machine never touch each other's sessions and a restarted node
 //! can sweep exactly its own leftovers.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -204,6 +204,10 @@ impl NodeCgroups {
         let parent = top.join(&format!("jusy-{tag}"));
         for dir in parent.roots() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
+            // Sessions pass through to their own cgroup but cannot list the
+            // others (the node's umask would leave it 0700).
+            fs::set_permissions(dir, Permissions::from_mode(crate::state::TRAVERSE))
+                .map_err(io_err(dir))?;
         }
         if let (Layout::V2 { root: top_root }, Layout::V2 { root }) = (&top, &parent) {
             // Controllers must be enabled on every level above a session's cgroup.
@@ -300,6 +304,16 @@ pub struct SessionCgroup {
 }
 
 impl SessionCgroup {
+    /// Lets the members of group `gid` (the session's own) read the
+    /// cgroup's limits and counters, and no other session.
+    pub fn readable_by(&self, gid: u32) -> Result<(), CgroupError> {
+        for dir in self.dirs.roots() {
+            std::os::unix::fs::chown(dir, None, Some(gid)).map_err(io_err(dir))?;
+            fs::set_permissions(dir, Permissions::from_mode(0o750)).map_err(io_err(dir))?;
+        }
+        Ok(())
+    }
+
     fn open(dirs: Layout) -> Result<Self, CgroupError> {
         let procs = dirs
             .roots()

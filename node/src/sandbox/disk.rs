@@ -58,7 +58,14 @@ impl Disk {
             let path = path.to_owned();
             move |source| DiskError::Io { path, source }
         };
-        let file = tokio::fs::File::create(&self.image)
+        // The image holds the session's files: readable by the node only,
+        // whatever the umask (debugfs reads any file of a readable image).
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(crate::state::FILE)
+            .open(&self.image)
             .await
             .map_err(io(&self.image))?;
         // Sparse: blocks are only allocated as the session writes.

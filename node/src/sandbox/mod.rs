@@ -21,6 +21,7 @@ pub mod network;
 pub mod process;
 pub mod seccomp;
 pub mod shared_dirs;
+pub mod space;
 pub mod uids;
 pub mod user;
 mod weights;
@@ -204,7 +205,11 @@ impl Host {
                 "removed sessions left by an earlier run"
             );
         }
-        tokio::fs::create_dir_all(&images)
+        // Images hold the sessions' files: only the node may list or read them.
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::state::DIR)
+            .create(&images)
             .await
             .map_err(|source| disk::DiskError::Io {
                 path: images.clone(),
@@ -241,6 +246,13 @@ impl Host {
             uids: None,
             isolation: None,
         }
+    }
+
+    /// Room on the data file system for more session disks, keeping `reserve`
+    /// bytes free; `None` when sessions have no disk of their own.
+    pub fn disk_room(&self, reserve: u64) -> Option<Result<space::Room, space::SpaceError>> {
+        (self.isolation.is_some() && self.limits.disk > 0)
+            .then(|| space::measure(&self.images, self.limits.disk, reserve))
     }
 
     /// Prepares one session's sandbox; on failure removes what was made.
@@ -281,10 +293,14 @@ impl Host {
             net: std::sync::Mutex::new(None),
         };
         let made = async {
-            // One more process than the session's limit: its init.
+            // One more process than the session's limit: its init. Kept at
+            // once, so that a failure below still removes it.
             let mut limits = self.limits.cgroup;
             limits.pids = limits.pids.saturating_add(1);
-            sandbox.cgroup = Some(cgroups.create(&sandbox.user.name, limits)?);
+            let cgroup = sandbox
+                .cgroup
+                .insert(cgroups.create(&sandbox.user.name, limits)?);
+            cgroup.readable_by(sandbox.user.gid)?;
             if with_disk {
                 let u = &sandbox.user;
                 let image = self.images.join(format!("{}.img", u.name));

@@ -312,10 +312,17 @@ impl Host {
             // Bound over /etc/resolv.conf by the init; filled in (the same
             // file, so the bind shows it) once the network is attached.
             let resolv = sandbox.user.home.join(STATE_DIR).join("resolv.conf");
-            std::fs::write(&resolv, b"").map_err(|source| user::UserError::Home {
-                path: resolv.clone(),
-                source,
-            })?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::write(&resolv, b"")
+                    .and_then(|()| {
+                        std::fs::set_permissions(&resolv, std::fs::Permissions::from_mode(0o644))
+                    })
+                    .map_err(|source| user::UserError::Home {
+                        path: resolv.clone(),
+                        source,
+                    })?;
+            }
             let join = sandbox
                 .cgroup
                 .as_ref()

@@ -43,6 +43,9 @@ pub fn main(config: &str) -> ! {
 }
 
 fn run(cfg: &InitConfig) -> Result<(), InitError> {
+    // The node's umask (077) would make the directories the init creates for
+    // a home under a covered directory unreachable; programs get 077 again.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     // SAFETY: the node starts the init with its end of the socket pair as
     // stdin, and nothing else in this process owns fd 0.
     let sock = unsafe { OwnedFd::from_raw_fd(0) };

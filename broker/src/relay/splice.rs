@@ -2,10 +2,16 @@
 //! new bidirectional QUIC stream to the node, prefixed by the order's stream
 //! header. Bytes are copied both ways with backpressure and half-close; the relay
 //! never looks inside them (SSH runs end to end between client and node).
+//!
+//! A connection counts as the client's (for the order's money) only from when
+//! the node reports that its SSH user authenticated on its stream; before
+//! that it is capped apart, and pushed out by newer ones.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use jusy_common::wire::{OrderId, StreamHeader};
 use tokio::net::{TcpListener, TcpStream};
@@ -14,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::quic;
-use super::{NodeLink, Relay, RelayEvent};
+use super::{NodeLink, Relay, RelayEvent, lock};
 
 /// Most bytes taken from one TCP read or one QUIC chunk: enough to keep a fast
 /// stream busy.
@@ -25,13 +31,30 @@ const CHUNK: usize = 64 * 1024;
 /// acknowledges it, so blocks are not much larger than a read.
 const BLOCK: usize = 256 * 1024;
 
-/// Client connections one order port carries at once; one more is closed as
-/// soon as it is accepted. Each is a stream to the node and may leave up to
+/// Logged-in client connections one order port carries at once; one more is
+/// refused (closed as soon as it is accepted, or as soon as it logs in). Each
+/// is a stream to the node and may leave up to
 /// [`STREAM_RECEIVE_WINDOW`](super::STREAM_RECEIVE_WINDOW) of the node's
 /// output in the relay while its client does not read, so this bounds what
 /// one order may make the relay hold. One SSH connection carries any number
 /// of sessions (`ControlMaster`), and `scp`, `sftp` and `rsync` take one each.
 pub const MAX_CONNECTIONS: usize = 8;
+
+/// Client connections one order port carries at once that have not logged in
+/// (yet). They are capped apart from the logged-in ones, and when they are
+/// this many, a new connection closes the oldest of them rather than being
+/// refused: a stranger holding idle connections to the port (it is easy to
+/// find by scanning) can then never keep the client from logging in; the
+/// node closes each after its login grace time anyway. Before its login, a
+/// connection gets no more from the node than the SSH key exchange.
+pub const MAX_UNAUTHENTICATED: usize = 8;
+
+/// How long the accept loop waits after a failed accept (out of file
+/// descriptors, say) before it tries again, rather than spinning on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Most one failing accept loop logs: once per this long.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// QUIC error code for a stream given up because the client's connection
 /// failed (not a clean close).
@@ -70,6 +93,12 @@ pub async fn serve(
     closed: CancellationToken,
 ) {
     let conns = TaskTracker::new();
+    let port = Arc::new(Port {
+        relay,
+        order_id,
+        state: Mutex::default(),
+    });
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -78,33 +107,32 @@ pub async fn serve(
         let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed on order port");
-                continue;
+                failures.note(&e, order_id);
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    _ = closed.cancelled() => break,
+                }
             }
         };
-        if conns.len() >= MAX_CONNECTIONS {
-            tracing::info!(
-                %order_id, %peer, max = MAX_CONNECTIONS,
-                "client connection refused: the order has as many open as it may"
-            );
+        let Some(waiting) = port.admit(peer) else {
             drop(tcp);
             continue;
-        }
+        };
         let link = link.clone();
-        let relay = relay.clone();
         let closed = closed.clone();
         let span = tracing::info_span!("client", %order_id, %peer);
         conns.spawn(
             async move {
-                relay.event(RelayEvent::ClientConnected { order_id });
                 tokio::select! {
-                    res = splice(tcp, &link, order_id) => match res {
+                    res = splice(tcp, &link, &waiting) => match res {
                         Ok((up, down)) => tracing::debug!(up, down, "client connection closed"),
                         Err(e) => tracing::debug!(error = %e, "client connection failed"),
                     },
+                    _ = waiting.evicted.cancelled() => {
+                        tracing::info!("client connection closed without a login: newer ones came");
+                    }
                     _ = closed.cancelled() => {}
                 }
-                relay.event(RelayEvent::ClientDisconnected { order_id });
             }
             .instrument(span),
         );
@@ -114,17 +142,163 @@ pub async fn serve(
     conns.wait().await;
 }
 
-async fn splice(mut tcp: TcpStream, link: &NodeLink, order_id: OrderId) -> io::Result<(u64, u64)> {
+/// Failed accepts of one order port, logged at most once per [`ACCEPT_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, e: &io::Error, order_id: OrderId) {
+        let now = Instant::now();
+        if self
+            .logged
+            .is_some_and(|at| now.duration_since(at) < ACCEPT_LOG_EVERY)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(error = %e, %order_id, more = self.unlogged, "accept failed on order port; backing off");
+        self.logged = Some(now);
+        self.unlogged = 0;
+    }
+}
+
+/// One order port's client connections.
+#[derive(Debug)]
+struct Port {
+    relay: Arc<Relay>,
+    order_id: OrderId,
+    state: Mutex<PortState>,
+}
+
+#[derive(Debug, Default)]
+struct PortState {
+    next_id: u64,
+    /// Connections that have not logged in, oldest first, with what closes each.
+    waiting: VecDeque<(u64, CancellationToken)>,
+    logged_in: usize,
+}
+
+impl Port {
+    /// Takes a new connection in as waiting for its login, closing the oldest
+    /// waiting one if they are [`MAX_UNAUTHENTICATED`] already; `None` when
+    /// the port carries all the logged-in connections it may.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Waiting> {
+        let mut st = lock(&self.state);
+        if st.logged_in >= MAX_CONNECTIONS {
+            tracing::info!(
+                order_id = %self.order_id, %peer, max = MAX_CONNECTIONS,
+                "client connection refused: the order has as many logged in as it may"
+            );
+            return None;
+        }
+        if st.waiting.len() >= MAX_UNAUTHENTICATED
+            && let Some((_, oldest)) = st.waiting.pop_front()
+        {
+            oldest.cancel();
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let evicted = CancellationToken::new();
+        st.waiting.push_back((id, evicted.clone()));
+        Some(Waiting {
+            port: self.clone(),
+            id,
+            evicted,
+        })
+    }
+}
+
+/// A connection's place on its port; dropping it gives the place up.
+#[derive(Debug)]
+struct Waiting {
+    port: Arc<Port>,
+    id: u64,
+    /// Cancelled when newer connections push this one out before its login.
+    evicted: CancellationToken,
+}
+
+impl Waiting {
+    /// The node reported this connection's login: it now counts as the
+    /// client's, unless it was pushed out meanwhile or the port carries all
+    /// the logged-in connections it may.
+    fn log_in(&self) -> Option<Counted<'_>> {
+        let port = &self.port;
+        let mut st = lock(&port.state);
+        let at = st.waiting.iter().position(|(id, _)| *id == self.id)?;
+        st.waiting.remove(at);
+        if st.logged_in >= MAX_CONNECTIONS {
+            tracing::info!(max = MAX_CONNECTIONS, "login refused: the order has as many logged in as it may");
+            return None;
+        }
+        st.logged_in += 1;
+        drop(st);
+        port.relay.event(RelayEvent::ClientConnected {
+            order_id: port.order_id,
+        });
+        Some(Counted(port))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        lock(&self.port.state)
+            .waiting
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// One logged-in connection of a port; dropping it tells the order book.
+#[derive(Debug)]
+struct Counted<'a>(&'a Port);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let port = self.0;
+        {
+            let mut st = lock(&port.state);
+            st.logged_in = st.logged_in.saturating_sub(1);
+        }
+        port.relay.event(RelayEvent::ClientDisconnected {
+            order_id: port.order_id,
+        });
+    }
+}
+
+async fn splice(mut tcp: TcpStream, link: &NodeLink, waiting: &Waiting) -> io::Result<(u64, u64)> {
+    let order_id = waiting.port.order_id;
     tcp.set_nodelay(true)?;
     link.follow_path();
     let (mut send, mut recv) = link.conn.open_bi().await.map_err(io::Error::other)?;
+    // Registered before the node can see the stream, so its report cannot
+    // come first.
+    let mut login = link.expect_login(send.id(), order_id);
     // The header rides in the same packet as the first client bytes.
     send.write_all(&StreamHeader { order_id }.encode()).await?;
     let (mut from_client, mut to_client) = tcp.split();
-    let copied = tokio::try_join!(
-        up(&mut from_client, &mut send, &link.conn),
-        down(&mut recv, &mut to_client)
-    );
+    let copied = {
+        let copy = async {
+            tokio::try_join!(
+                up(&mut from_client, &mut send, &link.conn),
+                down(&mut recv, &mut to_client)
+            )
+        };
+        tokio::pin!(copy);
+        // Held while the connection runs: it counts from its login to its end.
+        let _counted;
+        tokio::select! {
+            res = &mut copy => res,
+            Ok(()) = &mut login.logged_in => match waiting.log_in() {
+                Some(counted) => {
+                    _counted = counted;
+                    copy.await
+                }
+                None => Err(io::Error::other("login not counted: no room, or pushed out")),
+            },
+        }
+    };
     if copied.is_err() {
         // Tell the node the stream was cut, rather than ended.
         let _ = send.reset(CLIENT_FAILED.into());

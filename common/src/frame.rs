@@ -102,7 +102,10 @@ mod tests {
         // length 15 = variant index 8 + 12 id bytes + varint 300 (0xac 0x02)
         assert_eq!(
             frame,
-            [0, 0, 0, 15, 8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0xac, 0x02].to_vec()
+            [
+                0, 0, 0, 15, 8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0xac, 0x02
+            ]
+            .to_vec()
         );
     }
 

@@ -406,43 +406,46 @@ const MAX_CONNECTIONS: usize = 8;
 
 #[test]
 fn an_order_port_carries_a_bounded_number_of_logins() {
-    e2e("an_order_port_carries_a_bounded_number_of_logins", |scene| {
-        let (broker, _node, client) = network(scene, 1)?;
-        let login = order(scene, &broker, &client)?;
-        // Master connections stay logged in, each on its own TCP connection.
-        let mut masters = Vec::new();
-        for i in 0..MAX_CONNECTIONS {
-            masters.push(Master::open(scene, &login, &format!("master-{i}"))?);
-        }
-        let out = masters[0].run(scene, "echo up")?;
-        anyhow::ensure!(out.text() == "up\n", "the masters work: {}", out.stderr);
-        let out = login.ssh(scene, "true", None)?;
-        anyhow::ensure!(
-            out.status == Some(255),
-            "one login too many got in: {:?} {}",
-            out.status,
-            out.stderr
-        );
-
-        // A login that ends makes room for another, once the relay has seen
-        // its connection close.
-        drop(masters.pop());
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = login.ssh(scene, "echo in", None)?;
-            if out.status == Some(0) {
-                assert_eq!(out.text(), "in\n");
-                break;
+    e2e(
+        "an_order_port_carries_a_bounded_number_of_logins",
+        |scene| {
+            let (broker, _node, client) = network(scene, 1)?;
+            let login = order(scene, &broker, &client)?;
+            // Master connections stay logged in, each on its own TCP connection.
+            let mut masters = Vec::new();
+            for i in 0..MAX_CONNECTIONS {
+                masters.push(Master::open(scene, &login, &format!("master-{i}"))?);
             }
+            let out = masters[0].run(scene, "echo up")?;
+            anyhow::ensure!(out.text() == "up\n", "the masters work: {}", out.stderr);
+            let out = login.ssh(scene, "true", None)?;
             anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "no room after a login ended: {}",
+                out.status == Some(255),
+                "one login too many got in: {:?} {}",
+                out.status,
                 out.stderr
             );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(())
-    })
+
+            // A login that ends makes room for another, once the relay has seen
+            // its connection close.
+            drop(masters.pop());
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let out = login.ssh(scene, "echo in", None)?;
+                if out.status == Some(0) {
+                    assert_eq!(out.text(), "in\n");
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "no room after a login ended: {}",
+                    out.stderr
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(())
+        },
+    )
 }
 
 #[test]

@@ -49,6 +49,11 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// connection gets no more from the node than the SSH key exchange.
 pub const MAX_UNAUTHENTICATED: usize = 8;
 
+/// How long a client's connection stays open after its node ended the
+/// stream, for the client to end its side cleanly (a reset instead could cut
+/// off what the client has not read yet).
+const LINGER: Duration = Duration::from_secs(5);
+
 /// How long the accept loop waits after a failed accept (out of file
 /// descriptors, say) before it tries again, rather than spinning on the error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -230,7 +235,10 @@ impl Waiting {
         let at = st.waiting.iter().position(|(id, _)| *id == self.id)?;
         st.waiting.remove(at);
         if st.logged_in >= MAX_CONNECTIONS {
-            tracing::info!(max = MAX_CONNECTIONS, "login refused: the order has as many logged in as it may");
+            tracing::info!(
+                max = MAX_CONNECTIONS,
+                "login refused: the order has as many logged in as it may"
+            );
             return None;
         }
         st.logged_in += 1;
@@ -279,12 +287,10 @@ async fn splice(mut tcp: TcpStream, link: &NodeLink, waiting: &Waiting) -> io::R
     send.write_all(&StreamHeader { order_id }.encode()).await?;
     let (mut from_client, mut to_client) = tcp.split();
     let copied = {
-        let copy = async {
-            tokio::try_join!(
-                up(&mut from_client, &mut send, &link.conn),
-                down(&mut recv, &mut to_client)
-            )
-        };
+        let copy = both_ways(
+            up(&mut from_client, &mut send, &link.conn),
+            down(&mut recv, &mut to_client),
+        );
         tokio::pin!(copy);
         // Held while the connection runs: it counts from its login to its end.
         let _counted;
@@ -306,6 +312,26 @@ async fn splice(mut tcp: TcpStream, link: &NodeLink, waiting: &Waiting) -> io::R
     }
     link.follow_path();
     copied
+}
+
+/// Copies both ways until both ends are done, or one fails. Once the node has
+/// ended its side, the SSH server is gone and reads nothing more: the client
+/// gets [`LINGER`] to end its own side, then its connection is closed. Without
+/// this, a client that sends nothing (or a stranger's idle connection the node
+/// closed after its login grace time) would hold the TCP connection forever.
+async fn both_ways(
+    up: impl std::future::Future<Output = io::Result<u64>>,
+    down: impl std::future::Future<Output = io::Result<u64>>,
+) -> io::Result<(u64, u64)> {
+    tokio::pin!(up, down);
+    tokio::select! {
+        u = &mut up => Ok((u?, down.await?)),
+        d = &mut down => {
+            let d = d?;
+            let u = tokio::time::timeout(LINGER, up).await.unwrap_or(Ok(0))?;
+            Ok((u, d))
+        }
+    }
 }
 
 /// Client → node: each read lands in a shared block and goes to QUIC as is

@@ -190,8 +190,7 @@ fn an_order_only_strangers_connect_to_is_refunded_as_never_connected() {
     e2e(
         "an_order_only_strangers_connect_to_is_refunded_as_never_connected",
         |scene| {
-            let (broker, _node, client) =
-                network(scene, &["--connect-window-secs", "20"], "1")?;
+            let (broker, _node, client) = network(scene, &["--connect-window-secs", "20"], "1")?;
             let balance = |broker: &Broker| -> anyhow::Result<u64> {
                 let (status, account) = broker.get(scene, &format!("/account/{client}"))?;
                 anyhow::ensure!(status == 200, "{account}");
@@ -207,7 +206,7 @@ fn an_order_only_strangers_connect_to_is_refunded_as_never_connected() {
 
             // Connections that reach the node but never log in: silent, then
             // sending garbage, or an SSH version and no more.
-            let mut strangers = vec![idle(&login)?, idle(&login)?, idle(&login)?];
+            let mut strangers = [idle(&login)?, idle(&login)?, idle(&login)?];
             strangers[1].write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xff\x13garbage")?;
             strangers[2].write_all(b"SSH-2.0-OpenSSH_9.6\r\n")?;
             // An ssh with a key that is not the order's, and with the order's

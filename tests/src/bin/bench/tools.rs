@@ -336,7 +336,12 @@ pub async fn node_ssh_direct(
             let _ = tcp.set_nodelay(true);
             // The bench measures the SSH server alone: its logins count for nothing.
             let (login, _) = tokio::sync::oneshot::channel();
-            tokio::spawn(jusy_node::ssh::serve(config.clone(), tcp, access.clone(), login));
+            tokio::spawn(jusy_node::ssh::serve(
+                config.clone(),
+                tcp,
+                access.clone(),
+                login,
+            ));
         }
     });
     Ok((port, host_pub))

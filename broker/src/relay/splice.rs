@@ -186,28 +186,62 @@ struct PortState {
     logged_in: usize,
 }
 
+impl PortState {
+    /// Takes a new connection in as waiting for its login (its id, and what
+    /// closes it), closing the oldest waiting one if they are
+    /// [`MAX_UNAUTHENTICATED`] already; `None` when the port carries all the
+    /// logged-in connections it may.
+    fn admit(&mut self) -> Option<(u64, CancellationToken)> {
+        if self.logged_in >= MAX_CONNECTIONS {
+            return None;
+        }
+        if self.waiting.len() >= MAX_UNAUTHENTICATED
+            && let Some((_, oldest)) = self.waiting.pop_front()
+        {
+            oldest.cancel();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let evicted = CancellationToken::new();
+        self.waiting.push_back((id, evicted.clone()));
+        Some((id, evicted))
+    }
+
+    /// Connection `id` logged in: true if it now counts, false if it was
+    /// pushed out meanwhile or the port has all the logins it may.
+    fn log_in(&mut self, id: u64) -> bool {
+        let Some(at) = self.waiting.iter().position(|(w, _)| *w == id) else {
+            return false;
+        };
+        self.waiting.remove(at);
+        if self.logged_in >= MAX_CONNECTIONS {
+            return false;
+        }
+        self.logged_in += 1;
+        true
+    }
+
+    /// Connection `id` ended before its login.
+    fn leave(&mut self, id: u64) {
+        self.waiting.retain(|(w, _)| *w != id);
+    }
+
+    /// A logged-in connection ended.
+    fn log_out(&mut self) {
+        self.logged_in = self.logged_in.saturating_sub(1);
+    }
+}
+
 impl Port {
-    /// Takes a new connection in as waiting for its login, closing the oldest
-    /// waiting one if they are [`MAX_UNAUTHENTICATED`] already; `None` when
-    /// the port carries all the logged-in connections it may.
+    /// Takes a new connection in (see [`PortState::admit`]).
     fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Waiting> {
-        let mut st = lock(&self.state);
-        if st.logged_in >= MAX_CONNECTIONS {
+        let Some((id, evicted)) = lock(&self.state).admit() else {
             tracing::info!(
                 order_id = %self.order_id, %peer, max = MAX_CONNECTIONS,
                 "client connection refused: the order has as many logged in as it may"
             );
             return None;
-        }
-        if st.waiting.len() >= MAX_UNAUTHENTICATED
-            && let Some((_, oldest)) = st.waiting.pop_front()
-        {
-            oldest.cancel();
-        }
-        let id = st.next_id;
-        st.next_id += 1;
-        let evicted = CancellationToken::new();
-        st.waiting.push_back((id, evicted.clone()));
+        };
         Some(Waiting {
             port: self.clone(),
             id,
@@ -231,18 +265,13 @@ impl Waiting {
     /// the logged-in connections it may.
     fn log_in(&self) -> Option<Counted<'_>> {
         let port = &self.port;
-        let mut st = lock(&port.state);
-        let at = st.waiting.iter().position(|(id, _)| *id == self.id)?;
-        st.waiting.remove(at);
-        if st.logged_in >= MAX_CONNECTIONS {
+        if !lock(&port.state).log_in(self.id) {
             tracing::info!(
                 max = MAX_CONNECTIONS,
-                "login refused: the order has as many logged in as it may"
+                "login not counted: pushed out, or the order has as many logged in as it may"
             );
             return None;
         }
-        st.logged_in += 1;
-        drop(st);
         port.relay.event(RelayEvent::ClientConnected {
             order_id: port.order_id,
         });
@@ -252,9 +281,7 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        lock(&self.port.state)
-            .waiting
-            .retain(|(id, _)| *id != self.id);
+        lock(&self.port.state).leave(self.id);
     }
 }
 
@@ -265,10 +292,7 @@ struct Counted<'a>(&'a Port);
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         let port = self.0;
-        {
-            let mut st = lock(&port.state);
-            st.logged_in = st.logged_in.saturating_sub(1);
-        }
+        lock(&port.state).log_out();
         port.relay.event(RelayEvent::ClientDisconnected {
             order_id: port.order_id,
         });
@@ -399,4 +423,51 @@ async fn down(
     }
     tcp.shutdown().await?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_connections_push_out_the_oldest_and_never_block_a_login() {
+        let mut port = PortState::default();
+        let first: Vec<_> = (0..MAX_UNAUTHENTICATED)
+            .map(|_| port.admit().expect("room"))
+            .collect();
+        assert!(first.iter().all(|(_, t)| !t.is_cancelled()));
+        // One more pushes out the oldest only.
+        let (client, _) = port.admit().expect("never refused for waiting ones");
+        assert!(first[0].1.is_cancelled());
+        assert!(first[1..].iter().all(|(_, t)| !t.is_cancelled()));
+        assert!(
+            !port.log_in(first[0].0),
+            "a pushed-out connection never counts"
+        );
+        assert!(port.log_in(client));
+        assert_eq!(
+            (port.logged_in, port.waiting.len()),
+            (1, MAX_UNAUTHENTICATED - 1)
+        );
+        port.leave(first[1].0);
+        assert_eq!(port.waiting.len(), MAX_UNAUTHENTICATED - 2);
+        port.log_out();
+        assert_eq!(port.logged_in, 0);
+    }
+
+    #[test]
+    fn logins_are_capped_apart() {
+        let mut port = PortState::default();
+        for _ in 0..MAX_CONNECTIONS {
+            let (id, _) = port.admit().expect("room");
+            assert!(port.log_in(id));
+        }
+        assert!(port.admit().is_none(), "refused with all logins taken");
+        port.log_out();
+        let (a, _) = port.admit().expect("room again");
+        let (b, _) = port.admit().expect("waiting ones are not logins");
+        assert!(port.log_in(a));
+        assert!(!port.log_in(b), "one login too many does not count");
+        assert_eq!((port.logged_in, port.waiting.len()), (MAX_CONNECTIONS, 0));
+    }
 }

@@ -22,7 +22,8 @@ pub struct Config {
     pub order_ports: Option<(u16, u16)>,
     /// Host name or address clients are told to connect to. Default `127.0.0.1`.
     pub public_host: String,
-    /// Seconds a client has to make its first connection to an order. Default 120.
+    /// Seconds a client has to log in to an order for the first time (a TCP
+    /// connection that does not authenticate is no login). Default 120.
     pub connect_window_secs: u32,
     /// Price of one CPU-hour in satoshi. Default 20000.
     pub price_sat: u64,

@@ -43,7 +43,7 @@ struct ServeArgs {
     /// Host name clients are told to connect to.
     #[arg(long)]
     public_host: Option<String>,
-    /// Seconds a client has to connect to a new order.
+    /// Seconds a client has to log in to a new order.
     #[arg(long)]
     connect_window_secs: Option<u32>,
     /// Price of one CPU-hour in satoshi.

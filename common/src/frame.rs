@@ -93,6 +93,23 @@ mod tests {
     }
 
     #[test]
+    fn exact_bytes_of_a_login() {
+        let frame = encode(&NodeMsg::LoggedIn {
+            order_id: OrderId([7; 12]),
+            stream: 300,
+        })
+        .unwrap_or_default();
+        // length 15 = variant index 8 + 12 id bytes + varint 300 (0xac 0x02)
+        assert_eq!(
+            frame,
+            [
+                0, 0, 0, 15, 8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0xac, 0x02
+            ]
+            .to_vec()
+        );
+    }
+
+    #[test]
     fn partial_frames_need_more_bytes() {
         let frame = encode(&NodeMsg::Ended {
             order_id: OrderId([1; 12]),
@@ -150,6 +167,14 @@ mod tests {
             let msg = NodeMsg::SlotsReady {
                 slots: ids.iter().map(|&slot_id| Slot { slot_id, username: name.clone() }).collect(),
             };
+            let frame = encode(&msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let got = decode::<NodeMsg>(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(got, Some((msg, frame.len())));
+        }
+
+        #[test]
+        fn logins_round_trip(id in any::<[u8; 12]>(), stream in any::<u64>()) {
+            let msg = NodeMsg::LoggedIn { order_id: OrderId(id), stream };
             let frame = encode(&msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let got = decode::<NodeMsg>(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(got, Some((msg, frame.len())));

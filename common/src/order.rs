@@ -1,6 +1,9 @@
 //! The life of an order on the broker and what its end means for money, as a
 //! state machine: reserved (charged, held in escrow) → connected → finished or
-//! cancelled. Time is passed in as Unix milliseconds so that the state can be
+//! cancelled. "Connected" means logged in: a client connection counts only once
+//! its SSH user authenticated (the node reports it, the relay ties the report to
+//! one of the order port's TCP connections), so a stranger's TCP connections
+//! to the port change nothing here. Time is passed in as Unix milliseconds so that the state can be
 //! stored and resumed after a restart; nothing here reads a clock.
 
 use serde::{Deserialize, Serialize};
@@ -10,7 +13,7 @@ use crate::wire::EndReason;
 /// One CPU-hour in microseconds: what an order buys.
 pub const CPU_HOUR_US: u64 = 3_600_000_000;
 
-/// An order that ends within this long of its first connection is cancelled
+/// An order that ends within this long of its first login is cancelled
 /// and refunded in full.
 pub const CANCEL_WINDOW_MS: u64 = 20_000;
 
@@ -35,9 +38,9 @@ pub struct Settlement {
 /// Where an order is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrderState {
-    /// Charged and held in escrow; no client connection yet.
+    /// Charged and held in escrow; no client login yet.
     Reserved,
-    /// The client has connected at least once.
+    /// The client has logged in at least once.
     Connected,
     /// Ended and paid out by the rules of its reason.
     Finished(EndReason),
@@ -68,7 +71,7 @@ pub struct Order {
     pub reserved_ms: u64,
     pub first_connect_ms: Option<u64>,
     pub last_disconnect_ms: Option<u64>,
-    /// Client connections open now.
+    /// Logged-in client connections open now.
     pub open: u32,
     /// CPU time proven by verified receipts, capped at one CPU-hour.
     pub proven_cpu_us: u64,
@@ -124,7 +127,7 @@ impl Order {
         }
     }
 
-    /// A client connection opened; false if the order is over.
+    /// A client connection logged in; false if the order is over.
     pub fn handle_connect(&mut self, now_ms: u64) -> bool {
         match self.state {
             OrderState::Reserved => {
@@ -138,7 +141,7 @@ impl Order {
         true
     }
 
-    /// A client connection closed.
+    /// A logged-in client connection closed.
     pub fn handle_disconnect(&mut self, now_ms: u64) {
         if self.state == OrderState::Connected {
             self.open = self.open.saturating_sub(1);
@@ -153,7 +156,7 @@ impl Order {
         }
     }
 
-    /// Cancels an order nobody connected to within `connect_window_ms`.
+    /// Cancels an order nobody logged in to within `connect_window_ms`.
     pub fn handle_tick(&mut self, now_ms: u64, connect_window_ms: u64) -> Option<Settlement> {
         let expired = now_ms.saturating_sub(self.reserved_ms) >= connect_window_ms;
         if self.state == OrderState::Reserved && expired {
@@ -228,6 +231,18 @@ mod tests {
             None,
             "settles once"
         );
+    }
+
+    #[test]
+    fn a_session_that_never_saw_a_login_is_refunded_whatever_its_end() {
+        // TCP connections that never authenticate reach no order: the node
+        // may still report any reason, the client gets all back.
+        for reason in [EndReason::ClientClosed, EndReason::NeverConnected] {
+            let mut o = Order::new(0, P);
+            let s = o.handle_end(30_000, reason).unwrap_or_default();
+            assert_eq!(s.refund, 36_000, "{reason:?}");
+            assert_eq!(o.state, OrderState::Cancelled(reason));
+        }
     }
 
     #[test]

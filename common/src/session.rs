@@ -1,8 +1,13 @@
 //! The lifecycle of one order's session on a node, as a state machine.
 //!
-//! The driver feeds it connection events, clock ticks and the kernel's usage
+//! The driver feeds it login events, clock ticks and the kernel's usage
 //! counters (`now` is always passed in) and acts on the [`EndReason`] it returns;
 //! [`Session::deadline`] says when the next tick is due.
+//!
+//! Only a connection whose SSH user authenticated counts: a stream that is
+//! open but not logged in keeps neither the connect window nor the grace
+//! period from running out, so holding TCP connections to an order port
+//! cannot make a client pay for a session it never had.
 
 use std::time::{Duration, Instant};
 
@@ -11,12 +16,12 @@ use crate::wire::EndReason;
 /// Time limits of a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Time from assignment to the first client connection.
+    /// Time from assignment to the first client login.
     pub connect_window: Duration,
-    /// Time after the last connection closes before the session ends, so that
+    /// Time after the last logged-in connection closes before the session ends, so that
     /// sequential `ssh`/`scp` commands without a master connection still work.
     pub grace: Duration,
-    /// Wall-clock limit from the first connection.
+    /// Wall-clock limit from the first login.
     pub wall: Duration,
     /// CPU time the session may use across all its processes.
     pub cpu_budget: Duration,
@@ -50,15 +55,15 @@ impl Default for Limits {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
-    /// Assigned, waiting for the first connection.
+    /// Assigned, waiting for the first login.
     Waiting {
         since: Instant,
     },
-    /// At least one connection is open.
+    /// At least one logged-in connection is open.
     Connected {
         open: u32,
     },
-    /// All connections closed at `since`; ends after the grace period.
+    /// All logged-in connections closed at `since`; ends after the grace period.
     Idle {
         since: Instant,
     },
@@ -89,11 +94,19 @@ impl Session {
         }
     }
 
-    /// A client connection (one TCP connection to the order port) opened.
-    /// Returns false when the session is over and the connection must be refused.
-    pub fn handle_connect(&mut self, now: Instant) -> bool {
+    /// Whether a new client stream may start its login: false when the session
+    /// is over (the stream must be refused). Changes nothing else.
+    pub fn admits(&mut self, now: Instant) -> bool {
         if let Some(reason) = self.handle_tick(now) {
             self.state = State::Ended(reason);
+        }
+        !matches!(self.state, State::Ended(_))
+    }
+
+    /// A client connection logged in (its SSH user authenticated).
+    /// Returns false when the session is over and the connection must be closed.
+    pub fn handle_login(&mut self, now: Instant) -> bool {
+        if !self.admits(now) {
             return false;
         }
         self.state = match self.state {
@@ -107,8 +120,8 @@ impl Session {
         true
     }
 
-    /// A client connection closed.
-    pub fn handle_disconnect(&mut self, now: Instant) {
+    /// A logged-in client connection closed.
+    pub fn handle_logout(&mut self, now: Instant) {
         if let State::Connected { open } = self.state {
             self.state = if open <= 1 {
                 State::Idle { since: now }
@@ -253,22 +266,46 @@ mod tests {
         assert_eq!(s.deadline(), Some(secs(t0, 10)));
         assert_eq!(s.handle_tick(secs(t0, 9)), None);
         assert_eq!(s.handle_tick(secs(t0, 10)), Some(EndReason::NeverConnected));
-        assert!(!s.handle_connect(secs(t0, 11)));
+        assert!(!s.handle_login(secs(t0, 11)));
+    }
+
+    #[test]
+    fn streams_that_never_log_in_change_nothing() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        // Streams arrive and are admitted, but the window still runs out.
+        for t in 1..10 {
+            assert!(s.admits(secs(t0, t)));
+        }
+        assert_eq!(s.open_connections(), 0);
+        assert_eq!(s.deadline(), Some(secs(t0, 10)));
+        assert!(!s.admits(secs(t0, 10)));
+        assert_eq!(s.ended(), Some(EndReason::NeverConnected));
+
+        // After a login ends, streams without one do not hold the grace open.
+        let mut s = Session::new(t0, limits());
+        assert!(s.handle_login(secs(t0, 1)));
+        s.handle_logout(secs(t0, 2));
+        assert!(s.admits(secs(t0, 3)));
+        assert!(s.admits(secs(t0, 6)));
+        assert_eq!(s.deadline(), Some(secs(t0, 7)));
+        assert!(!s.admits(secs(t0, 7)));
+        assert_eq!(s.ended(), Some(EndReason::ClientClosed));
     }
 
     #[test]
     fn grace_lets_sequential_connections_continue() {
         let t0 = Instant::now();
         let mut s = Session::new(t0, limits());
-        assert!(s.handle_connect(secs(t0, 1)));
-        s.handle_disconnect(secs(t0, 2));
+        assert!(s.handle_login(secs(t0, 1)));
+        s.handle_logout(secs(t0, 2));
         assert_eq!(s.handle_tick(secs(t0, 6)), None);
-        assert!(s.handle_connect(secs(t0, 6)));
-        assert!(s.handle_connect(secs(t0, 6)));
+        assert!(s.handle_login(secs(t0, 6)));
+        assert!(s.handle_login(secs(t0, 6)));
         assert_eq!(s.open_connections(), 2);
-        s.handle_disconnect(secs(t0, 7));
+        s.handle_logout(secs(t0, 7));
         assert_eq!(s.handle_tick(secs(t0, 20)), None);
-        s.handle_disconnect(secs(t0, 20));
+        s.handle_logout(secs(t0, 20));
         assert_eq!(s.deadline(), Some(secs(t0, 25)));
         assert_eq!(s.handle_tick(secs(t0, 25)), Some(EndReason::ClientClosed));
         assert_eq!(s.ended(), Some(EndReason::ClientClosed));
@@ -278,7 +315,7 @@ mod tests {
     fn wall_clock_ends_a_busy_session() {
         let t0 = Instant::now();
         let mut s = Session::new(t0, limits());
-        assert!(s.handle_connect(secs(t0, 1)));
+        assert!(s.handle_login(secs(t0, 1)));
         assert_eq!(s.deadline(), Some(secs(t0, 101)));
         assert_eq!(s.handle_tick(secs(t0, 101)), Some(EndReason::WallClock));
         assert_eq!(s.handle_tick(secs(t0, 102)), None);
@@ -300,7 +337,7 @@ mod tests {
     fn cpu_budget_ends_with_done_and_counters_never_go_down() {
         let t0 = Instant::now();
         let mut s = Session::new(t0, limits());
-        assert!(s.handle_connect(secs(t0, 1)));
+        assert!(s.handle_login(secs(t0, 1)));
         let used = |cpu_s: u64| Usage {
             cpu_us: cpu_s * 1_000_000,
             peak_mem: 1000,
@@ -352,7 +389,7 @@ mod tests {
         ];
         for (usage, reason) in cases {
             let mut s = Session::new(t0, limits());
-            assert!(s.handle_connect(secs(t0, 1)));
+            assert!(s.handle_login(secs(t0, 1)));
             assert_eq!(s.handle_usage(secs(t0, 2), usage), Some(reason));
         }
     }
@@ -361,7 +398,7 @@ mod tests {
     fn usage_also_advances_the_clock() {
         let t0 = Instant::now();
         let mut s = Session::new(t0, limits());
-        assert!(s.handle_connect(secs(t0, 1)));
+        assert!(s.handle_login(secs(t0, 1)));
         assert_eq!(
             s.handle_usage(secs(t0, 101), Usage::default()),
             Some(EndReason::WallClock)

@@ -56,9 +56,9 @@ impl FromStr for OrderId {
 /// Why a session ended: machine-readable, stable across versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EndReason {
-    /// The client's last connection closed (after the grace period).
+    /// The client's last logged-in connection closed (after the grace period).
     ClientClosed,
-    /// The client never connected within the connect window.
+    /// The client never logged in within the connect window.
     NeverConnected,
     /// The 3-hour wall-clock limit was reached.
     WallClock,
@@ -148,7 +148,7 @@ pub struct Assignment {
     pub slot_id: u64,
     /// OpenSSH public keys (`ssh-ed25519 AAAA…`) allowed to log in.
     pub authorized_keys: Vec<String>,
-    /// Seconds the client has to make its first connection.
+    /// Seconds the client has to make its first login.
     pub connect_window_secs: u32,
 }
 
@@ -169,7 +169,7 @@ pub enum NodeMsg {
     },
     /// These slots are ready to be claimed.
     SlotsReady { slots: Vec<Slot> },
-    /// The node took the order; clients may connect now.
+    /// The node took the order; clients may log in now.
     Accepted { order_id: OrderId },
     /// The node could not take the order (the slot is gone, …).
     Refused { order_id: OrderId, error: String },
@@ -185,6 +185,16 @@ pub enum NodeMsg {
     /// The answer to [`BrokerMsg::SignCapacity`]: a
     /// [`crate::capacity::SignedCapacity`] in its encoding.
     Capacity { bytes: Vec<u8> },
+    /// The client on one tunnelled stream authenticated as the order's user.
+    /// Only such a login counts as the client's connection: a TCP connection
+    /// that never authenticates changes nothing about the order.
+    LoggedIn {
+        order_id: OrderId,
+        /// The QUIC stream id of the client's stream (which the relay opened),
+        /// so the relay can tell which of the order port's TCP connections
+        /// logged in.
+        stream: u64,
+    },
 }
 
 /// Broker → node.

@@ -32,9 +32,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Sessions kept ready ahead of orders. Default ⌈1.3 × cores⌉.
     pub ready_slots: Option<usize>,
-    /// Seconds a session survives after its last connection closes. Default 5.
+    /// Seconds a session survives after its last logged-in connection closes. Default 5.
     pub grace_secs: u64,
-    /// Wall-clock limit of a session in seconds from its first connection. Default 10800 (3 h).
+    /// Seconds a client connection may stay open without its SSH user
+    /// authenticating, as sshd's `LoginGraceTime`; then the node closes it
+    /// (and the relay its TCP connection). Such a connection never counts as
+    /// the client's: it neither starts nor holds open a session. Default 10.
+    pub login_grace_secs: u64,
+    /// Wall-clock limit of a session in seconds from its first login. Default 10800 (3 h).
     pub wall_secs: u64,
     /// Lowest uid (and gid) of session users. Default 610000.
     pub uid_min: u32,
@@ -101,6 +106,7 @@ impl Default for Config {
             data_dir: PathBuf::from("/var/lib/jusy-node"),
             ready_slots: None,
             grace_secs: 5,
+            login_grace_secs: 10,
             wall_secs: 3 * 3600,
             uid_min: DEFAULT_IDS.0,
             uid_max: DEFAULT_IDS.1,
@@ -257,6 +263,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
         let cfg = Config::load(&path).expect("deploy/node.example.toml must load");
         assert_eq!(cfg.grace_secs, 5);
+        assert_eq!(cfg.login_grace_secs, 10);
         assert!(!cfg.broker.is_empty());
         assert_eq!(cfg.sandbox_limits().cgroup.pids, 50);
         assert_eq!(cfg.net_allow.len(), 0);

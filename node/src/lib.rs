@@ -314,6 +314,7 @@ pub async fn run(
         ready_slots: cfg.ready_slots(),
         disk_reserve: cfg.disk_reserve_mib.saturating_mul(1 << 20),
         grace: Duration::from_secs(cfg.grace_secs),
+        login_grace: Duration::from_secs(cfg.login_grace_secs.max(1)),
         wall: Duration::from_secs(cfg.wall_secs),
         cpu_budget: Duration::from_secs(cfg.cpu_budget_secs),
         receipt_every: Duration::from_secs(cfg.receipt_secs.max(1)),

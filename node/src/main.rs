@@ -37,9 +37,12 @@ struct Cli {
     /// Sessions kept ready ahead of orders.
     #[arg(long)]
     ready_slots: Option<usize>,
-    /// Seconds a session survives after its last connection closes.
+    /// Seconds a session survives after its last logged-in connection closes.
     #[arg(long)]
     grace_secs: Option<u64>,
+    /// Seconds a client connection may stay open without logging in.
+    #[arg(long)]
+    login_grace_secs: Option<u64>,
     /// Wall-clock limit of a session in seconds from its first connection.
     #[arg(long)]
     wall_secs: Option<u64>,
@@ -140,6 +143,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.grace_secs {
         cfg.grace_secs = v;
+    }
+    if let Some(v) = cli.login_grace_secs {
+        cfg.login_grace_secs = v;
     }
     if let Some(v) = cli.wall_secs {
         cfg.wall_secs = v;

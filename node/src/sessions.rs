@@ -15,7 +15,7 @@ use jusy_common::wire::{
     Assignment, EndReason, NodeMsg, OrderId, STREAM_HEADER_LEN, Slot, StreamHeader,
 };
 use russh::keys::PublicKey;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,6 +42,8 @@ pub struct Settings {
     /// its full size.
     pub disk_reserve: u64,
     pub grace: Duration,
+    /// How long a client stream may stay open without its user authenticating.
+    pub login_grace: Duration,
     pub wall: Duration,
     pub cpu_budget: Duration,
     /// Time between two receipts of a running session.
@@ -393,18 +395,53 @@ impl Sessions {
             let _ = send.reset(quinn::VarInt::from_u32(1));
             return Err(format!("stream for unknown order {}", header.order_id));
         };
-        if !lock(&r.machine).handle_connect(Instant::now().into_std()) {
+        if !lock(&r.machine).admits(Instant::now().into_std()) {
             r.wake.notify_one();
             let _ = send.reset(quinn::VarInt::from_u32(2));
             return Err("stream for an ended session".into());
         }
-        r.wake.notify_one();
-        let _guard = Connected(r.clone());
-        let span = tracing::info_span!("conn", order_id = %r.order_id);
-        tokio::select! {
-            res = ssh::serve(self.ssh_config.clone(), tokio::io::join(recv, send), r.access.clone()).instrument(span) => {
-                res.map_err(|e| e.to_string())
+        let stream = u64::from(send.id());
+        let span = tracing::info_span!("conn", order_id = %r.order_id, stream);
+        let (login_tx, login_rx) = oneshot::channel();
+        let serve = ssh::serve(
+            self.ssh_config.clone(),
+            tokio::io::join(recv, send),
+            r.access.clone(),
+            login_tx,
+        )
+        .instrument(span.clone());
+        tokio::pin!(serve);
+        // Until its user authenticates, the stream is nobody's connection: it
+        // counts for nothing and is closed after the login grace time, as
+        // sshd's LoginGraceTime does, so idle connections cannot pile up.
+        let logged_in = tokio::select! {
+            res = &mut serve => return res.map_err(|e| e.to_string()),
+            _ = r.closed.cancelled() => return Ok(()),
+            login = tokio::time::timeout(self.settings.login_grace, login_rx) => login,
+        };
+        let _guard = match logged_in {
+            Ok(Ok(())) => {
+                if !lock(&r.machine).handle_login(Instant::now().into_std()) {
+                    r.wake.notify_one();
+                    return Err("login to an ended session".into());
+                }
+                r.wake.notify_one();
+                tracing::info!(parent: &span, "client logged in");
+                let _ = self.events.send(NodeMsg::LoggedIn {
+                    order_id: r.order_id,
+                    stream,
+                });
+                Some(Connected(r.clone()))
             }
+            // The connection ended without a login: what is left of it is its close.
+            Ok(Err(_)) => None,
+            Err(_) => {
+                tracing::info!(parent: &span, grace = ?self.settings.login_grace, "no login in time; stream closed");
+                return Err("no login within the login grace time".into());
+            }
+        };
+        tokio::select! {
+            res = serve => res.map_err(|e| e.to_string()),
             _ = r.closed.cancelled() => Ok(()),
         }
     }
@@ -433,12 +470,12 @@ impl Sessions {
     }
 }
 
-/// Counts one open client connection; dropping it tells the session.
+/// Counts one logged-in client connection; dropping it tells the session.
 struct Connected(Arc<Running>);
 
 impl Drop for Connected {
     fn drop(&mut self) {
-        lock(&self.0.machine).handle_disconnect(Instant::now().into_std());
+        lock(&self.0.machine).handle_logout(Instant::now().into_std());
         self.0.wake.notify_one();
     }
 }

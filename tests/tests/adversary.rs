@@ -9,6 +9,9 @@
 //! * [`syscalls`] — calls a session must not make (user namespaces, bpf, …).
 //! * [`network`] — where a session may connect: TCP 22 outside, nothing of the
 //!   node's own or its LAN, no special-use range.
+//! * [`traffic`] — a stranger's connections to an order port: idle ones lock
+//!   no client out and are closed after the login grace time; only a login
+//!   counts, so an order nobody logged in to is refunded in full.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
@@ -23,3 +26,5 @@ mod network;
 mod state;
 #[path = "adversary/syscalls.rs"]
 mod syscalls;
+#[path = "adversary/traffic.rs"]
+mod traffic;

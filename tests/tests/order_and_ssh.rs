@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use jusy_tests::client::{COMMAND, random_file, sha256_file};
 use jusy_tests::jusy::user_exists;
+use jusy_tests::mux::Master;
 use jusy_tests::terminal::Terminal;
 use jusy_tests::{Broker, Login, Node, Scene, e2e};
 
@@ -398,65 +399,49 @@ fn master_connection_and_parallel_connections() {
     })
 }
 
-/// The client connections an order port carries at once (the broker's
-/// `relay::splice::MAX_CONNECTIONS`).
+/// The logged-in client connections an order port carries at once (the
+/// broker's `relay::splice::MAX_CONNECTIONS`). Connections that have not
+/// logged in are capped apart (see the adversarial suite's `traffic`).
 const MAX_CONNECTIONS: usize = 8;
 
-/// The first line a connection to an order port gets, `None` if the relay
-/// closes it first.
-fn banner(conn: &mut std::net::TcpStream) -> anyhow::Result<Option<String>> {
-    use std::io::Read;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    loop {
-        match conn.read(&mut byte) {
-            Ok(0) => return Ok(None),
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(Some(String::from_utf8_lossy(&line).trim_end().to_owned()))
-}
-
 #[test]
-fn an_order_port_carries_a_bounded_number_of_connections() {
+fn an_order_port_carries_a_bounded_number_of_logins() {
     e2e(
-        "an_order_port_carries_a_bounded_number_of_connections",
+        "an_order_port_carries_a_bounded_number_of_logins",
         |scene| {
             let (broker, _node, client) = network(scene, 1)?;
             let login = order(scene, &broker, &client)?;
-            let addr = format!("{}:{}", login.host, login.port);
-            let mut open = Vec::new();
+            // Master connections stay logged in, each on its own TCP connection.
+            let mut masters = Vec::new();
             for i in 0..MAX_CONNECTIONS {
-                let mut conn = std::net::TcpStream::connect(&addr)?;
-                let line = banner(&mut conn)?;
-                anyhow::ensure!(
-                    line.as_deref().is_some_and(|l| l.starts_with("SSH-2.0-")),
-                    "connection {i} got {line:?}, not the node's SSH banner"
-                );
-                open.push(conn);
+                masters.push(Master::open(scene, &login, &format!("master-{i}"))?);
             }
-            let mut extra = std::net::TcpStream::connect(&addr)?;
-            let line = banner(&mut extra)?;
-            anyhow::ensure!(line.is_none(), "one too many got {line:?}");
+            let out = masters[0].run(scene, "echo up")?;
+            anyhow::ensure!(out.text() == "up\n", "the masters work: {}", out.stderr);
+            let out = login.ssh(scene, "true", None)?;
+            anyhow::ensure!(
+                out.status == Some(255),
+                "one login too many got in: {:?} {}",
+                out.status,
+                out.stderr
+            );
 
-            // A connection that ends makes room for another, once the node
-            // has ended its stream.
-            drop(open.pop());
+            // A login that ends makes room for another, once the relay has seen
+            // its connection close.
+            drop(masters.pop());
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             loop {
-                let mut conn = std::net::TcpStream::connect(&addr)?;
-                if banner(&mut conn)?.is_some() {
+                let out = login.ssh(scene, "echo in", None)?;
+                if out.status == Some(0) {
+                    assert_eq!(out.text(), "in\n");
                     break;
                 }
                 anyhow::ensure!(
                     std::time::Instant::now() < deadline,
-                    "no room after a connection ended"
+                    "no room after a login ended: {}",
+                    out.stderr
                 );
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(200));
             }
             Ok(())
         },

@@ -73,7 +73,10 @@ pub struct Reserved {
 /// An order's event, forwarded from its relay to its ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrderEvent {
+    /// A client's connection logged in (the node accepted its SSH key); a TCP
+    /// connection alone is never forwarded.
     ClientConnected,
+    /// A logged-in connection closed.
     ClientDisconnected,
     /// A receipt as the node sent it (checked by the ledger).
     Receipt {

@@ -36,9 +36,11 @@ pub enum RelayEvent {
     },
     /// A node sent a usage receipt (not verified yet).
     Receipt { node_id: PeerId, bytes: Vec<u8> },
-    /// A client opened a TCP connection to an order port.
+    /// A client's connection to an order port logged in: the node reported
+    /// that its SSH user authenticated. Only this counts as the client
+    /// connecting; a TCP connection alone is no one's.
     ClientConnected { order_id: OrderId },
-    /// A client's TCP connection to an order port closed.
+    /// A logged-in client connection to an order port closed.
     ClientDisconnected { order_id: OrderId },
     /// A node's connection is gone; its sessions are lost.
     NodeGone { node_id: PeerId, link_id: u64 },
@@ -187,7 +189,8 @@ pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
     // whole: with one, a few stalled streams would use it up and hold every
     // other session on the node, and the node's control stream, to a
     // standstill. The streams a node may have are bounded instead (at most
-    // `splice::MAX_CONNECTIONS` per order, and 4 of the node's own).
+    // `splice::MAX_CONNECTIONS` logged-in and `splice::MAX_UNAUTHENTICATED`
+    // other client connections per order, and 4 of the node's own).
     t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
     t.receive_window(quinn::VarInt::MAX);
     // What the relay buffers towards the node; uploads retune it to the

@@ -43,6 +43,24 @@ pub struct NodeLink {
     capacity: Mutex<Option<SignedCapacity>>,
     /// The address the node's packets came from when last looked at.
     path: Mutex<std::net::SocketAddr>,
+    /// Client streams waiting for their login, by QUIC stream id.
+    logins: Mutex<HashMap<u64, (OrderId, oneshot::Sender<()>)>>,
+}
+
+/// A client stream's wait for the node to report its login; dropping it
+/// forgets the stream.
+#[derive(Debug)]
+pub struct LoginWait<'a> {
+    link: &'a NodeLink,
+    stream: u64,
+    /// Fires when the node reports the login.
+    pub logged_in: oneshot::Receiver<()>,
+}
+
+impl Drop for LoginWait<'_> {
+    fn drop(&mut self) {
+        lock(&self.link.logins).remove(&self.stream);
+    }
 }
 
 /// The node's identity from its TLS certificate.
@@ -74,6 +92,35 @@ impl NodeLink {
         let before = std::mem::replace(&mut *lock(&self.path), now);
         if before != now {
             tracing::info!(node_id = %self.id, from = %before, to = %now, "node's connection migrated to a new address");
+        }
+    }
+
+    /// Waits for the login of the client on `stream`, a stream the relay
+    /// opened for `order_id`.
+    pub fn expect_login(&self, stream: u64, order_id: OrderId) -> LoginWait<'_> {
+        let (tx, logged_in) = oneshot::channel();
+        lock(&self.logins).insert(stream, (order_id, tx));
+        LoginWait {
+            link: self,
+            stream,
+            logged_in,
+        }
+    }
+
+    /// The node says the client on `stream` logged in to `order_id`. A stream
+    /// that is not waiting, or is another order's, is ignored: the node can
+    /// only speak of client connections the relay holds for that order.
+    fn logged_in(&self, order_id: OrderId, stream: u64) {
+        let mut logins = lock(&self.logins);
+        match logins.remove(&stream) {
+            Some((of, tx)) if of == order_id => {
+                let _ = tx.send(());
+            }
+            Some(other) => {
+                logins.insert(stream, other);
+                tracing::warn!(node_id = %self.id.short(), %order_id, stream, "node reported a login for another order's stream");
+            }
+            None => tracing::debug!(%order_id, stream, "login for a stream that is gone"),
         }
     }
 
@@ -387,6 +434,7 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
                     }
                     Err(e) => tracing::warn!(node_id = %node_id.short(), error = %e, "capacity statement rejected"),
                 },
+                NodeMsg::LoggedIn { order_id, stream } => link.logged_in(order_id, stream),
                 NodeMsg::Hello { .. } => return Err(LinkError::Protocol("second hello".into())),
             },
             () = link.queued.notified() => {
@@ -448,6 +496,7 @@ async fn greet(relay: &Arc<Relay>, a: &Accepted) -> Result<Greeted, LinkError> {
         speed: Mutex::default(),
         capacity: Mutex::default(),
         path: Mutex::new(conn.remote_address()),
+        logins: Mutex::default(),
     });
     send.write_all(&frame::encode(&BrokerMsg::Welcome {
         protocol: PROTOCOL_VERSION,

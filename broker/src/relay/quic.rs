@@ -751,6 +751,11 @@ pub struct SendStream {
 }
 
 impl SendStream {
+    /// The stream's QUIC id, which its peer sees as well.
+    pub fn id(&self) -> u64 {
+        u64::from(self.id)
+    }
+
     /// Writes what of `f`'s data the stream takes now, waiting while it takes
     /// nothing.
     async fn write_with<R>(

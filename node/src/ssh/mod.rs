@@ -15,6 +15,7 @@ use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use crate::sandbox::process::env_allowed;
@@ -88,17 +89,20 @@ impl Access {
     }
 }
 
-/// Serves one client connection until it closes.
+/// Serves one client connection until it closes; `login` is told when the
+/// client's user authenticates (once), which is what makes the connection count.
 pub async fn serve<S>(
     config: Arc<russh::server::Config>,
     stream: S,
     access: Arc<Access>,
+    login: oneshot::Sender<()>,
 ) -> Result<(), russh::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handler = ConnHandler {
         access,
+        login: Some(login),
         open: Arc::default(),
         channels: JoinSet::new(),
     };
@@ -110,6 +114,8 @@ where
 /// aborts its channel tasks.
 struct ConnHandler {
     access: Arc<Access>,
+    /// Told of the first accepted key.
+    login: Option<oneshot::Sender<()>>,
     /// Channels open on this connection.
     open: Arc<AtomicUsize>,
     channels: JoinSet<()>,
@@ -172,7 +178,11 @@ impl russh::server::Handler for ConnHandler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        // Only a verified signature is a login; an offered key proves nothing.
         Ok(if self.access.allows(user, key.public_key) {
+            if let Some(login) = self.login.take() {
+                let _ = login.send(());
+            }
             Auth::Accept
         } else {
             Auth::reject()

@@ -9,12 +9,16 @@
 //! * [`syscalls`] — calls a session must not make (user namespaces, bpf, …).
 //! * [`network`] — where a session may connect: TCP 22 outside, nothing of the
 //!   node's own or its LAN, no special-use range.
+//! * [`flood`] — a stranger against the HTTP API: slow headers by the
+//!   thousand, stalled bodies, 60 KB hashes, forged forwarding headers.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
 // A test crate's root resolves `mod x;` next to itself: the rooms live in
 // adversary/.
+#[path = "adversary/flood.rs"]
+mod flood;
 #[path = "adversary/isolation.rs"]
 mod isolation;
 #[path = "adversary/network.rs"]

@@ -54,8 +54,10 @@ pub struct Config {
     /// theirs. Default 4096.
     pub http_max_connections: u32,
     /// Open API connections at most per client address (an IPv6 /64 counts
-    /// as one); more are closed at once. Trusted proxies are held only to
-    /// `http_max_connections`. Default 64.
+    /// as one): enough for the clients behind one NAT, and a slow-header
+    /// flood needs that many addresses per 256 connections. More are closed
+    /// at once. Trusted proxies are held only to `http_max_connections`.
+    /// Default 256.
     pub http_max_connections_per_address: u32,
     /// Reverse proxies (addresses or blocks such as `10.0.0.0/8`) whose
     /// `forwarded_header` names the client; rate and connection limits then
@@ -130,7 +132,7 @@ impl Default for Config {
             http_header_timeout_secs: 10,
             http_idle_timeout_secs: 60,
             http_max_connections: 4096,
-            http_max_connections_per_address: 64,
+            http_max_connections_per_address: 256,
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::default(),
             speed_test_rounds: jusy_common::speed::ROUNDS,

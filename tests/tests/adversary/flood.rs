@@ -15,8 +15,8 @@ use jusy_tests::{Broker, Login, Node, Scene, e2e};
 use socket2::{Domain, Socket, Type};
 
 /// Slow connections held at once: the issue's devnet saw 20k exhaust the
-/// broker's file descriptors; 8000 (125 addresses at the 64 allowed to each)
-/// is as many as this test's and the broker's 20000 open files hold
+/// broker's file descriptors; 8000 (125 addresses at the 64 this test allows
+/// each) is as many as this test's and the broker's 20000 open files hold
 /// comfortably (the broker gives the API at most half of its own).
 const SLOW_ADDRESSES: u8 = 125;
 const PER_ADDRESS: usize = 64;
@@ -172,7 +172,10 @@ fn slow_headers_hold_no_one_else_out() {
         // caps stand between the slow connections and everyone else.
         let broker = broker_with(
             scene,
-            "http_header_timeout_secs = 600\nhttp_max_connections = 100000\n",
+            &format!(
+                "http_header_timeout_secs = 600\nhttp_max_connections = 100000\n\
+                 http_max_connections_per_address = {PER_ADDRESS}\n"
+            ),
             data,
         )?;
         let _node = Node::start(

@@ -1,9 +1,10 @@
 //! A stranger floods the broker's HTTP API: thousands of connections that
 //! never finish their headers, a connection that stalls its body, tens of
-//! thousands of requests with 60 KB hashes, and forged forwarding headers.
-//! The API keeps answering everyone else, orders and logins still work, the
-//! broker's memory and log stay within stated bounds, and limits fall on the
-//! flooding address only.
+//! thousands of requests with 60 KB hashes, forged forwarding headers, and
+//! connections while the broker is out of file descriptors. The API keeps
+//! answering everyone else, orders and logins still work, the broker's memory,
+//! CPU and log stay within stated bounds, and limits fall on the flooding
+//! address only.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -454,6 +455,97 @@ fn slow_heads_idle_connections_and_stalled_bodies_are_closed() {
             let cut = started.elapsed();
             scene.note(&format!("stalled body cut after {cut:?}"));
             anyhow::ensure!(cut >= Duration::from_millis(3500), "cut after {cut:?}");
+            Ok(())
+        },
+    );
+}
+
+/// CPU time the process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised name; utime and stime are the 14th
+    // and 15th of the whole line.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+/// Sets the soft open-file limit of the process `pid` (its hard limit
+/// stays, so the soft one may go up again).
+fn limit_open_files(pid: u32, n: u64) -> anyhow::Result<()> {
+    let pid = libc::pid_t::try_from(pid)?;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads the new limit (none: null) and writes the old
+    // one through pointers valid for one rlimit each.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut lim) };
+    anyhow::ensure!(rc == 0, "prlimit: {}", std::io::Error::last_os_error());
+    lim.rlim_cur = n.min(lim.rlim_max);
+    // SAFETY: as above, with the new limit and no old one.
+    let rc = unsafe {
+        libc::prlimit(
+            pid,
+            libc::RLIMIT_NOFILE,
+            &raw const lim,
+            std::ptr::null_mut(),
+        )
+    };
+    anyhow::ensure!(rc == 0, "prlimit: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+#[test]
+fn out_of_file_descriptors_the_listener_pauses_and_logs_rarely() {
+    e2e(
+        "out_of_file_descriptors_the_listener_pauses_and_logs_rarely",
+        |scene| {
+            let broker = broker_with(scene, "", scene.subdir("broker")?)?;
+            let pid = broker.proc.pid();
+            let log = scene.dir().join("broker.err");
+            let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+            // Room for a few connections only, far below the connection cap
+            // the broker set itself at start.
+            limit_open_files(pid, open + 4)?;
+            let mut conns = Vec::new();
+            for _ in 0..40 {
+                let mut conn = client(Ipv4Addr::LOCALHOST, &broker)?;
+                conn.get_mut().write_all(&get("/health", ""))?;
+                conns.push(conn);
+            }
+            // The precondition: accepting fails, and the broker says so.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let failures = || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .matches("cannot accept API connections")
+                    .count()
+            };
+            while failures() == 0 {
+                anyhow::ensure!(Instant::now() < deadline, "accepting never failed");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Over a few seconds of failing accepts: no spinning, few lines.
+            let (lines, ticks, started) = (failures(), cpu_ticks(pid)?, Instant::now());
+            std::thread::sleep(Duration::from_secs(3));
+            let used = cpu_ticks(pid)? - ticks;
+            let logged = failures() - lines;
+            let secs = started.elapsed().as_secs();
+            scene.note(&format!(
+                "failing accepts for {secs} s: {used} ticks of CPU, {logged} log lines"
+            ));
+            anyhow::ensure!(used < 30, "the broker spun: {used} ticks of CPU");
+            anyhow::ensure!(logged as u64 <= secs + 1, "{logged} lines in {secs} s");
+            // With descriptors back, every waiting connection is answered.
+            limit_open_files(pid, 4096)?;
+            for conn in &mut conns {
+                conn.get_mut()
+                    .set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut line = String::new();
+                conn.read_line(&mut line)?;
+                anyhow::ensure!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+            }
             Ok(())
         },
     );

@@ -10,7 +10,8 @@
 //! * [`network`] — where a session may connect: TCP 22 outside, nothing of the
 //!   node's own or its LAN, no special-use range.
 //! * [`flood`] — a stranger against the HTTP API: slow headers by the
-//!   thousand, stalled bodies, 60 KB hashes, forged forwarding headers.
+//!   thousand, stalled bodies, 60 KB hashes, forged forwarding headers, no
+//!   file descriptors left.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]

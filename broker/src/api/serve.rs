@@ -69,8 +69,14 @@ impl Limits {
 struct Connections {
     limits: Limits,
     proxies: Arc<Proxies>,
-    /// Total, and per address (never more entries than open connections).
-    open: Mutex<(usize, HashMap<Key, usize>)>,
+    open: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    /// Never more entries than open connections.
+    per_address: HashMap<Key, usize>,
 }
 
 /// One admitted connection; dropping it frees its place.
@@ -86,17 +92,17 @@ impl Connections {
     fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
         let key = (!self.proxies.trusts(peer)).then(|| Key::addr(peer));
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.0 >= self.limits.max_connections {
+        if open.total >= self.limits.max_connections {
             return None;
         }
         if let Some(key) = key {
-            let n = open.1.entry(key).or_insert(0);
+            let n = open.per_address.entry(key).or_insert(0);
             if *n >= self.limits.max_per_address {
                 return None;
             }
             *n += 1;
         }
-        open.0 += 1;
+        open.total += 1;
         Some(Slot {
             conns: self.clone(),
             key,
@@ -107,13 +113,13 @@ impl Connections {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.conns.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.0 = open.0.saturating_sub(1);
+        open.total = open.total.saturating_sub(1);
         if let Some(key) = self.key
-            && let Some(n) = open.1.get_mut(&key)
+            && let Some(n) = open.per_address.get_mut(&key)
         {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.1.remove(&key);
+                open.per_address.remove(&key);
             }
         }
     }
@@ -371,9 +377,9 @@ mod tests {
         drop(_p2);
         drop(_a2);
         drop(_b1);
-        assert_eq!(conns.open.lock().unwrap().0, 0);
+        assert_eq!(conns.open.lock().unwrap().total, 0);
         assert!(
-            conns.open.lock().unwrap().1.is_empty(),
+            conns.open.lock().unwrap().per_address.is_empty(),
             "no entry outlives its connections"
         );
     }

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::api::client_addr::{ForwardedHeader, Proxies};
+use crate::api::serve::Limits;
+
 /// Everything a broker needs to run; every field has a default.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -36,6 +39,36 @@ pub struct Config {
     pub rate_limit_per_sec: u32,
     /// Requests allowed in a burst per client address and per hash. Default 30.
     pub rate_limit_burst: u32,
+    /// Seconds a client has to send a request's line and headers, counted
+    /// from the connection's start or the end of the previous response (so
+    /// it is also how long an idle keep-alive connection stays open).
+    /// Default 10.
+    pub http_header_timeout_secs: u64,
+    /// Seconds an API connection may move no byte either way (a stalled
+    /// request body, a client that stops reading its answer) before it takes
+    /// no more requests; after as long again without a byte it is cut.
+    /// Default 60.
+    pub http_idle_timeout_secs: u64,
+    /// Open API connections at most; more are closed at once. The broker
+    /// raises its open-file limit as far as allowed and uses at most half of
+    /// it for API connections, whatever this says, so that order ports keep
+    /// theirs. Default 4096.
+    pub http_max_connections: u32,
+    /// Open API connections at most per client address (an IPv6 /64 counts
+    /// as one): enough for the clients behind one NAT, and a slow-header
+    /// flood needs that many addresses per 256 connections. More are closed
+    /// at once. Trusted proxies are held only to `http_max_connections`.
+    /// Default 256.
+    pub http_max_connections_per_address: u32,
+    /// Reverse proxies (addresses or blocks such as `10.0.0.0/8`) whose
+    /// `forwarded_header` names the client; rate and connection limits then
+    /// apply to that client instead of the proxy. From anyone else the
+    /// header is ignored. Default: none.
+    pub trusted_proxies: Vec<String>,
+    /// The header trusted proxies write the client's address in:
+    /// `"x-forwarded-for"` or `"forwarded"` (RFC 7239). Default
+    /// `"x-forwarded-for"`.
+    pub forwarded_header: ForwardedHeader,
     /// Rounds of the node speed test; 0 turns the test off. Default
     /// `jusy_common::speed::ROUNDS` (about one second on the reference core).
     pub speed_test_rounds: u32,
@@ -97,6 +130,12 @@ impl Default for Config {
             operator_token: None,
             rate_limit_per_sec: 10,
             rate_limit_burst: 30,
+            http_header_timeout_secs: 10,
+            http_idle_timeout_secs: 60,
+            http_max_connections: 4096,
+            http_max_connections_per_address: 256,
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
             speed_test_rounds: jusy_common::speed::ROUNDS,
             speed_test_limit_ms: 2_000,
             speed_test_interval_secs: 6 * 3600,
@@ -133,6 +172,10 @@ pub enum ConfigError {
     WeakToken,
     #[error("rate limits must be at least 1")]
     RateLimit,
+    #[error("HTTP timeouts and connection limits must be at least 1")]
+    HttpLimit,
+    #[error("trusted_proxies: {0}")]
+    Proxy(String),
     #[error("mesh_join and mesh_peers need mesh_listen")]
     MeshListen,
     #[error("mesh: {0}")]
@@ -180,6 +223,14 @@ impl Config {
         if self.rate_limit_per_sec == 0 || self.rate_limit_burst == 0 {
             return Err(ConfigError::RateLimit);
         }
+        if self.http_header_timeout_secs == 0
+            || self.http_idle_timeout_secs == 0
+            || self.http_max_connections == 0
+            || self.http_max_connections_per_address == 0
+        {
+            return Err(ConfigError::HttpLimit);
+        }
+        self.proxies()?;
         if self.capacity_refresh_secs == 0
             || self.capacity_validity_secs <= self.capacity_refresh_secs
             || self.capacity_validity_secs * 1000 > jusy_common::capacity::MAX_VALIDITY_MS
@@ -197,6 +248,29 @@ impl Config {
         }
         self.mesh()?;
         Ok(())
+    }
+
+    /// The API listener's limits, before the open-file limit is applied.
+    pub fn http_limits(&self) -> Limits {
+        Limits {
+            header_timeout: std::time::Duration::from_secs(self.http_header_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(self.http_idle_timeout_secs),
+            max_connections: self.http_max_connections as usize,
+            max_per_address: self.http_max_connections_per_address as usize,
+        }
+    }
+
+    /// The reverse proxies whose forwarding header is believed.
+    pub fn proxies(&self) -> Result<Proxies, ConfigError> {
+        let trusted = self
+            .trusted_proxies
+            .iter()
+            .map(|p| p.parse().map_err(ConfigError::Proxy))
+            .collect::<Result<_, _>>()?;
+        Ok(Proxies {
+            trusted,
+            header: self.forwarded_header,
+        })
     }
 
     /// How long the relay busy polls after client traffic.
@@ -263,6 +337,30 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/broker.example.toml");
         let cfg = Config::load(&path).expect("deploy/broker.example.toml must load");
         assert_eq!(cfg.order_ports, Some((20000, 29999)));
+        let proxies = cfg.proxies().expect("trusted proxies");
+        assert!(proxies.trusts("127.0.0.1".parse().expect("address")));
+        assert!(!proxies.trusts("192.0.2.1".parse().expect("address")));
+    }
+
+    #[test]
+    fn http_limits_are_checked() {
+        assert!(
+            Config::default()
+                .proxies()
+                .expect("none")
+                .trusted
+                .is_empty()
+        );
+        let cfg = Config {
+            trusted_proxies: vec!["10.0.0.0/33".into()],
+            ..Config::default()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::Proxy(_))));
+        let cfg = Config {
+            http_max_connections_per_address: 0,
+            ..Config::default()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::HttpLimit)));
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub async fn run(
     let (client, client_id) = store.add_account(Role::Client)?;
     Ledger::open(&store, cfg.pricing())?.deposit(Account::Client(client_id), 10 * cfg.price_sat)?;
     let (owner, _) = store.add_account(Role::Owner)?;
-    let broker = Broker::bind(cfg, store).await?;
+    let broker = Broker::bind(cfg, store, super::raise_open_files()).await?;
     let api = broker.api_addr;
     let node_cfg = jusy_node::config::Config {
         broker: broker.relay_addr.to_string(),

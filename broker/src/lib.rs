@@ -50,8 +50,6 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server: {0}")]
-    Serve(std::io::Error),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
@@ -83,12 +81,18 @@ pub struct Broker {
     events: mpsc::UnboundedReceiver<RelayEvent>,
     mesh: Option<MeshPart>,
     cfg: Config,
+    proxies: Arc<api::client_addr::Proxies>,
+    http_limits: api::serve::Limits,
     data_plane: DataPlane,
 }
 
 impl Broker {
     /// Opens the database and binds the API and relay sockets.
-    pub async fn bind(cfg: Config, store: Store) -> Result<Self, BrokerError> {
+    /// `open_files` is how many file descriptors the process may hold: the
+    /// API's connections take at most half of them.
+    pub async fn bind(cfg: Config, store: Store, open_files: u64) -> Result<Self, BrokerError> {
+        let proxies = Arc::new(cfg.proxies()?);
+        let http_limits = cfg.http_limits().within_fd_limit(open_files);
         let identity = store.identity()?;
         let data_plane = DataPlane::start(cfg.busy_poll()).map_err(relay::RelayError::DataPlane)?;
         let (endpoint, paths) = Relay::bind(
@@ -178,6 +182,8 @@ impl Broker {
             events,
             mesh,
             cfg,
+            proxies,
+            http_limits,
             data_plane,
         })
     }
@@ -248,13 +254,14 @@ impl Broker {
             self.key,
         );
         let app = api::router(api).merge(web::router(pages));
-        let served = axum::serve(
+        api::serve::serve(
             self.api_listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app,
+            self.proxies,
+            self.http_limits,
+            stop.clone(),
         )
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await
-        .map_err(BrokerError::Serve);
+        .await;
         stop.cancel();
         orders.cancel_all().await;
         relay_stop.cancel();
@@ -274,6 +281,6 @@ impl Broker {
         let data_plane = self.data_plane;
         let _ = tokio::task::spawn_blocking(move || drop(data_plane)).await;
         self.store.flush()?;
-        served
+        Ok(())
     }
 }

@@ -231,7 +231,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = load(*args)?;
             rt.block_on(async {
                 let store = Store::open(&cfg.data_dir)?;
-                let broker = Broker::bind(cfg, store).await?;
+                let broker = Broker::bind(cfg, store, raise_open_files()).await?;
                 println!("{}", broker.ready_line());
                 broker.run(stop_on_signal()).await?;
                 anyhow::Ok(())
@@ -308,6 +308,35 @@ fn add_account(dir: &Path, role: Role, deposit: u64) -> anyhow::Result<()> {
     }
     println!("{hash}");
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard one (systemd starts
+/// services at 1024, too few for a busy API and its order ports) and returns
+/// the limit in force.
+fn raise_open_files() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a pointer valid for it.
+    // (nix would wrap it, but only behind a feature that rebuilds the node's
+    // dependencies; this is the only call.)
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    // The kernel refuses more than fs.nr_open, 2^20 by default.
+    let want = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit through a pointer valid for it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return want;
+        }
+    }
+    lim.rlim_cur
 }
 
 /// A token cancelled by SIGINT or SIGTERM.

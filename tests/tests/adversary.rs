@@ -12,12 +12,17 @@
 //! * [`traffic`] — a stranger's connections to an order port: idle ones lock
 //!   no client out and are closed after the login grace time; only a login
 //!   counts, so an order nobody logged in to is refunded in full.
+//! * [`flood`] — a stranger against the HTTP API: slow headers by the
+//!   thousand, stalled bodies, 60 KB hashes, forged forwarding headers, no
+//!   file descriptors left.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
 
 // A test target's root resolves `mod x;` beside itself (tests/tests/x.rs):
 // the rooms live in tests/tests/adversary/.
+#[path = "adversary/flood.rs"]
+mod flood;
 #[path = "adversary/isolation.rs"]
 mod isolation;
 #[path = "adversary/network.rs"]

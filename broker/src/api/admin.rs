@@ -2,10 +2,10 @@
 //! creating accounts, crediting deposits, listing orders, auditing the books,
 //! and letting brokers into the mesh.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
+use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jusy_common::ledger::{Account, AccountId};
@@ -13,13 +13,14 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::client::order_json;
+use super::client_addr::ClientIp;
 use super::{Api, ApiError};
 use crate::store::Role;
 
 /// Checks the bearer token in constant time (no early exit on the first
 /// differing byte).
-fn authorize(api: &Api, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
-    api.limit(peer, None)?;
+fn authorize(api: &Api, peer: IpAddr, headers: &HeaderMap) -> Result<(), ApiError> {
+    api.limit(peer)?;
     let denied = || ApiError(StatusCode::UNAUTHORIZED, "operator token required".into());
     let expected = api.operator_token.as_deref().ok_or_else(denied)?;
     let given = headers
@@ -53,7 +54,7 @@ fn created(role: Role, hash: String, id: AccountId) -> Response {
 
 pub async fn add_client(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&api, peer, &headers)?;
@@ -63,7 +64,7 @@ pub async fn add_client(
 
 pub async fn add_owner(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&api, peer, &headers)?;
@@ -82,7 +83,7 @@ pub struct Deposit {
 
 pub async fn deposit(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
     body: Result<axum::Json<Deposit>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -113,7 +114,7 @@ pub async fn deposit(
 
 pub async fn orders(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&api, peer, &headers)?;
@@ -128,7 +129,7 @@ pub async fn orders(
 
 pub async fn audit(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&api, peer, &headers)?;
@@ -149,7 +150,7 @@ fn mesh_failed(e: impl std::fmt::Display) -> ApiError {
 /// This broker's place in the mesh and the brokers it lets in.
 pub async fn mesh(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&api, peer, &headers)?;
@@ -181,7 +182,7 @@ pub struct Admit {
 /// it from now on (and after restarts).
 pub async fn admit(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
     body: Result<axum::Json<Admit>, JsonRejection>,
 ) -> Result<Response, ApiError> {

@@ -2,10 +2,8 @@
 //! service documented it), an order's state with its receipts and amounts, the
 //! account, and the client's own SSH keys.
 
-use std::net::SocketAddr;
-
 use axum::extract::rejection::StringRejection;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use jusy_common::ledger::Account;
@@ -14,7 +12,8 @@ use jusy_common::wire::OrderId;
 use russh::keys::ssh_key::public::KeyData;
 use serde_json::json;
 
-use super::{Api, ApiError, check_hash};
+use super::client_addr::ClientIp;
+use super::{Api, ApiError};
 use crate::ledger::OrderRecord;
 use crate::store::Role;
 
@@ -25,11 +24,10 @@ const MIN_RSA_BITS: usize = 2048;
 
 pub async fn order(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    api.limit(peer, Some(&hash))?;
-    check_hash(&hash)?;
+    api.limit_hash(peer, &hash)?;
     let creds = api.orders.create(&hash).await?;
     Ok(axum::Json(creds).into_response())
 }
@@ -64,7 +62,7 @@ pub fn order_json(id: OrderId, rec: &OrderRecord, receipts: &[Vec<u8>]) -> serde
 
 pub async fn order_status(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     Path((hash, order_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let (client, _) = api.account(peer, Role::Client, &hash)?;
@@ -88,7 +86,7 @@ pub async fn order_status(
 
 pub async fn account(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
     let (id, record) = api.account(peer, Role::Client, &hash)?;
@@ -154,7 +152,7 @@ pub fn validate_key(line: &str) -> Result<String, String> {
 /// Replaces the client's own SSH public keys (one per line).
 pub async fn set_keys(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     Path(hash): Path<String>,
     body: Result<String, StringRejection>,
 ) -> Result<Response, ApiError> {
@@ -184,7 +182,7 @@ pub async fn set_keys(
 /// Removes all of the client's own SSH public keys.
 pub async fn clear_keys(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
     let (id, _) = api.account(peer, Role::Client, &hash)?;

@@ -7,13 +7,17 @@
 //! * [`owner`] — `/owner/…`.
 //! * [`admin`] — `/admin/…`, behind the operator's bearer token.
 //! * [`limit`] — per-address and per-hash rate limits.
+//! * [`client_addr`] — the client's address, behind trusted proxies too.
+//! * [`serve`] — the listener: connection caps, timeouts, accept back-off.
 
 pub mod admin;
 pub mod client;
+pub mod client_addr;
 pub mod limit;
 pub mod owner;
+pub mod serve;
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -26,9 +30,9 @@ use serde_json::json;
 use crate::ledger::LedgerError;
 use crate::orders::{OrderError, Orders};
 use crate::relay::Relay;
-use crate::store::{AccountRecord, Role, Store, StoreError, valid_hash};
+use crate::store::{AccountRecord, Role, Store, StoreError};
 use jusy_common::ledger::AccountId;
-use limit::RateLimiter;
+use limit::{Key, RateLimiter};
 
 /// Largest request body accepted (SSH key lists, deposits).
 const MAX_BODY: usize = 64 * 1024;
@@ -70,36 +74,38 @@ impl Api {
         }
     }
 
-    /// Charges one request to the caller's address and, if given, to a hash.
-    fn limit(&self, peer: SocketAddr, hash: Option<&str>) -> Result<(), ApiError> {
-        let by_addr = self.limiter.allow(&format!("addr {}", peer.ip()));
-        let by_hash = hash.is_none_or(|h| {
-            self.limiter
-                .allow(&format!("hash {}", h.to_ascii_lowercase()))
-        });
-        if by_addr && by_hash {
+    /// Charges one request to the client's address.
+    fn limit(&self, client: IpAddr) -> Result<(), ApiError> {
+        if self.limiter.allow(Key::addr(client)) {
             Ok(())
         } else {
-            Err(ApiError(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many requests, slow down".into(),
-            ))
+            Err(too_many())
         }
     }
-}
 
-impl Api {
+    /// Charges one request to the client's address, refuses text that is
+    /// not a hash (before it is used as a key, so a flood of long or random
+    /// text costs no memory), and charges the hash.
+    fn limit_hash(&self, client: IpAddr, hash: &str) -> Result<(), ApiError> {
+        self.limit(client)?;
+        let key = Key::hash(hash).ok_or_else(bad_hash)?;
+        if self.limiter.allow(key) {
+            Ok(())
+        } else {
+            Err(too_many())
+        }
+    }
+
     /// The account a request's secret hash opens, after charging the request
     /// to the rate limits: 400 for text that is not a hash, 401 for a hash
     /// that opens nothing.
     fn account(
         &self,
-        peer: SocketAddr,
+        client: IpAddr,
         role: Role,
         hash: &str,
     ) -> Result<(AccountId, AccountRecord), ApiError> {
-        self.limit(peer, Some(hash))?;
-        check_hash(hash)?;
+        self.limit_hash(client, hash)?;
         let unknown = match role {
             Role::Client => "unknown client hash",
             Role::Owner => "unknown owner hash",
@@ -108,6 +114,13 @@ impl Api {
             .account(role, hash)?
             .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, unknown.into()))
     }
+}
+
+fn too_many() -> ApiError {
+    ApiError(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many requests, slow down".into(),
+    )
 }
 
 /// An error answer.
@@ -161,15 +174,11 @@ impl From<LedgerError> for ApiError {
     }
 }
 
-fn check_hash(hash: &str) -> Result<(), ApiError> {
-    if valid_hash(hash) {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "a hash is 64 hex characters".into(),
-        ))
-    }
+fn bad_hash() -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        "a hash is 64 hex characters".into(),
+    )
 }
 
 pub fn router(api: Api) -> Router {

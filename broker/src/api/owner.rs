@@ -1,19 +1,18 @@
 //! Node-owner endpoint: their nodes attached now with their ratings, and their
 //! earnings.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use jusy_common::ledger::Account;
 use serde_json::json;
 
+use super::client_addr::ClientIp;
 use super::{Api, ApiError};
 use crate::store::Role;
 
 pub async fn owner(
     State(api): State<Api>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
     let (id, _) = api.account(peer, Role::Owner, &hash)?;

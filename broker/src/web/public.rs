@@ -1,12 +1,10 @@
 //! Pages anyone may see: what the service is and how to use it, sign-up (the
 //! new hash is shown once), log-in with a hash or the operator token, log-out.
 
-use std::net::SocketAddr;
-
 use askama::Template;
 use axum::Form;
+use axum::extract::State;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::http::header::{HeaderMap, SET_COOKIE};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -15,6 +13,8 @@ use serde::Deserialize;
 use super::session::{Who, clear_cookie, same_secret};
 use super::view::sat;
 use super::{Nav, Web, WebError, bad_form, home_of, render, with_cookie};
+use crate::api::client_addr::ClientIp;
+use crate::api::limit::Key;
 use crate::store::{Role, valid_hash};
 
 #[derive(Template)]
@@ -82,11 +82,11 @@ struct NewHash {
 
 pub async fn signup(
     State(web): State<Web>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
     form: Result<Form<SignupForm>, FormRejection>,
 ) -> Result<Response, WebError> {
-    if !web.signup_limit.allow(&peer.ip().to_string()) {
+    if !web.signup_limit.allow(Key::addr(peer)) {
         return Err(WebError::TooMany);
     }
     let Form(form) = form.map_err(bad_form)?;
@@ -159,13 +159,13 @@ pub struct LoginForm {
 
 pub async fn login(
     State(web): State<Web>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, WebError> {
     // Counted before anything else, so guessing hashes costs the same whether
     // or not the guess is well-formed.
-    if !web.login_limit.allow(&peer.ip().to_string()) {
+    if !web.login_limit.allow(Key::addr(peer)) {
         return Err(WebError::TooMany);
     }
     let Form(form) = form.map_err(bad_form)?;

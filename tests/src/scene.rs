@@ -115,3 +115,42 @@ pub fn e2e(name: &str, test: impl FnOnce(&Scene) -> anyhow::Result<()>) {
         }
     }
 }
+
+/// A test's data directory under /var/lib, where a real node keeps its data:
+/// sessions get private copies of the world-writable directories (/tmp among
+/// them), so a data directory under the scene's /tmp directory would hide
+/// homes from their own sessions' view of the paths. Removed when dropped,
+/// unless something is still mounted in it. Not made here: the node or the
+/// test makes it.
+#[derive(Debug)]
+pub struct DataDir(PathBuf);
+
+impl DataDir {
+    pub fn new(scene: &Scene) -> anyhow::Result<Self> {
+        let name = scene.dir().file_name().and_then(|n| n.to_str());
+        Ok(Self(PathBuf::from(format!(
+            "/var/lib/jusy-e2e-{}",
+            name.unwrap_or("scene")
+        ))))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let busy = mounts.lines().any(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| Path::new(m).starts_with(&self.0))
+        });
+        if busy {
+            eprintln!("{} kept: still mounted in", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -16,40 +16,11 @@ use std::time::{Duration, Instant};
 use jusy_tests::leftovers::{self, SHARED_DIRS};
 use jusy_tests::mux::{Children, Master};
 use jusy_tests::process::Output;
+use jusy_tests::scene::DataDir;
 use jusy_tests::{Broker, Login, Node, Scene, e2e};
 
 /// How long a session may take to end once its client is gone.
 const END: Duration = Duration::from_secs(90);
-
-/// A data directory outside /tmp, removed when dropped unless something is
-/// still mounted in it.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(scene: &Scene) -> Self {
-        let name = scene.dir().file_name().and_then(|n| n.to_str());
-        Self(PathBuf::from(format!(
-            "/var/lib/jusy-e2e-{}",
-            name.unwrap_or("isolation")
-        )))
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let busy = mounts.lines().any(|l| {
-            l.split(' ')
-                .nth(4)
-                .is_some_and(|m| Path::new(m).starts_with(&self.0))
-        });
-        if busy {
-            eprintln!("{} kept: still mounted in", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 /// A broker with one client and a root node with its data under /var/lib.
 /// Fields drop in order: the node stops (ending its sessions) before its data
@@ -66,7 +37,7 @@ impl Net {
     /// Starts both with `slots` ready sessions, 64 MiB disks, a one-second
     /// grace after the last connection and `extra` node flags.
     fn start(scene: &Scene, slots: u32, extra: &[&str]) -> anyhow::Result<Self> {
-        let data = DataDir::new(scene);
+        let data = DataDir::new(scene)?;
         let broker_data = scene.subdir("broker")?;
         let client = Broker::add_client(scene, &broker_data)?;
         let broker = Broker::start(scene, "broker", broker_data, 0)?;
@@ -75,7 +46,13 @@ impl Net {
             .into();
         args.push(slots.to_string());
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let node = Node::start_in(scene, "node", data.0.clone(), &broker, &as_strs(&args))?;
+        let node = Node::start_in(
+            scene,
+            "node",
+            data.path().to_owned(),
+            &broker,
+            &as_strs(&args),
+        )?;
         broker.wait_capacity(scene, slots.into())?;
         Ok(Self {
             node,
@@ -99,13 +76,19 @@ impl Net {
             "the node did not stop cleanly"
         );
         let args = as_strs(&self.args);
-        self.node = Node::start_in(scene, "node-2", self.data.0.clone(), &self.broker, &args)?;
+        self.node = Node::start_in(
+            scene,
+            "node-2",
+            self.data.path().to_owned(),
+            &self.broker,
+            &args,
+        )?;
         let slots = self.args.last().and_then(|s| s.parse().ok()).unwrap_or(1);
         self.broker.wait_capacity(scene, slots)
     }
 
     fn data(&self) -> &Path {
-        &self.data.0
+        self.data.path()
     }
 }
 

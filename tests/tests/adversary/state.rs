@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use jusy_tests::process::{self, bin};
+use jusy_tests::scene::DataDir;
 use jusy_tests::{Broker, Login, Node, Scene, e2e};
 
 const STOP: Duration = Duration::from_secs(30);
@@ -97,7 +98,11 @@ fn broker_modes_are_private(data_dir: &Path) {
 #[test]
 fn sessions_cannot_read_the_nodes_or_the_brokers_state() {
     e2e("adversary_state_private", |scene| {
-        let data = scene.subdir("broker")?;
+        // Under /var/lib as on a real machine: sessions see the paths (their
+        // failures below are refusals, not absence).
+        let root = DataDir::new(scene)?;
+        let data = root.path().join("broker");
+        std::fs::create_dir_all(&data)?;
         let client = Broker::add_client(scene, &data)?;
         let broker = Broker::start(scene, "broker", data.clone(), 0)?;
         let args = [
@@ -108,7 +113,7 @@ fn sessions_cannot_read_the_nodes_or_the_brokers_state() {
             "--grace-secs",
             "1",
         ];
-        let node = Node::start(scene, "node", &broker, &args)?;
+        let node = Node::start_in(scene, "node", root.path().join("node"), &broker, &args)?;
         broker.wait_capacity(scene, 2)?;
         let victim = order(scene, &broker, &client)?;
         let attacker = order(scene, &broker, &client)?;

@@ -40,6 +40,18 @@ pub struct OrderRecord {
     pub port: u16,
     pub created_ms: u64,
     pub order: Order,
+    /// Bytes through the session's network, as its node counted them.
+    #[serde(default)]
+    pub traffic: Traffic,
+}
+
+/// Bytes through a session's network link.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Traffic {
+    /// Sent by the session.
+    pub sent: u64,
+    /// Received by the session.
+    pub received: u64,
 }
 
 /// The trees one transaction works on.
@@ -248,6 +260,20 @@ impl Ledger {
             );
         }
         Ok(settled.map(|(s, _)| s))
+    }
+
+    /// Records an order's network traffic so far. Counters only grow: a
+    /// smaller report (out of order, or a node that restarted counting) is
+    /// not taken.
+    pub fn set_traffic(&self, id: OrderId, traffic: Traffic) -> Result<(), LedgerError> {
+        self.transact(|tx| {
+            let mut rec = tx.order(id)?;
+            rec.traffic = Traffic {
+                sent: rec.traffic.sent.max(traffic.sent),
+                received: rec.traffic.received.max(traffic.received),
+            };
+            tx.put_order(id, &rec)
+        })
     }
 
     /// Stores a verified receipt and counts its CPU time for the order.
@@ -461,6 +487,7 @@ mod tests {
             port: 1,
             created_ms: 0,
             order: Order::new(0, PRICING),
+            traffic: Default::default(),
         }
     }
 

@@ -195,6 +195,14 @@ pub enum NodeMsg {
         /// logged in.
         stream: u64,
     },
+    /// Bytes through a session's network link so far (sent with each receipt
+    /// and once more when the session is over): what the session sent out of
+    /// its namespace and what it received.
+    Traffic {
+        order_id: OrderId,
+        sent: u64,
+        received: u64,
+    },
 }
 
 /// Broker → node.

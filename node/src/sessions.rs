@@ -278,6 +278,17 @@ impl Sessions {
         }
     }
 
+    /// Tells the relay how many bytes the session's network carried so far.
+    async fn report_traffic(&self, r: &Running) {
+        if let Some(t) = r.access.ctx.sandbox.traffic().await {
+            let _ = self.events.send(NodeMsg::Traffic {
+                order_id: r.order_id,
+                sent: t.sent,
+                received: t.received,
+            });
+        }
+    }
+
     /// Runs a session until its state machine says it is over, then tears it down.
     async fn drive(self: Arc<Self>, r: Arc<Running>) {
         let sandbox = &r.access.ctx.sandbox;
@@ -291,6 +302,7 @@ impl Sessions {
             }
             if now >= next_receipt {
                 lock(&r.receipts).emit(&lock(&r.machine), now.into_std(), None);
+                self.report_traffic(&r).await;
                 next_receipt = now + self.settings.receipt_every;
             }
             let deadline = {
@@ -320,6 +332,7 @@ impl Sessions {
         }
         self.sample(&r);
         lock(&r.receipts).emit(&lock(&r.machine), Instant::now().into_std(), Some(reason));
+        self.report_traffic(&r).await;
         self.host.teardown(sandbox).await;
         lock(&self.running).remove(&r.order_id);
         // Its disk is gone: a short data file system may have room again.

@@ -56,6 +56,8 @@ pub fn order_json(id: OrderId, rec: &OrderRecord, receipts: &[Vec<u8>]) -> serde
         "price_sat": o.pricing.price_sat,
         "proven_cpu_us": o.proven_cpu_us,
         "settlement": o.settlement,
+        "net_sent_bytes": rec.traffic.sent,
+        "net_received_bytes": rec.traffic.received,
         "receipts": receipts.iter().map(hex::encode).collect::<Vec<_>>(),
     })
 }

@@ -86,6 +86,11 @@ pub enum OrderEvent {
     Ended {
         reason: EndReason,
     },
+    /// Bytes through the session's network so far.
+    Traffic {
+        sent: u64,
+        received: u64,
+    },
 }
 
 /// The answer to a [`MeshRequest`].

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::ledger::{Ledger, LedgerError, OrderRecord};
+use crate::ledger::{Ledger, LedgerError, OrderRecord, Traffic};
 use crate::mesh::Mesh;
 use crate::relay::{AssignError, NodeLink, Relay, RelayEvent, splice};
 use crate::remote::Served;
@@ -354,6 +354,7 @@ impl Orders {
             port,
             created_ms: now_ms(),
             order: Order::new(now_ms(), self.ledger.pricing),
+            traffic: Default::default(),
         };
         if let Err(e) = blocking(|| self.ledger.reserve(order_id, &record)) {
             link.return_slot(slot);
@@ -423,7 +424,40 @@ impl Orders {
     fn apply(&self, ev: RelayEvent) {
         let now = now_ms();
         let result = match ev {
-            RelayEvent::Ended { order_id, reason } => self.end(order_id, reason).map(|_| ()),
+            RelayEvent::Ended {
+                node_id,
+                order_id,
+                reason,
+            } => {
+                let runs = self
+                    .live()
+                    .get(&order_id)
+                    .is_some_and(|l| l.node == node_id);
+                if runs {
+                    self.end(order_id, reason).map(|_| ())
+                } else {
+                    tracing::warn!(%order_id, node_id = %node_id.short(), reason = reason.code(), "end refused: not an order this node runs");
+                    Ok(())
+                }
+            }
+            RelayEvent::Traffic {
+                node_id,
+                order_id,
+                sent,
+                received,
+            } => {
+                let runs = self
+                    .live()
+                    .get(&order_id)
+                    .is_some_and(|l| l.node == node_id);
+                if runs {
+                    self.ledger
+                        .set_traffic(order_id, Traffic { sent, received })
+                } else {
+                    tracing::warn!(%order_id, node_id = %node_id.short(), "traffic refused: not an order this node runs");
+                    Ok(())
+                }
+            }
             RelayEvent::Receipt { node_id, bytes } => self.receipt(node_id, &bytes),
             RelayEvent::ClientConnected { order_id } => self
                 .ledger

@@ -167,6 +167,7 @@ impl Orders {
             port: r.port,
             created_ms: now_ms(),
             order: Order::new(now_ms(), self.ledger.pricing),
+            traffic: Default::default(),
         };
         blocking(|| self.ledger.reserve(order_id, &record))?;
         self.live().insert(
@@ -280,7 +281,7 @@ impl Orders {
         seq: u64,
         event: OrderEvent,
     ) -> MeshResponse {
-        {
+        let node_id = {
             let mut live = self.live();
             match live.get_mut(&order_id) {
                 None => return MeshResponse::Acknowledged,
@@ -289,14 +290,27 @@ impl Orders {
                     return MeshResponse::Refused("not this order's relay".into());
                 }
                 Some(l) if seq < l.next_seq => return MeshResponse::Acknowledged,
-                Some(l) => l.next_seq = seq.saturating_add(1),
+                Some(l) => {
+                    l.next_seq = seq.saturating_add(1);
+                    l.node
+                }
             }
-        }
+        };
         let ev = match event {
             OrderEvent::ClientConnected => RelayEvent::ClientConnected { order_id },
             OrderEvent::ClientDisconnected => RelayEvent::ClientDisconnected { order_id },
             OrderEvent::Receipt { node_id, bytes } => RelayEvent::Receipt { node_id, bytes },
-            OrderEvent::Ended { reason } => RelayEvent::Ended { order_id, reason },
+            OrderEvent::Ended { reason } => RelayEvent::Ended {
+                node_id,
+                order_id,
+                reason,
+            },
+            OrderEvent::Traffic { sent, received } => RelayEvent::Traffic {
+                node_id,
+                order_id,
+                sent,
+                received,
+            },
         };
         blocking(|| self.apply(ev));
         MeshResponse::Acknowledged

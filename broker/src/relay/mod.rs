@@ -31,6 +31,7 @@ pub use node_link::NodeLink;
 pub enum RelayEvent {
     /// A node reported that an order's session is over.
     Ended {
+        node_id: PeerId,
         order_id: OrderId,
         reason: EndReason,
     },
@@ -42,6 +43,14 @@ pub enum RelayEvent {
     ClientConnected { order_id: OrderId },
     /// A logged-in client connection to an order port closed.
     ClientDisconnected { order_id: OrderId },
+    /// Bytes through an order's session network so far, as its node counts
+    /// them.
+    Traffic {
+        node_id: PeerId,
+        order_id: OrderId,
+        sent: u64,
+        received: u64,
+    },
     /// A node's connection is gone; its sessions are lost.
     NodeGone { node_id: PeerId, link_id: u64 },
 }

@@ -399,7 +399,8 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
                 }
                 NodeMsg::Accepted { order_id } => link.answer(order_id, Ok(())),
                 NodeMsg::Refused { order_id, error } => link.answer(order_id, Err(AssignError::Refused(error))),
-                NodeMsg::Ended { order_id, reason } => relay.event(RelayEvent::Ended { order_id, reason }),
+                NodeMsg::Ended { order_id, reason } => relay.event(RelayEvent::Ended { node_id, order_id, reason }),
+                NodeMsg::Traffic { order_id, sent, received } => relay.event(RelayEvent::Traffic { node_id, order_id, sent, received }),
                 NodeMsg::Receipt { bytes } => relay.event(RelayEvent::Receipt { node_id, bytes }),
                 NodeMsg::SpeedResult { digest } => {
                     let Some(c) = check.take() else {

@@ -159,7 +159,28 @@ impl Served {
                     },
                 );
             }
-            RelayEvent::Ended { order_id, reason } => {
+            RelayEvent::Traffic {
+                node_id,
+                order_id,
+                sent,
+                received,
+            } => {
+                let o = orders.get(order_id).filter(|o| o.node == *node_id)?;
+                push(
+                    o,
+                    OrderEvent::Traffic {
+                        sent: *sent,
+                        received: *received,
+                    },
+                );
+            }
+            RelayEvent::Ended {
+                node_id,
+                order_id,
+                reason,
+            } => {
+                // Only the node running an order may end it.
+                orders.get(order_id).filter(|o| o.node == *node_id)?;
                 let o = orders.remove(order_id)?;
                 o.closed.cancel();
                 push(&o, OrderEvent::Ended { reason: *reason });

@@ -32,6 +32,27 @@ pub fn cpu(us: u64) -> String {
     }
 }
 
+/// A byte count in the largest binary unit that keeps it at least 1.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut unit = 0;
+    let mut scaled = n;
+    while scaled >= 1024 * 1024 && unit + 1 < UNITS.len() {
+        scaled /= 1024;
+        unit += 1;
+    }
+    let tenths = scaled * 10 / 1024;
+    format!(
+        "{}.{} {}",
+        tenths / 10,
+        tenths % 10,
+        UNITS.get(unit).copied().unwrap_or("TiB")
+    )
+}
+
 /// A Unix time in milliseconds as `YYYY-MM-DD HH:MM` UTC.
 pub fn utc(ms: u64) -> String {
     let secs = ms / 1000;
@@ -70,6 +91,8 @@ pub struct OrderRow {
     pub reason: String,
     pub cpu: String,
     pub cpu_us: u64,
+    /// The session's network traffic: sent ↑, received ↓.
+    pub net: String,
     pub charged: String,
     pub refunded: String,
     pub node: String,
@@ -115,6 +138,11 @@ impl OrderRow {
             reason,
             cpu: cpu(o.proven_cpu_us),
             cpu_us: o.proven_cpu_us,
+            net: format!(
+                "↑ {} ↓ {}",
+                bytes(rec.traffic.sent),
+                bytes(rec.traffic.received)
+            ),
             charged: sat(o.pricing.price_sat),
             refunded: o
                 .settlement
@@ -243,6 +271,10 @@ mod tests {
         assert_eq!(sat(7), "7 sat");
         assert_eq!(cpu(1_250_000), "1.2 s");
         assert_eq!(cpu(43_900), "43 ms");
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+        assert_eq!(bytes(5 << 30), "5.0 GiB");
         assert_eq!(utc(0), "1970-01-01 00:00");
         assert_eq!(utc(1_709_210_096_000), "2024-02-29 12:34");
     }

@@ -86,6 +86,17 @@ impl Sandbox {
             .map_or(Ok(Counters::default()), SessionCgroup::counters)
     }
 
+    /// Bytes through the session's network link so far; None without one
+    /// (development mode, or before it is attached) or when the counters
+    /// could not be read.
+    pub async fn traffic(&self) -> Option<network::Traffic> {
+        let link = lock_net(&self.net).as_ref().map(|n| n.link().to_owned())?;
+        network::link_traffic(&link)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "reading a session's traffic failed"))
+            .ok()
+    }
+
     /// Whether the session filled its disk.
     pub fn disk_full(&self) -> bool {
         self.disk.as_ref().is_some_and(Disk::full)

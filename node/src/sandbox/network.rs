@@ -409,32 +409,37 @@ impl SessionNet {
         format!("nameserver {}\n", self.addrs.gateway4)
     }
 
-    /// Bytes through the link so far. Asked over netlink (`ip -s`), which
-    /// answers for the node's own namespace, where `/sys` may show another's.
+    /// Bytes through the link so far.
     pub async fn traffic(&self) -> Result<Traffic, NetworkError> {
-        let out = run("ip", &["-j", "-s", "link", "show", "dev", &self.name]).await?;
-        let bad = |what: &str| NetworkError::Failed {
-            cmd: format!("ip -j -s link show dev {}", self.name),
-            stderr: format!("{what} in {out}"),
-        };
-        let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| bad("not JSON"))?;
-        let stats = v
-            .get(0)
-            .and_then(|l| l.get("stats64"))
-            .ok_or_else(|| bad("no stats64"))?;
-        let bytes = |dir: &str| {
-            stats
-                .get(dir)
-                .and_then(|d| d.get("bytes"))
-                .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| bad(dir))
-        };
-        // The node's end: what it receives, the session sent.
-        Ok(Traffic {
-            sent: bytes("rx")?,
-            received: bytes("tx")?,
-        })
+        link_traffic(&self.name).await
     }
+}
+
+/// Bytes through a session link so far. Asked over netlink (`ip -s`), which
+/// answers for the node's own namespace, where `/sys` may show another's.
+pub async fn link_traffic(name: &str) -> Result<Traffic, NetworkError> {
+    let out = run("ip", &["-j", "-s", "link", "show", "dev", name]).await?;
+    let bad = |what: &str| NetworkError::Failed {
+        cmd: format!("ip -j -s link show dev {name}"),
+        stderr: format!("{what} in {out}"),
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| bad("not JSON"))?;
+    let stats = v
+        .get(0)
+        .and_then(|l| l.get("stats64"))
+        .ok_or_else(|| bad("no stats64"))?;
+    let bytes = |dir: &str| {
+        stats
+            .get(dir)
+            .and_then(|d| d.get("bytes"))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| bad(dir))
+    };
+    // The node's end: what it receives, the session sent.
+    Ok(Traffic {
+        sent: bytes("rx")?,
+        received: bytes("tx")?,
+    })
 }
 
 /// Deletes every link named `prefix…` (the claim bridge and session veths).

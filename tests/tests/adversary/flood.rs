@@ -313,8 +313,10 @@ fn huge_hashes_cost_no_memory_and_limit_only_their_sender() {
                     Ok((refused, limited))
                 })
             };
-            // Warm up the broker's allocator, then measure.
-            flood(400)?;
+            // Warm up the broker's allocator, then measure. The first requests
+            // of a fresh address pass the limiter and meet validation.
+            let (warm_refused, _) = flood(400)?;
+            anyhow::ensure!(warm_refused > 0, "no request reached validation");
             let before = vm_rss_kb(pid)?;
             let started = Instant::now();
             let (refused, limited) = flood(HUGE_REQUESTS)?;
@@ -327,15 +329,27 @@ fn huge_hashes_cost_no_memory_and_limit_only_their_sender() {
             // The precondition: every request reached the API with its hash and
             // was answered, most of them by the rate limit.
             anyhow::ensure!(refused + limited == HUGE_REQUESTS);
-            anyhow::ensure!(refused > 0 && limited > HUGE_REQUESTS / 2);
+            anyhow::ensure!(limited > HUGE_REQUESTS / 2);
             anyhow::ensure!(
                 after < before + RSS_BOUND_KB,
                 "VmRSS grew from {before} kB to {after} kB"
             );
             // The flooding address is still limited; another one is not.
             let unknown = format!("/order/{}", "0".repeat(64));
-            let (status, _) = exchange(&mut client(flooder, &broker)?, &get(&unknown, ""))?;
-            anyhow::ensure!(status == 429, "the flooder got {status}");
+            // (Its bucket refills meanwhile, so it is asked more often than
+            // a refilled bucket allows, however slow this machine is.)
+            let mut conn = client(flooder, &broker)?;
+            let mut statuses = Vec::new();
+            for _ in 0..200 {
+                statuses.push(exchange(&mut conn, &get(&unknown, ""))?.0);
+                if statuses.last() == Some(&429) {
+                    break;
+                }
+            }
+            anyhow::ensure!(
+                statuses.last() == Some(&429),
+                "the flooder was never limited again: {statuses:?}"
+            );
             let (status, body) = exchange(
                 &mut client(Ipv4Addr::new(127, 0, 0, 2), &broker)?,
                 &get(&unknown, ""),

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jusy_node::sandbox::netfilter::Policy;
 use jusy_node::sandbox::network::{HostNet, NetConfig};
@@ -600,6 +600,50 @@ fn nothing_of_the_network_is_left_after_teardown_and_a_crash() {
         assert_eq!(links(), 0);
         let left = leftovers::of_node(&node_id, &data_dir);
         assert!(left.is_empty(), "left behind: {left:#?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_sessions_traffic_is_counted_in_its_order() {
+    e2e("session_traffic_counted", |scene| {
+        let (broker, mut node, client) = node(scene, 1)?;
+        let login = order(scene, &broker, &client)?;
+        let path = format!("/order/{client}/{}", login.order_id);
+        let (status, before) = broker.get(scene, &path)?;
+        anyhow::ensure!(status == 200, "order status: {before}");
+        assert_eq!(before["net_sent_bytes"], 0, "{before}");
+        // 1000 datagrams of 1000 bytes to a refused address: the node drops
+        // them, but they crossed the session's link.
+        let send = "python3 -c 'import socket\n\
+                    s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                    n=0\n\
+                    for _ in range(1000):\n    \
+                        try:\n        s.sendto(b\"x\"*1000,(\"192.0.2.1\",9)); n+=1\n    \
+                        except OSError: pass\n\
+                    print(\"sent\",n)'";
+        let out = login.ssh(scene, send, None)?;
+        assert_eq!(out.text().trim(), "sent 1000", "{}", out.stderr);
+        node.wait_session_end(&login.order_id, Duration::from_secs(60))?;
+        // The node reports its last count before the end, on the same stream.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let after = loop {
+            let (_, v) = broker.get(scene, &path)?;
+            if v["finished"] == true || Instant::now() > deadline {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        scene.note(&format!("order after: {after}"));
+        let sent = after["net_sent_bytes"].as_u64().unwrap_or(0);
+        // Each datagram is 1000 bytes of payload, 28 of headers and 14 of
+        // Ethernet; a little more for the session's own DNS and neighbour
+        // discovery.
+        assert!(
+            (1_042_000..1_300_000).contains(&sent),
+            "sent {sent}: {after}"
+        );
+        assert!(after["net_received_bytes"].is_u64(), "{after}");
         Ok(())
     });
 }

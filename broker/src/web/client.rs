@@ -93,7 +93,7 @@ fn render_dashboard(
         .map(|o| (format!("{} {}: {}", o.created, o.short_id, o.cpu), o.cpu_us))
         .collect();
     let page = Dashboard {
-        nav: Nav::of(session),
+        nav: Some(Nav::of(session)),
         csrf: session.csrf.clone(),
         account_id: id.to_string(),
         balance: sat(balance),
@@ -290,7 +290,7 @@ pub async fn made_order(
         order.port, order.username, order.host
     );
     let page = OrderPage {
-        nav: Nav::of(&session),
+        nav: Some(Nav::of(&session)),
         order,
         key_file,
         known_hosts_file,

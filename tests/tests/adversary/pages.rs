@@ -1,11 +1,14 @@
 //! A stranger against the web pages, and a client that orders without end:
 //! tens of thousands of anonymous page views log no one out and cost no
 //! memory, a log-in or sign-up form posted without the token signed for the
-//! browser's own cookie is refused, and a client holds at most three orders
-//! nobody has logged in to, whether it orders through the API or the page.
+//! browser's own cookie is refused, the page's "Order now" is charged to the
+//! same rate limit as the API's orders, and a client holds at most three
+//! orders nobody has logged in to, whether it orders through the API or the
+//! page.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -384,6 +387,83 @@ fn orders_nobody_logged_in_to_are_capped_on_the_api_and_the_page() {
                     anyhow::ensure!(status == 200, "{status} {body}");
                 }
             }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn order_now_is_charged_to_the_hashs_rate_limit_like_the_api() {
+    if !have_browser("order_now_is_charged_to_the_hashs_rate_limit_like_the_api") {
+        return;
+    }
+    e2e(
+        "order_now_is_charged_to_the_hashs_rate_limit_like_the_api",
+        |scene| {
+            let data = scene.subdir("broker")?;
+            let hash = Broker::add_client(scene, &data)?;
+            // No node: an order that passes the limit is refused for want of
+            // capacity, which shows it got that far.
+            let broker = Broker::start_with(
+                scene,
+                "broker",
+                data,
+                0,
+                &["--rate-limit-per-sec", "1", "--rate-limit-burst", "5"],
+            )?;
+            let base = format!("http://{}", broker.api);
+            let b = Browser::start(scene, "chromedriver")?;
+            b.log_in(&base, &hash)?;
+            b.click("#order-now")?;
+            let shown = b.text("#error")?;
+            anyhow::ensure!(shown.contains("no free capacity"), "{shown}");
+
+            // The hash's requests through the API, from other addresses (20,
+            // taking turns, so that none of them runs out), keep its bucket
+            // empty (it refills a token a second)...
+            let stop = AtomicBool::new(false);
+            let emptied = AtomicBool::new(false);
+            let shown = std::thread::scope(|s| {
+                let flood = s.spawn(|| -> anyhow::Result<()> {
+                    let mut conns = (1..=20)
+                        .map(|i| client(Ipv4Addr::new(127, 0, 7, i), broker.api))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let account = get(&format!("/account/{hash}"), "");
+                    for turn in (0..conns.len()).cycle() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if exchange(&mut conns[turn], &account)?.status == 429 {
+                            emptied.store(true, Ordering::Relaxed);
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Ok(())
+                });
+                // ...and the browser's "Order now", from its own address, is
+                // limited with it.
+                let shown = (|| {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !emptied.load(Ordering::Relaxed) {
+                        anyhow::ensure!(
+                            Instant::now() < deadline,
+                            "the API never limited the hash"
+                        );
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    b.goto(&format!("{base}/client"))?;
+                    b.click("#order-now")?;
+                    b.text("#error")
+                })();
+                stop.store(true, Ordering::Relaxed);
+                flood.join().expect("flooding thread")?;
+                shown
+            })?;
+            anyhow::ensure!(
+                shown.contains("No order was made") && shown.contains("too many requests"),
+                "{shown}"
+            );
+            b.screenshot("web-order-rate-limited")?;
             Ok(())
         },
     );

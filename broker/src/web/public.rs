@@ -105,18 +105,24 @@ pub async fn signup(
         ),
     };
     tracing::info!(account = %id, role, "signed up on the web");
-    let session = web.log_in(&headers, who)?;
+    // The account exists now: its hash is shown even when no session can be
+    // started for it (the table is full), and the user logs in later.
+    let session = match web.log_in(&headers, who) {
+        Ok(s) => Some(s),
+        Err(WebError::Busy) => None,
+        Err(e) => return Err(e),
+    };
     let page = NewHash {
-        nav: Some(Nav::of(&session)),
+        nav: session.as_ref().map(Nav::of),
         role,
-        next: home_of(&session.who),
+        next: session.as_ref().map_or("/login", |s| home_of(&s.who)),
         hash,
     };
-    Ok(with_cookie(
-        render(StatusCode::CREATED, &page),
-        &session,
-        &headers,
-    ))
+    let resp = render(StatusCode::CREATED, &page);
+    Ok(match &session {
+        Some(s) => with_cookie(resp, s, &headers),
+        None => resp,
+    })
 }
 
 #[derive(Template)]

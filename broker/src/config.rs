@@ -113,6 +113,12 @@ pub struct Config {
     /// broke limits and none that did not take it to 47 %. 0 refuses no one;
     /// at most 100. Default 50.
     pub min_client_rating: u8,
+    /// Orders a client may hold that nobody has logged in to yet; one more
+    /// is refused with 409 (on the web page, with the same message) until
+    /// the client logs in to one or one ends (an order nobody logs in to is
+    /// cancelled and refunded after `connect_window_secs`). Orders that were
+    /// logged in to, or have ended, do not count. At least 1. Default 3.
+    pub max_unconnected_orders: u32,
 }
 
 impl Default for Config {
@@ -146,6 +152,7 @@ impl Default for Config {
             capacity_validity_secs: 20,
             quic_max_mtu: jusy_node::QUIC_MTU,
             min_client_rating: 50,
+            max_unconnected_orders: 3,
             busy_poll_us: 200,
         }
     }
@@ -192,6 +199,8 @@ pub enum ConfigError {
     BusyPoll(u32),
     #[error("min_client_rating {0} is more than 100 (percent)")]
     ClientRating(u8),
+    #[error("max_unconnected_orders must be at least 1")]
+    Unconnected,
 }
 
 impl Config {
@@ -245,6 +254,9 @@ impl Config {
         }
         if self.min_client_rating > 100 {
             return Err(ConfigError::ClientRating(self.min_client_rating));
+        }
+        if self.max_unconnected_orders == 0 {
+            return Err(ConfigError::Unconnected);
         }
         self.mesh()?;
         Ok(())
@@ -387,6 +399,16 @@ mod tests {
         let settings = joined.mesh().expect("valid").expect("mesh");
         assert_eq!(settings.trust, vec![peer]);
         assert_eq!(settings.join.len(), 1);
+    }
+
+    #[test]
+    fn at_least_one_unconnected_order_is_allowed() {
+        assert_eq!(Config::default().max_unconnected_orders, 3);
+        let cfg = Config {
+            max_unconnected_orders: 0,
+            ..Config::default()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::Unconnected)));
     }
 
     #[test]

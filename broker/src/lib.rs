@@ -84,6 +84,7 @@ pub struct Broker {
     proxies: Arc<api::client_addr::Proxies>,
     http_limits: api::serve::Limits,
     data_plane: DataPlane,
+    form_key: web::csrf::FormKey,
 }
 
 impl Broker {
@@ -125,6 +126,7 @@ impl Broker {
             tracing::warn!(recovered, "settled orders left unfinished by the last run");
         }
         let key = PeerId::from_signing_key(&identity);
+        let form_key = web::csrf::FormKey::derive(&identity);
         let (mesh, advertise) = match cfg.mesh()? {
             None => (None, None),
             Some(mut settings) => {
@@ -185,6 +187,7 @@ impl Broker {
             proxies,
             http_limits,
             data_plane,
+            form_key,
         })
     }
 
@@ -252,6 +255,7 @@ impl Broker {
             self.api_addr,
             self.relay_addr,
             self.key,
+            self.form_key,
         );
         let app = api::router(api).merge(web::router(pages));
         api::serve::serve(

@@ -91,6 +91,9 @@ struct ServeArgs {
     /// Lowest client rating (percent) that may order; 0: no one is refused.
     #[arg(long)]
     min_client_rating: Option<u8>,
+    /// Orders a client may hold that nobody has logged in to yet.
+    #[arg(long)]
+    max_unconnected_orders: Option<u32>,
 }
 
 /// Where an offline command finds the database (the broker must be stopped).
@@ -191,7 +194,7 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
         speed_test_interval_secs
     );
     take!(capacity_refresh_secs, capacity_validity_secs, busy_poll_us);
-    take!(min_client_rating);
+    take!(min_client_rating, max_unconnected_orders);
     if args.mesh_listen.is_some() {
         cfg.mesh_listen = args.mesh_listen;
     }

@@ -314,6 +314,14 @@ impl Browser {
         Ok(())
     }
 
+    /// Logs in on the broker at `base` with a hash or the operator token, as
+    /// a user types it into the log-in page.
+    pub fn log_in(&self, base: &str, secret: &str) -> anyhow::Result<()> {
+        self.goto(&format!("{base}/login"))?;
+        self.fill("#secret", secret)?;
+        self.click("#login-button")
+    }
+
     /// Runs a script in the page (to forge a request the page would not send).
     pub fn execute(&self, script: &str) -> anyhow::Result<Value> {
         self.cmd(

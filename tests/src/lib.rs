@@ -8,6 +8,8 @@
 //! * [`jusy`] — a broker and nodes started as a user would, orders through `curl`.
 //! * [`browser`] — headless chromium through chromedriver (WebDriver), for the
 //!   web pages.
+//! * [`http`] — raw HTTP/1.1 on kept-alive connections from any loopback
+//!   address, for floods and hand-made requests.
 //! * [`client`] — OpenSSH `ssh`, `scp`, `sftp` and `rsync` against an order.
 //! * [`site`] — where a program runs: loopback or a lab host's namespace.
 //! * [`lab`] — a network of namespaced hosts: the internet, brokers, home
@@ -25,6 +27,7 @@
 
 pub mod browser;
 pub mod client;
+pub mod http;
 pub mod jusy;
 pub mod lab;
 pub mod leftovers;

@@ -15,6 +15,9 @@
 //! * [`flood`] — a stranger against the HTTP API: slow headers by the
 //!   thousand, stalled bodies, 60 KB hashes, forged forwarding headers, no
 //!   file descriptors left.
+//! * [`pages`] — a stranger against the web pages (anonymous views by the ten
+//!   thousand, forms posted without their signed token) and a client that
+//!   orders without logging in, through the API and the page.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
@@ -27,6 +30,8 @@ mod flood;
 mod isolation;
 #[path = "adversary/network.rs"]
 mod network;
+#[path = "adversary/pages.rs"]
+mod pages;
 #[path = "adversary/state.rs"]
 mod state;
 #[path = "adversary/syscalls.rs"]

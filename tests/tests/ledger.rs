@@ -488,6 +488,10 @@ fn concurrent_orders_over_http_never_overdraw() {
             "1000",
             "--operator-token",
             TOKEN,
+            // Money is what this test runs out of, not the cap on orders
+            // nobody has logged in to.
+            "--max-unconnected-orders",
+            "100",
         ];
         let broker = Broker::start_with(scene, "broker", data, 0, &flags)?;
         // More ready slots than the clients can pay for, so that money, not

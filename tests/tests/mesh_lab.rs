@@ -50,7 +50,16 @@ fn mesh_with(
 
     let site = lab.public_host("api")?;
     let listen = format!("{}:0", site.ip);
-    let mut flags = vec!["--mesh-listen", &listen, "--operator-token", TOKEN];
+    // Tests order until the vanished node is no longer offered, logging in
+    // to none of those orders: the cap on them is not what they test.
+    let mut flags = vec![
+        "--mesh-listen",
+        &listen,
+        "--operator-token",
+        TOKEN,
+        "--max-unconnected-orders",
+        "1000",
+    ];
     for k in &keys {
         flags.extend(["--trust", k]);
     }

@@ -31,12 +31,6 @@ fn logout(b: &Browser) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn login(b: &Browser, base: &str, secret: &str) -> anyhow::Result<()> {
-    b.goto(&format!("{base}/login"))?;
-    b.fill("#secret", secret)?;
-    b.click("#login-button")
-}
-
 /// Runs the `ssh` command a page showed, in the directory holding the files
 /// it names, with options that make it fail rather than ask (no user config,
 /// no agent, strict host-key checking), followed by `remote`.
@@ -101,7 +95,7 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
 
         // Log in again with the hash; it never appears in a URL.
         logout(&b)?;
-        login(&b, &base, &hash)?;
+        b.log_in(&base, &hash)?;
         assert!(b.url()?.ends_with("/client"), "{}", b.url()?);
         assert!(b.text("#balance-amount")?.starts_with("0 sat"));
         // A new account's rating.
@@ -132,7 +126,7 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
 
         // The operator credits the client.
         logout(&b)?;
-        login(&b, &base, TOKEN)?;
+        b.log_in(&base, TOKEN)?;
         assert!(b.url()?.ends_with("/operator"), "{}", b.url()?);
         b.fill("#account_id", &account_id)?;
         b.fill("#amount_sat", "100000")?;
@@ -150,7 +144,7 @@ fn client_signs_up_is_credited_and_orders_a_shell_from_the_page() {
         // Order now: the page's command, key download and known_hosts line
         // give a shell.
         logout(&b)?;
-        login(&b, &base, &hash)?;
+        b.log_in(&base, &hash)?;
         assert!(b.text("#balance-amount")?.starts_with("100"));
         b.screenshot("web-client")?;
         b.click("#order-now")?;
@@ -338,16 +332,16 @@ fn forms_reject_bad_input_and_log_in_is_rate_limited() {
         b.screenshot("web-403")?;
 
         // A wrong hash and a non-hash are told apart.
-        login(&b, &base, &"0".repeat(64))?;
+        b.log_in(&base, &"0".repeat(64))?;
         assert!(b.text("#error")?.contains("No account has this hash"));
         b.screenshot("web-login-wrong-hash")?;
-        login(&b, &base, "hello")?;
+        b.log_in(&base, "hello")?;
         assert!(b.text("#error")?.contains("not a hash"));
 
         // Guessing is rate limited: soon every attempt gets the 429 page.
         let mut limited = false;
         for _ in 0..20 {
-            login(&b, &base, &"1".repeat(64))?;
+            b.log_in(&base, &"1".repeat(64))?;
             if b.text("h1")?.contains("429") {
                 limited = true;
                 break;

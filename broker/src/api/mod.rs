@@ -85,8 +85,9 @@ impl Api {
 
     /// Charges one request to the client's address, refuses text that is
     /// not a hash (before it is used as a key, so a flood of long or random
-    /// text costs no memory), and charges the hash.
-    fn limit_hash(&self, client: IpAddr, hash: &str) -> Result<(), ApiError> {
+    /// text costs no memory), and charges the hash. The web page's "Order
+    /// now" is charged here too, like `GET /order/…`.
+    pub(crate) fn limit_hash(&self, client: IpAddr, hash: &str) -> Result<(), ApiError> {
         self.limit(client)?;
         let key = Key::hash(hash).ok_or_else(bad_hash)?;
         if self.limiter.allow(key) {
@@ -151,6 +152,7 @@ impl From<OrderError> for ApiError {
             OrderError::UnknownClient => StatusCode::UNAUTHORIZED,
             OrderError::Insufficient { .. } => StatusCode::PAYMENT_REQUIRED,
             OrderError::LowRating { .. } => StatusCode::FORBIDDEN,
+            OrderError::Unconnected { .. } => StatusCode::CONFLICT,
             OrderError::NoCapacity | OrderError::Node(_) | OrderError::Port(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

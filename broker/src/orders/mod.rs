@@ -78,6 +78,12 @@ pub enum OrderError {
          orders need {min} %); sessions older than {days} days stop counting"
     )]
     LowRating { rating: u8, min: u8, days: u64 },
+    #[error(
+        "this client has {max} orders nobody has logged in to yet, the most allowed: log in to \
+         one of them, or wait until one is cancelled and refunded (an order nobody logs in to \
+         within {window_secs} s is)"
+    )]
+    Unconnected { max: u32, window_secs: u32 },
 }
 
 /// Drops the ends before `since` (milliseconds) from `ends`, oldest first,
@@ -129,6 +135,9 @@ struct Live {
     closed: CancellationToken,
     receipts: ChainVerifier,
     client: AccountId,
+    /// Whether the client has logged in to it: until then it counts
+    /// against the client's `max_unconnected_orders`.
+    connected: bool,
 }
 
 /// Orders in flight.
@@ -149,7 +158,30 @@ pub struct Orders {
     /// How each client's recent sessions ended, for its rating: clients that
     /// keep breaking limits are refused orders.
     clients: Mutex<HashMap<AccountId, ClientEnds>>,
+    /// Orders each client is making right now, not yet live: they count
+    /// against its `max_unconnected_orders` too, so that parallel requests
+    /// cannot pass the cap together.
+    placing: Mutex<HashMap<AccountId, u32>>,
     ports: TaskTracker,
+}
+
+/// An order being made, counted in [`Orders::placing`] until dropped (by
+/// then it is live, or failed).
+struct Placing<'a> {
+    orders: &'a Orders,
+    client: AccountId,
+}
+
+impl Drop for Placing<'_> {
+    fn drop(&mut self) {
+        let mut placing = self.orders.placing();
+        if let Some(n) = placing.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                placing.remove(&self.client);
+            }
+        }
+    }
 }
 
 fn random<const N: usize>() -> Result<[u8; N], OrderError> {
@@ -234,6 +266,7 @@ impl Orders {
             live: Mutex::default(),
             ratings: Mutex::new(ratings),
             clients: Mutex::new(clients),
+            placing: Mutex::default(),
             ports: TaskTracker::new(),
         })
     }
@@ -265,6 +298,11 @@ impl Orders {
     /// The lowest client rating (percent) that may order.
     pub fn min_client_rating(&self) -> u8 {
         self.cfg.min_client_rating
+    }
+
+    /// Orders a client may hold that nobody has logged in to yet.
+    pub fn max_unconnected_orders(&self) -> u32 {
+        self.cfg.max_unconnected_orders
     }
 
     /// How a client's sessions of the last [`CLIENT_RATING_DAYS`] ended.
@@ -300,6 +338,36 @@ impl Orders {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn placing(&self) -> MutexGuard<'_, HashMap<AccountId, u32>> {
+        self.placing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts an order `client` is about to make, unless it already has
+    /// `max_unconnected_orders` that nobody has logged in to (live or being
+    /// made). Logged-in and ended orders do not count.
+    fn admit(&self, client: AccountId) -> Result<Placing<'_>, OrderError> {
+        let max = self.cfg.max_unconnected_orders;
+        // Locked in this order only: live, then placing.
+        let live = self.live();
+        let mut placing = self.placing();
+        let waiting = live
+            .values()
+            .filter(|l| l.client == client && !l.connected)
+            .count();
+        let making = placing.get(&client).copied().unwrap_or(0);
+        if u64::try_from(waiting).unwrap_or(u64::MAX) + u64::from(making) >= u64::from(max) {
+            return Err(OrderError::Unconnected {
+                max,
+                window_secs: self.cfg.connect_window_secs,
+            });
+        }
+        *placing.entry(client).or_default() += 1;
+        Ok(Placing {
+            orders: self,
+            client,
+        })
+    }
+
     /// Makes an order for the client with this hash.
     pub async fn create(&self, client_hash: &str) -> Result<Credentials, OrderError> {
         let (client, account) = self
@@ -321,6 +389,9 @@ impl Orders {
         if balance < price {
             return Err(OrderError::Insufficient { balance, price });
         }
+        // Held until the order is live (or failed), so that it counts
+        // throughout.
+        let _placing = self.admit(client)?;
         match self.relay.claim_slot(|node| u64::from(self.rating(node))) {
             Some((link, slot)) => self.place(client, account, link, slot).await,
             None => self.place_remote(client, account).await,
@@ -388,6 +459,7 @@ impl Orders {
                 closed: closed.clone(),
                 receipts: ChainVerifier::new(order_id, link.id),
                 client,
+                connected: false,
             },
         );
         tracing::info!(%order_id, node_id = %link.id.short(), port, user = %slot.username, "order placed");
@@ -459,13 +531,17 @@ impl Orders {
                 }
             }
             RelayEvent::Receipt { node_id, bytes } => self.receipt(node_id, &bytes),
-            RelayEvent::ClientConnected { order_id } => self
-                .ledger
-                .update(order_id, |o| {
-                    o.handle_connect(now);
-                    None
-                })
-                .map(|_| ()),
+            RelayEvent::ClientConnected { order_id } => {
+                if let Some(live) = self.live().get_mut(&order_id) {
+                    live.connected = true;
+                }
+                self.ledger
+                    .update(order_id, |o| {
+                        o.handle_connect(now);
+                        None
+                    })
+                    .map(|_| ())
+            }
             RelayEvent::ClientDisconnected { order_id } => self
                 .ledger
                 .update(order_id, |o| {

@@ -180,6 +180,7 @@ impl Orders {
                 closed: CancellationToken::new(),
                 receipts: jusy_common::receipt::ChainVerifier::new(order_id, node_id),
                 client,
+                connected: false,
             },
         );
         tracing::info!(%order_id, node_id = %node_id.short(), %relay, host = %r.host, port = r.port, "order placed on another relay");

@@ -15,7 +15,9 @@ use serde::Deserialize;
 use super::session::{MadeOrder, Session, Who};
 use super::view::{Chart, HEIGHT, OrderRow, WIDTH, cpu, sat};
 use super::{Nav, Web, WebError, bad_form, render};
+use crate::api::ApiError;
 use crate::api::client::validate_key;
+use crate::api::client_addr::ClientIp;
 use crate::orders::OrderError;
 
 /// Keys a client may register, as the API allows.
@@ -50,6 +52,8 @@ struct Dashboard {
     min_rating: u8,
     rated_sessions: u32,
     broke_limits: u32,
+    /// Orders that may wait for a first log-in at once.
+    max_unconnected: u32,
     keys: Vec<String>,
     orders: Vec<OrderRow>,
     chart: Chart,
@@ -93,7 +97,7 @@ fn render_dashboard(
         .map(|o| (format!("{} {}: {}", o.created, o.short_id, o.cpu), o.cpu_us))
         .collect();
     let page = Dashboard {
-        nav: Nav::of(session),
+        nav: Some(Nav::of(session)),
         csrf: session.csrf.clone(),
         account_id: id.to_string(),
         balance: sat(balance),
@@ -103,6 +107,7 @@ fn render_dashboard(
         min_rating,
         rated_sessions: tally.clean.saturating_add(tally.broke_limits),
         broke_limits: tally.broke_limits,
+        max_unconnected: web.api.orders.max_unconnected_orders(),
         keys: record.ssh_keys,
         chart: Chart::bars(&bars, cpu),
         width: WIDTH,
@@ -213,8 +218,11 @@ pub struct OrderForm {
     csrf: String,
 }
 
+/// "Order now": the same order, limits and answers as `GET /order/<hash>`,
+/// shown on the page.
 pub async fn order_now(
     State(web): State<Web>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
     form: Result<Form<OrderForm>, FormRejection>,
 ) -> Result<Response, WebError> {
@@ -223,23 +231,23 @@ pub async fn order_now(
     if !session.csrf_ok(&form.csrf) {
         return Err(WebError::Csrf);
     }
+    let refused = |status, msg: String| {
+        let msg = format!("No order was made (nothing was charged): {msg}.");
+        render_dashboard(&web, &session, id, status, Some(msg), String::new())
+    };
+    if let Err(ApiError(status, msg)) = web.api.limit_hash(peer, &hash) {
+        return refused(status, msg);
+    }
     let creds = match web.api.orders.create(&hash).await {
         Ok(c) => c,
+        Err(OrderError::UnknownClient) => return Err(WebError::Login),
+        // The API's status and words for it; internals are logged there and
+        // never shown.
         Err(e) => {
-            let (status, msg) = match &e {
-                OrderError::Insufficient { .. } => (StatusCode::PAYMENT_REQUIRED, e.to_string()),
-                OrderError::LowRating { .. } => (StatusCode::FORBIDDEN, e.to_string()),
-                OrderError::NoCapacity | OrderError::Node(_) | OrderError::Port(_) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                }
-                OrderError::UnknownClient => return Err(WebError::Login),
-                OrderError::Store(_) | OrderError::Ledger(_) | OrderError::Key => {
-                    tracing::error!(error = %e, "web order failed");
-                    return Err(WebError::Internal);
-                }
+            return match ApiError::from(e) {
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, _) => Err(WebError::Internal),
+                ApiError(status, msg) => refused(status, msg),
             };
-            let msg = format!("No order was made (nothing was charged): {msg}.");
-            return render_dashboard(&web, &session, id, status, Some(msg), String::new());
         }
     };
     let order_id = creds.order_id.clone();
@@ -290,7 +298,7 @@ pub async fn made_order(
         order.port, order.username, order.host
     );
     let page = OrderPage {
-        nav: Nav::of(&session),
+        nav: Some(Nav::of(&session)),
         order,
         key_file,
         known_hosts_file,

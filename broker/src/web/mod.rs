@@ -3,7 +3,9 @@
 //! operator. Everything a page needs is served here (`/static/…`); JavaScript
 //! only adds copy buttons, and every page works without it.
 //!
-//! * [`session`] — server-side sessions, cookies and CSRF tokens.
+//! * [`session`] — server-side sessions of logged-in users, their cookies
+//!   and CSRF tokens.
+//! * [`csrf`] — stateless CSRF tokens of the forms used before log-in.
 //! * [`public`] — the home page, sign-up, log-in, log-out.
 //! * [`client`] — balance, SSH keys, "Order now", order history.
 //! * [`owner`] — the node command, nodes and earnings.
@@ -11,9 +13,11 @@
 //! * [`view`] — what pages show: amounts, times, charts, receipt checks.
 //!
 //! Every response carries a strict Content-Security-Policy (no inline script
-//! or style), and every form a per-session CSRF token.
+//! or style), and every form a CSRF token: its session's once logged in, a
+//! signed double-submit token before.
 
 pub mod client;
+pub mod csrf;
 pub mod operator;
 pub mod owner;
 pub mod public;
@@ -34,7 +38,8 @@ use jusy_common::identity::PeerId;
 
 use crate::api::Api;
 use crate::api::limit::RateLimiter;
-use session::{Session, Sessions, Who};
+use csrf::{FormKey, FormToken};
+use session::{Session, Sessions, StartError, Who};
 
 /// Largest form accepted (a few SSH keys).
 const MAX_FORM: usize = 32 * 1024;
@@ -51,6 +56,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 pub struct Web {
     pub api: Api,
     sessions: Arc<Sessions>,
+    form_key: FormKey,
     login_limit: Arc<RateLimiter>,
     signup_limit: Arc<RateLimiter>,
     operator_token: Option<Arc<str>>,
@@ -71,10 +77,12 @@ impl Web {
         api_addr: SocketAddr,
         relay_addr: SocketAddr,
         key: PeerId,
+        form_key: FormKey,
     ) -> Self {
         Self {
             api,
             sessions: Arc::default(),
+            form_key,
             login_limit: Arc::new(RateLimiter::new(LOGIN_RATE.0, LOGIN_RATE.1)),
             signup_limit: Arc::new(RateLimiter::new(SIGNUP_RATE.0, SIGNUP_RATE.1)),
             operator_token: cfg.operator_token.as_deref().map(Arc::from),
@@ -108,17 +116,32 @@ impl Web {
         format!("{scheme}://{host}")
     }
 
-    /// The request's session, or a fresh visitor session (for its CSRF token).
-    fn visitor(&self, headers: &HeaderMap) -> Result<(Session, bool), WebError> {
-        match self.sessions.find(headers) {
-            Some(s) => Ok((s, false)),
-            None => Ok((
-                self.sessions
-                    .start(headers, Who::Visitor)
-                    .ok_or(WebError::Internal)?,
-                true,
-            )),
+    /// The CSRF token of a form shown before log-in (no session is made).
+    fn form_token(&self, headers: &HeaderMap) -> Result<FormToken, WebError> {
+        self.form_key
+            .issue(headers, over_tls(headers))
+            .ok_or(WebError::Internal)
+    }
+
+    /// Refuses a form posted before log-in unless its token is signed over
+    /// the nonce in the request's cookie.
+    fn pre_login(&self, headers: &HeaderMap, csrf: &str) -> Result<(), WebError> {
+        if self.form_key.check(headers, csrf) {
+            Ok(())
+        } else {
+            Err(WebError::Csrf)
         }
+    }
+
+    /// A new session for someone who just logged in (or signed up).
+    fn log_in(&self, headers: &HeaderMap, who: Who) -> Result<Session, WebError> {
+        self.sessions.start(headers, who).map_err(|e| match e {
+            StartError::Full => {
+                tracing::warn!(error = %e, "log-in refused: the session table is full");
+                WebError::Busy
+            }
+            StartError::Random => internal(e),
+        })
     }
 
     /// The session a form was posted from, if its CSRF token matches.
@@ -147,18 +170,17 @@ pub struct Nav {
 }
 
 impl Nav {
-    pub fn of(s: &Session) -> Option<Self> {
+    pub fn of(s: &Session) -> Self {
         let (home, label) = match s.who {
-            Who::Visitor => return None,
             Who::Client { .. } => ("/client", "My account"),
             Who::Owner { .. } => ("/node-owner", "My nodes"),
             Who::Operator => ("/operator", "Operator"),
         };
-        Some(Self {
+        Self {
             home,
             label,
             csrf: s.csrf.clone(),
-        })
+        }
     }
 }
 
@@ -189,6 +211,15 @@ fn with_cookie(mut resp: Response, session: &Session, headers: &HeaderMap) -> Re
     resp
 }
 
+/// Adds the form nonce's cookie to a response, when the token is over a new
+/// one.
+fn with_form_cookie(mut resp: Response, form: FormToken) -> Response {
+    if let Some(v) = form.set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
 /// A page that failed, shown as an HTML error page.
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
@@ -202,6 +233,8 @@ pub enum WebError {
     BadRequest(String),
     #[error("Something went wrong on our side. Try again later.")]
     Internal,
+    #[error("Too many people are logged in right now. Try again in a while.")]
+    Busy,
     /// Not logged in as the role the page needs.
     #[error("log in first")]
     Login,
@@ -224,6 +257,7 @@ impl WebError {
             WebError::NotFound => StatusCode::NOT_FOUND,
             WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
             WebError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            WebError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             WebError::Login => StatusCode::SEE_OTHER,
         }
     }
@@ -368,6 +402,5 @@ fn home_of(who: &Who) -> &'static str {
         Who::Client { .. } => "/client",
         Who::Owner { .. } => "/node-owner",
         Who::Operator => "/operator",
-        Who::Visitor => "/",
     }
 }

@@ -112,7 +112,7 @@ fn render_dashboard(
         .map(|r| row(r.addr, r.key.to_string(), false));
     let relays = std::iter::once(this).chain(others).collect();
     let page = Dashboard {
-        nav: Nav::of(session),
+        nav: Some(Nav::of(session)),
         csrf: session.csrf.clone(),
         relays,
         nodes,

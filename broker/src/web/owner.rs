@@ -120,7 +120,7 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
         web.broker_key
     );
     let page = Dashboard {
-        nav: Nav::of(&session),
+        nav: Some(Nav::of(&session)),
         account_id: id.to_string(),
         command,
         relay: web.relay.clone(),

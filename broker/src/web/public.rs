@@ -1,5 +1,6 @@
 //! Pages anyone may see: what the service is and how to use it, sign-up (the
 //! new hash is shown once), log-in with a hash or the operator token, log-out.
+//! Showing them makes no session; only a log-in or a sign-up does.
 
 use askama::Template;
 use axum::Form;
@@ -12,7 +13,7 @@ use serde::Deserialize;
 
 use super::session::{Who, clear_cookie, same_secret};
 use super::view::sat;
-use super::{Nav, Web, WebError, bad_form, home_of, render, with_cookie};
+use super::{Nav, Web, WebError, bad_form, home_of, render, with_cookie, with_form_cookie};
 use crate::api::client_addr::ClientIp;
 use crate::api::limit::Key;
 use crate::store::{Role, valid_hash};
@@ -32,7 +33,7 @@ struct Home {
 pub async fn home(State(web): State<Web>, headers: HeaderMap) -> Response {
     let (nodes, free_slots) = web.api.relay.capacity();
     let page = Home {
-        nav: web.sessions.find(&headers).as_ref().and_then(Nav::of),
+        nav: web.sessions.find(&headers).as_ref().map(Nav::of),
         base: web.base_url(&headers),
         price: sat(web.price_sat),
         owner_share: web.owner_share_ppm / 10_000,
@@ -51,17 +52,12 @@ struct Signup {
 }
 
 pub async fn signup_form(State(web): State<Web>, headers: HeaderMap) -> Result<Response, WebError> {
-    let (session, fresh) = web.visitor(&headers)?;
+    let form = web.form_token(&headers)?;
     let page = Signup {
-        nav: Nav::of(&session),
-        csrf: session.csrf.clone(),
+        nav: web.sessions.find(&headers).as_ref().map(Nav::of),
+        csrf: form.token.clone(),
     };
-    let resp = render(StatusCode::OK, &page);
-    Ok(if fresh {
-        with_cookie(resp, &session, &headers)
-    } else {
-        resp
-    })
+    Ok(with_form_cookie(render(StatusCode::OK, &page), form))
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,7 +86,7 @@ pub async fn signup(
         return Err(WebError::TooMany);
     }
     let Form(form) = form.map_err(bad_form)?;
-    web.posted(&headers, &form.csrf)?;
+    web.pre_login(&headers, &form.csrf)?;
     let (hash, id) = web.api.store.add_account(form.role)?;
     let (who, role) = match form.role {
         Role::Client => (
@@ -109,21 +105,24 @@ pub async fn signup(
         ),
     };
     tracing::info!(account = %id, role, "signed up on the web");
-    let session = web
-        .sessions
-        .start(&headers, who)
-        .ok_or(WebError::Internal)?;
+    // The account exists now: its hash is shown even when no session can be
+    // started for it (the table is full), and the user logs in later.
+    let session = match web.log_in(&headers, who) {
+        Ok(s) => Some(s),
+        Err(WebError::Busy) => None,
+        Err(e) => return Err(e),
+    };
     let page = NewHash {
-        nav: Nav::of(&session),
+        nav: session.as_ref().map(Nav::of),
         role,
-        next: home_of(&session.who),
+        next: session.as_ref().map_or("/login", |s| home_of(&s.who)),
         hash,
     };
-    Ok(with_cookie(
-        render(StatusCode::CREATED, &page),
-        &session,
-        &headers,
-    ))
+    let resp = render(StatusCode::CREATED, &page);
+    Ok(match &session {
+        Some(s) => with_cookie(resp, s, &headers),
+        None => resp,
+    })
 }
 
 #[derive(Template)]
@@ -135,18 +134,13 @@ struct Login {
 }
 
 pub async fn login_form(State(web): State<Web>, headers: HeaderMap) -> Result<Response, WebError> {
-    let (session, fresh) = web.visitor(&headers)?;
+    let form = web.form_token(&headers)?;
     let page = Login {
-        nav: Nav::of(&session),
-        csrf: session.csrf.clone(),
+        nav: web.sessions.find(&headers).as_ref().map(Nav::of),
+        csrf: form.token.clone(),
         error: None,
     };
-    let resp = render(StatusCode::OK, &page);
-    Ok(if fresh {
-        with_cookie(resp, &session, &headers)
-    } else {
-        resp
-    })
+    Ok(with_form_cookie(render(StatusCode::OK, &page), form))
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,7 +163,7 @@ pub async fn login(
         return Err(WebError::TooMany);
     }
     let Form(form) = form.map_err(bad_form)?;
-    let session = web.posted(&headers, &form.csrf)?;
+    web.pre_login(&headers, &form.csrf)?;
     let secret = form.secret.trim();
     let store = &web.api.store;
     let who = if !valid_hash(secret) {
@@ -193,7 +187,7 @@ pub async fn login(
     let Some(who) = who else {
         let page = Login {
             nav: None,
-            csrf: session.csrf,
+            csrf: form.csrf,
             error: Some(if valid_hash(secret) {
                 "No account has this hash. Check that you pasted all 64 characters."
             } else {
@@ -202,10 +196,7 @@ pub async fn login(
         };
         return Ok(render(StatusCode::UNAUTHORIZED, &page));
     };
-    let session = web
-        .sessions
-        .start(&headers, who)
-        .ok_or(WebError::Internal)?;
+    let session = web.log_in(&headers, who)?;
     Ok(with_cookie(
         Redirect::to(home_of(&session.who)).into_response(),
         &session,

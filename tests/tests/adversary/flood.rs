@@ -6,14 +6,14 @@
 //! CPU and log stay within stated bounds, and limits fall on the flooding
 //! address only.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::{BufRead, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use jusy_tests::http::{client, connect_from, exchange, get};
 use jusy_tests::{Broker, Login, Node, Scene, e2e};
-use socket2::{Domain, Socket, Type};
 
 /// Slow connections held at once: the devnet saw 20k exhaust the
 /// broker's file descriptors; 8000 (125 addresses at the 64 this test allows
@@ -33,15 +33,6 @@ const HUGE_HASH: usize = 60_000;
 /// How much the broker's resident memory may grow under them (it grew by
 /// 36 kB in 20k requests; the old limiter kept every hash, 60 KB each).
 const RSS_BOUND_KB: u64 = 32 << 10;
-
-/// A TCP connection to `to` from the loopback address `from` (all of
-/// 127.0.0.0/8 is this machine's, so each is another client address).
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    s.bind(&SocketAddr::new(from.into(), 0).into())?;
-    s.connect_timeout(&to.into(), Duration::from_secs(10))?;
-    Ok(s.into())
-}
 
 /// Whether the broker has closed `conn`, waiting at most `within` to see
 /// (anything it sent first is read and dropped).
@@ -66,44 +57,7 @@ fn closed_within(conn: &mut TcpStream, within: Duration) -> anyhow::Result<bool>
     }
 }
 
-/// One request on a kept-alive connection: its status and body.
-fn exchange(conn: &mut BufReader<TcpStream>, request: &[u8]) -> anyhow::Result<(u16, String)> {
-    conn.get_mut().write_all(request)?;
-    let mut line = String::new();
-    conn.read_line(&mut line)?;
-    let status = line
-        .split(' ')
-        .nth(1)
-        .with_context(|| format!("status line {line:?}"))?
-        .parse()?;
-    let mut len = 0;
-    loop {
-        line.clear();
-        conn.read_line(&mut line)?;
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            len = v.trim().parse()?;
-        }
-    }
-    let mut body = vec![0; len];
-    conn.read_exact(&mut body)?;
-    Ok((status, String::from_utf8(body)?))
-}
-
-fn get(path: &str, extra: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: broker\r\n{extra}\r\n").into_bytes()
-}
-
-/// A connection for [`exchange`].
-fn client(from: Ipv4Addr, broker: &Broker) -> anyhow::Result<BufReader<TcpStream>> {
-    Ok(BufReader::new(connect_from(from, broker.api)?))
-}
-
-fn vm_rss_kb(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn vm_rss_kb(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
@@ -289,11 +243,11 @@ fn huge_hashes_cost_no_memory_and_limit_only_their_sender() {
                         .map(|t| {
                             let (api, request) = (broker.api, &request);
                             s.spawn(move || -> anyhow::Result<(usize, usize)> {
-                                let mut conn = BufReader::new(connect_from(flooder, api)?);
+                                let mut conn = client(flooder, api)?;
                                 let (mut bad, mut many) = (0, 0);
                                 for i in 0..count / 4 {
-                                    let (status, body) =
-                                        exchange(&mut conn, &request(t * count + i))?;
+                                    let answer = exchange(&mut conn, &request(t * count + i))?;
+                                    let (status, body) = (answer.status, answer.body);
                                     match status {
                                         400 if body.contains("64 hex characters") => bad += 1,
                                         429 if body.contains("\"ERROR\"") => many += 1,
@@ -338,10 +292,10 @@ fn huge_hashes_cost_no_memory_and_limit_only_their_sender() {
             let unknown = format!("/order/{}", "0".repeat(64));
             // (Its bucket refills meanwhile, so it is asked more often than
             // a refilled bucket allows, however slow this machine is.)
-            let mut conn = client(flooder, &broker)?;
+            let mut conn = client(flooder, broker.api)?;
             let mut statuses = Vec::new();
             for _ in 0..200 {
-                statuses.push(exchange(&mut conn, &get(&unknown, ""))?.0);
+                statuses.push(exchange(&mut conn, &get(&unknown, ""))?.status);
                 if statuses.last() == Some(&429) {
                     break;
                 }
@@ -350,10 +304,11 @@ fn huge_hashes_cost_no_memory_and_limit_only_their_sender() {
                 statuses.last() == Some(&429),
                 "the flooder was never limited again: {statuses:?}"
             );
-            let (status, body) = exchange(
-                &mut client(Ipv4Addr::new(127, 0, 0, 2), &broker)?,
+            let answer = exchange(
+                &mut client(Ipv4Addr::new(127, 0, 0, 2), broker.api)?,
                 &get(&unknown, ""),
             )?;
+            let (status, body) = (answer.status, answer.body);
             anyhow::ensure!(status == 401, "another address got {status}: {body}");
             Ok(())
         },
@@ -372,11 +327,11 @@ fn forwarded_addresses_count_only_from_trusted_proxies() {
                 scene.subdir("broker")?,
             )?;
             let statuses = |from: Ipv4Addr, n: usize, xff: &dyn Fn(usize) -> String| {
-                let mut conn = client(from, &broker)?;
+                let mut conn = client(from, broker.api)?;
                 (0..n)
                     .map(|i| {
                         let extra = format!("X-Forwarded-For: {}\r\n", xff(i));
-                        Ok(exchange(&mut conn, &get("/order/nothex", &extra))?.0)
+                        Ok(exchange(&mut conn, &get("/order/nothex", &extra))?.status)
                     })
                     .collect::<anyhow::Result<Vec<u16>>>()
             };
@@ -409,9 +364,9 @@ fn slow_heads_idle_connections_and_stalled_bodies_are_closed() {
             let from = Ipv4Addr::LOCALHOST;
             // A request sent whole is answered, and the connection stays
             // while the next one is in time.
-            let mut conn = client(from, &broker)?;
+            let mut conn = client(from, broker.api)?;
             for _ in 0..3 {
-                let (status, _) = exchange(&mut conn, &get("/health", ""))?;
+                let status = exchange(&mut conn, &get("/health", ""))?.status;
                 anyhow::ensure!(status == 200);
             }
             // Idle after its answer, it is closed after the header timeout.
@@ -524,7 +479,7 @@ fn out_of_file_descriptors_the_listener_pauses_and_logs_rarely() {
             limit_open_files(pid, open + 4)?;
             let mut conns = Vec::new();
             for _ in 0..40 {
-                let mut conn = client(Ipv4Addr::LOCALHOST, &broker)?;
+                let mut conn = client(Ipv4Addr::LOCALHOST, broker.api)?;
                 conn.get_mut().write_all(&get("/health", ""))?;
                 conns.push(conn);
             }

@@ -40,7 +40,16 @@ impl Net {
         let data = DataDir::new(scene)?;
         let broker_data = scene.subdir("broker")?;
         let client = Broker::add_client(scene, &broker_data)?;
-        let broker = Broker::start(scene, "broker", broker_data, 0)?;
+        // Every ready slot may be ordered before anyone logs in (the
+        // default cap is 3).
+        let cap = slots.max(3).to_string();
+        let broker = Broker::start_with(
+            scene,
+            "broker",
+            broker_data,
+            0,
+            &["--max-unconnected-orders", &cap],
+        )?;
         let mut args: Vec<String> = ["--disk-mib", "64", "--grace-secs", "1", "--ready-slots"]
             .map(str::to_owned)
             .into();

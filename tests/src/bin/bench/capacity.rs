@@ -252,8 +252,10 @@ pub fn active_sessions(
     let name = "broker-active";
     let data = scene.subdir(name)?;
     let client = Broker::add_client(scene, &data)?;
-    // Enough of the client's deposit for every order.
-    let broker = fresh_relay(scene, name, data, "price_sat = 1000\n")?;
+    // Enough of the client's deposit for every order, and every one may
+    // wait unconnected (the simulated clients never log in).
+    let config = format!("price_sat = 1000\nmax_unconnected_orders = {sessions}\n");
+    let broker = fresh_relay(scene, name, data, &config)?;
     let pid = broker.proc.pid();
     let key: PeerId = broker.key.parse()?;
     let relay = broker.relay;

@@ -158,6 +158,7 @@ impl Uplink {
             cores: cores(),
             agent: format!("jusy-node/{}", env!("CARGO_PKG_VERSION")),
             owner: self.owner.clone(),
+            aes: jusy_common::tls::aes_in_hardware(),
         };
         send.write_all(&frame::encode(&hello)?).await?;
         let slots = NodeMsg::SlotsReady {

@@ -29,6 +29,8 @@ pub struct Login {
     pub order_id: String,
     pub key: PathBuf,
     pub known_hosts: PathBuf,
+    /// The cipher preference the broker named for the node, if any.
+    pub ciphers: Option<String>,
 }
 
 impl Login {
@@ -61,13 +63,15 @@ impl Login {
             key,
             known_hosts,
             dir,
+            ciphers: order["ssh_ciphers"].as_str().map(str::to_owned),
         })
     }
 
     /// Options every OpenSSH tool gets: no user config, no agent, only this key,
-    /// and strict host-key checking against the key the broker returned.
+    /// strict host-key checking against the key the broker returned, and the
+    /// ciphers the broker named, as its users are told to run.
     pub fn options(&self, key: &Path) -> Vec<String> {
-        [
+        let mut options: Vec<String> = [
             "-F".to_owned(),
             "/dev/null".to_owned(),
             "-i".to_owned(),
@@ -83,7 +87,11 @@ impl Login {
             "-o".to_owned(),
             "ConnectTimeout=20".to_owned(),
         ]
-        .into()
+        .into();
+        if let Some(ciphers) = &self.ciphers {
+            options.extend(["-o".to_owned(), format!("Ciphers={ciphers}")]);
+        }
+        options
     }
 
     /// `ssh … -l user -p port host` with extra options, ready for a remote command.

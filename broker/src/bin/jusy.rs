@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
                 .and_then(Value::as_u64)
                 .context("answer has no port")?
                 .to_string();
-            let args = [
+            let mut args = vec![
                 "-i".to_owned(),
                 key.display().to_string(),
                 "-o".to_owned(),
@@ -128,6 +128,13 @@ fn main() -> anyhow::Result<()> {
                 port,
                 field(&order, "host")?.to_owned(),
             ];
+            // Where the node has AES instructions, the broker names the
+            // ciphers to prefer: put them before the host.
+            if let Some(ciphers) = order.get("ssh_ciphers").and_then(Value::as_str) {
+                let at = args.len() - 1;
+                args.insert(at, "-c".to_owned());
+                args.insert(at + 1, ciphers.to_owned());
+            }
             eprintln!(
                 "order {} on node {}",
                 field(&order, "order_id")?,

@@ -68,6 +68,9 @@ pub struct Reserved {
     pub host_key: String,
     /// The account that earns for the node's sessions.
     pub owner: Option<AccountId>,
+    /// The node's CPU has AES instructions.
+    #[serde(default)]
+    pub aes: bool,
 }
 
 /// An order's event, forwarded from its relay to its ledger.

@@ -52,6 +52,14 @@ pub struct Credentials {
     pub node_id: String,
     /// What was charged, in satoshi.
     pub price_sat: u64,
+    /// The OpenSSH cipher preference to use with this node (`ssh -c …`),
+    /// when it has one: AES-GCM where the node has AES instructions.
+    pub ssh_ciphers: Option<&'static str>,
+}
+
+/// The cipher preference for a node's clients.
+fn ssh_ciphers(aes: bool) -> Option<&'static str> {
+    aes.then_some(jusy_common::wire::SSH_CIPHERS_AES)
 }
 
 /// Why an order could not be made.
@@ -476,6 +484,7 @@ impl Orders {
             host_key: link.host_key.clone(),
             node_id: link.id.to_string(),
             price_sat: record.order.pricing.price_sat,
+            ssh_ciphers: ssh_ciphers(link.aes),
         })
     }
 

@@ -195,6 +195,7 @@ impl Orders {
             host_key: r.host_key,
             node_id: node_id.to_string(),
             price_sat: record.order.pricing.price_sat,
+            ssh_ciphers: super::ssh_ciphers(r.aes),
         })
     }
 

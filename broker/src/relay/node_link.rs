@@ -28,6 +28,9 @@ pub struct NodeLink {
     pub host_key: String,
     /// The account that earns for this node's sessions.
     pub owner: Option<AccountId>,
+    /// The node's CPU has AES instructions (its clients should prefer
+    /// AES-GCM).
+    pub aes: bool,
     pub conn: quic::Connection,
     /// Messages for the node, written by its control loop; `None` once the
     /// loop ended. A queue and a [`Notify`](tokio::sync::Notify) rather than
@@ -467,6 +470,7 @@ async fn greet(relay: &Arc<Relay>, a: &Accepted) -> Result<Greeted, LinkError> {
         cores,
         agent,
         owner,
+        aes,
     } = hello
     else {
         return Err(LinkError::Protocol("first message is not hello".into()));
@@ -489,6 +493,7 @@ async fn greet(relay: &Arc<Relay>, a: &Accepted) -> Result<Greeted, LinkError> {
         link_id: a.link_id,
         host_key,
         owner,
+        aes,
         conn: conn.clone(),
         outbox: Mutex::new(Some(Vec::new())),
         queued: tokio::sync::Notify::new(),

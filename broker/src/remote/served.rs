@@ -129,6 +129,7 @@ impl Served {
             username: slot.username,
             host_key: link.host_key.clone(),
             owner: link.owner,
+            aes: link.aes,
         })
     }
 

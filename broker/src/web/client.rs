@@ -260,6 +260,7 @@ pub async fn order_now(
             port: creds.port,
             privkey: creds.privkey,
             known_hosts: creds.known_hosts,
+            ssh_ciphers: creds.ssh_ciphers,
         },
     );
     Ok(Redirect::to(&format!("/client/orders/{order_id}")).into_response())
@@ -293,8 +294,12 @@ pub async fn made_order(
     let (session, _, _) = client(&web, &headers)?;
     let order = session.order(&order_id).ok_or(WebError::NotFound)?.clone();
     let (key_file, known_hosts_file) = files(&order.order_id);
+    let ciphers = order
+        .ssh_ciphers
+        .map(|c| format!(" -c {c}"))
+        .unwrap_or_default();
     let command = format!(
-        "ssh -i {key_file} -o UserKnownHostsFile={known_hosts_file} -p {} {}@{}",
+        "ssh -i {key_file} -o UserKnownHostsFile={known_hosts_file}{ciphers} -p {} {}@{}",
         order.port, order.username, order.host
     );
     let page = OrderPage {

@@ -74,6 +74,8 @@ pub struct MadeOrder {
     pub port: u16,
     pub privkey: String,
     pub known_hosts: String,
+    /// The cipher preference for `ssh -c`, if the node has one.
+    pub ssh_ciphers: Option<&'static str>,
 }
 
 /// One browser's session.

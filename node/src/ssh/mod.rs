@@ -41,39 +41,61 @@ pub fn config(host_key: PrivateKey) -> Arc<russh::server::Config> {
         // The first window; later ones are the session's `Backlog::window`.
         window_size: input::WINDOW,
         preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(ciphers(jusy_common::tls::aes_in_hardware())),
+            kex: std::borrow::Cow::Borrowed(KEX),
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            mac: std::borrow::Cow::Borrowed(MACS),
             ..russh::Preferred::DEFAULT
         },
         ..Default::default()
     })
 }
 
-/// The ciphers offered to clients. A client takes the first of its own list
-/// that the server offers, and OpenSSH lists ChaCha20-Poly1305 and AES-CTR
-/// before AES-GCM: offered all, it picks ChaCha20, which costs this server
-/// (and the client) about twice the CPU per byte of AES-GCM on a CPU with AES
-/// instructions. So where the CPU has them, only AES-GCM is offered, and a bulk
-/// copy runs nearly twice as fast for the same CPU of the node's owner. Every
-/// OpenSSH since 6.2, PuTTY since 0.76 and Go's x/crypto speak it; a client
-/// that does not gets "no matching cipher". Without AES instructions,
-/// ChaCha20-Poly1305 is the fastest safe choice and leads the list.
-fn ciphers(aes_in_hardware: bool) -> &'static [russh::cipher::Name] {
+/// The ciphers offered to clients: those a current OpenSSH server offers,
+/// AES-GCM first. A client takes the first of its own list that the server
+/// offers, so this order only matters to clients without a preference;
+/// OpenSSH lists ChaCha20-Poly1305 first, which costs this server (and the
+/// client) about twice the CPU per byte of AES-GCM on a CPU with AES
+/// instructions. Such clients are asked to prefer AES-GCM by what they are
+/// told to run (the printed `ssh` command, `jusy ssh`), never by refusing
+/// them: paramiko speaks only AES-CTR, Dropbear only AES-CTR and ChaCha20.
+const CIPHERS: &[russh::cipher::Name] = {
     use russh::cipher::{
         AES_128_CTR, AES_128_GCM, AES_192_CTR, AES_256_CTR, AES_256_GCM, CHACHA20_POLY1305,
     };
-    if aes_in_hardware {
-        &[AES_128_GCM, AES_256_GCM]
-    } else {
-        &[
-            CHACHA20_POLY1305,
-            AES_128_GCM,
-            AES_256_GCM,
-            AES_256_CTR,
-            AES_192_CTR,
-            AES_128_CTR,
-        ]
-    }
-}
+    &[
+        AES_128_GCM,
+        AES_256_GCM,
+        CHACHA20_POLY1305,
+        AES_128_CTR,
+        AES_192_CTR,
+        AES_256_CTR,
+    ]
+};
+
+/// MACs for the ciphers that need one (AES-CTR): encrypt-then-MAC only.
+const MACS: &[russh::mac::Name] = &[russh::mac::HMAC_SHA256_ETM, russh::mac::HMAC_SHA512_ETM];
+
+/// Key exchanges: the hybrid post-quantum one, Curve25519, and finite-field
+/// groups of at least 4096 bits (the 2048-bit group 14 and group exchange,
+/// whose moduli the client cannot check, are left out).
+const KEX: &[russh::kex::Name] = {
+    use russh::kex::{
+        CURVE25519, CURVE25519_PRE_RFC_8731, DH_G16_SHA512, DH_G18_SHA512,
+        EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT, EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        EXTENSION_SUPPORT_AS_CLIENT, EXTENSION_SUPPORT_AS_SERVER, MLKEM768X25519_SHA256,
+    };
+    &[
+        MLKEM768X25519_SHA256,
+        CURVE25519,
+        CURVE25519_PRE_RFC_8731,
+        DH_G16_SHA512,
+        DH_G18_SHA512,
+        EXTENSION_SUPPORT_AS_CLIENT,
+        EXTENSION_SUPPORT_AS_SERVER,
+        EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+        EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+    ]
+};
 
 /// Who may log in to one order, and as whom.
 #[derive(Debug)]
@@ -318,29 +340,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn offered_ciphers_are_known_and_aes_hardware_gets_only_gcm() {
-        for hw in [true, false] {
-            for name in ciphers(hw) {
-                assert!(
-                    russh::cipher::ALL_CIPHERS.contains(&name),
-                    "{name:?} is not a cipher russh has"
-                );
-            }
+    fn offered_algorithms_are_known_and_strong() {
+        for name in CIPHERS {
+            assert!(russh::cipher::ALL_CIPHERS.contains(&name), "{name:?}");
         }
-        // OpenSSH takes ChaCha20 or CTR before GCM whenever they are offered.
-        assert!(
-            ciphers(true)
-                .iter()
-                .all(|c| c.as_ref().starts_with("aes") && c.as_ref().contains("-gcm@")),
-            "{:?}",
-            ciphers(true)
-        );
-        assert_eq!(ciphers(false)[0], russh::cipher::CHACHA20_POLY1305);
+        for name in MACS {
+            assert!(russh::mac::ALL_MAC_ALGORITHMS.contains(&name), "{name:?}");
+            assert!(name.as_ref().ends_with("-etm@openssh.com"), "{name:?}");
+        }
+        for name in KEX {
+            assert!(russh::kex::ALL_KEX_ALGORITHMS.contains(&name), "{name:?}");
+            assert!(!name.as_ref().contains("sha1"), "{name:?}");
+            assert!(!name.as_ref().contains("group14"), "{name:?}");
+            assert!(!name.as_ref().contains("group-exchange"), "{name:?}");
+        }
+        // What a current OpenSSH server offers is all here.
+        for openssh in [
+            "chacha20-poly1305@openssh.com",
+            "aes128-ctr",
+            "aes192-ctr",
+            "aes256-ctr",
+            "aes128-gcm@openssh.com",
+            "aes256-gcm@openssh.com",
+        ] {
+            assert!(CIPHERS.iter().any(|c| c.as_ref() == openssh), "{openssh}");
+        }
         let key = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]);
         let config = config(PrivateKey::from(key));
-        assert_eq!(
-            &config.preferred.cipher[..],
-            ciphers(jusy_common::tls::aes_in_hardware())
-        );
+        assert_eq!(&config.preferred.cipher[..], CIPHERS);
+        assert_eq!(&config.preferred.mac[..], MACS);
+        assert_eq!(&config.preferred.kex[..], KEX);
     }
 }

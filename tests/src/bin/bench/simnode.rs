@@ -53,6 +53,7 @@ pub async fn attach(
         cores: 1,
         agent: "jusy-bench-simnode".into(),
         owner: None,
+        aes: false,
     };
     send.write_all(&frame::encode(&hello)?).await?;
     let slots = (1..=slots)

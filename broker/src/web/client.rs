@@ -252,6 +252,7 @@ pub async fn order_now(
             port: creds.port,
             privkey: creds.privkey,
             known_hosts: creds.known_hosts,
+            terms: creds.terms,
         },
     );
     Ok(Redirect::to(&format!("/client/orders/{order_id}")).into_response())

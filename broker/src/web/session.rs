@@ -48,6 +48,7 @@ pub struct MadeOrder {
     pub port: u16,
     pub privkey: String,
     pub known_hosts: String,
+    pub terms: jusy_common::terms::OrderTerms,
 }
 
 /// One browser's session.

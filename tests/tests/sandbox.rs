@@ -18,14 +18,28 @@ use jusy_tests::{Broker, Login, Node, Scene, e2e, leftovers, require_root};
 
 const END: Duration = Duration::from_secs(90);
 
-/// A broker with one client and a node with `slots` ready sessions.
+/// Flags that set an order's terms: the broker sells them. The node gets the
+/// disk size too, for its images.
+const TERMS: [&str; 3] = ["--cpu-budget-secs", "--wall-secs", "--disk-mib"];
+
+/// A broker with one client and a node with `slots` ready sessions; `args`
+/// are flag and value pairs, the terms' for the broker, the rest the node's.
 fn network(scene: &Scene, slots: u32, args: &[&str]) -> anyhow::Result<(Broker, Node, String)> {
     let data = scene.subdir("broker")?;
     let client = Broker::add_client(scene, &data)?;
-    let broker = Broker::start(scene, "broker", data, 0)?;
+    let mut terms = Vec::new();
     let mut all = vec!["--ready-slots".to_owned(), slots.to_string()];
     all.extend(["--grace-secs", "1"].map(str::to_owned));
-    all.extend(args.iter().map(|s| (*s).to_owned()));
+    for pair in args.chunks(2) {
+        let is_term = pair.first().is_some_and(|flag| TERMS.contains(flag));
+        if is_term {
+            terms.extend_from_slice(pair);
+        }
+        if !is_term || pair.first() == Some(&"--disk-mib") {
+            all.extend(pair.iter().map(|s| (*s).to_owned()));
+        }
+    }
+    let broker = Broker::start_with(scene, "broker", data, 0, &terms)?;
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let node = Node::start(scene, "node", &broker, &all)?;
     broker.wait_capacity(scene, slots.into())?;
@@ -447,7 +461,7 @@ fn tmp_is_private_and_on_the_session_disk() {
         ));
         let broker_data = scene.subdir("broker")?;
         let client = Broker::add_client(scene, &broker_data)?;
-        let broker = Broker::start(scene, "broker", broker_data, 0)?;
+        let broker = Broker::start_with(scene, "broker", broker_data, 0, &["--disk-mib", "64"])?;
         let args = ["--ready-slots", "2", "--disk-mib", "64"];
         let mut node = Node::start_in(scene, "node", data.clone(), &broker, &args)?;
         broker.wait_capacity(scene, 2)?;

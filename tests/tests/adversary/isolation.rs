@@ -40,7 +40,7 @@ impl Net {
         let data = DataDir::new(scene)?;
         let broker_data = scene.subdir("broker")?;
         let client = Broker::add_client(scene, &broker_data)?;
-        let broker = Broker::start(scene, "broker", broker_data, 0)?;
+        let broker = Broker::start_with(scene, "broker", broker_data, 0, &["--disk-mib", "64"])?;
         let mut args: Vec<String> = ["--disk-mib", "64", "--grace-secs", "1", "--ready-slots"]
             .map(str::to_owned)
             .into();

@@ -135,6 +135,32 @@ fn broker_proved(
     }
 }
 
+/// Waits until the broker settled `login`'s order and checks that it upheld
+/// the node's end `reason` on its evidence, and whose fault it was.
+fn broker_upheld(
+    scene: &Scene,
+    broker: &Broker,
+    client: &str,
+    login: &Login,
+    reason: &str,
+    fault: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + END;
+    let path = format!("/order/{client}/{}", login.order_id);
+    loop {
+        let (status, body) = broker.get(scene, &path)?;
+        anyhow::ensure!(status == 200, "{status}: {body}");
+        if body["finished"] == true {
+            assert_eq!(body["reason"], reason, "{body}");
+            assert_eq!(body["verdict"]["upheld"], true, "{body}");
+            assert_eq!(body["verdict"]["fault"], fault, "{body}");
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never settled: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Burns `secs` of CPU in one process, measured by the process itself.
 fn burn(secs: u32) -> String {
     format!("perl -e 'my ($u, $s) = times; ($u, $s) = times while $u + $s < {secs}'")
@@ -165,14 +191,19 @@ fn limits_end_sessions_with_proc_ram_and_disk_and_spare_others() {
         let bomb = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&bomb, "b() { b | b & }; b; sleep 60")?;
         assert_eq!(ends_with(&mut node, &bomb, ssh)?, "PROC");
+        // The final receipts carry the limits' evidence: the broker upholds
+        // each end as the client's.
+        broker_upheld(scene, &broker, &client, &bomb, "PROC", "Client")?;
 
         let ram = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&ram, "head -c 3G /dev/zero | tail; sleep 60")?;
         assert_eq!(ends_with(&mut node, &ram, ssh)?, "RAM");
+        broker_upheld(scene, &broker, &client, &ram, "RAM", "Client")?;
 
         let disk = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&disk, "head -c 100M /dev/zero > big; sleep 60")?;
         assert_eq!(ends_with(&mut node, &disk, ssh)?, "DISK");
+        broker_upheld(scene, &broker, &client, &disk, "DISK", "Client")?;
 
         let out = bystander.ssh(scene, "echo still alive", None)?;
         assert_eq!(out.text(), "still alive\n", "{}", out.stderr);
@@ -220,6 +251,9 @@ fn a_client_that_breaks_limits_is_refused_orders() {
         let bomb = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&bomb, "b() { b | b & }; b; sleep 60")?;
         assert_eq!(ends_with(&mut node, &bomb, ssh)?, "PROC");
+        // The final receipts carry the limits' evidence: the broker upholds
+        // each end as the client's.
+        broker_upheld(scene, &broker, &client, &bomb, "PROC", "Client")?;
         // The broker counts the end once it has settled the order.
         let deadline = Instant::now() + END;
         let body = loop {
@@ -355,6 +389,7 @@ fn cpu_budget_ends_with_done() {
         let ssh = spawn_ssh(&login, "perl -e 'fork; fork; 1 while 1'")?;
         let cpu = final_cpu_secs(&mut node, &login)?;
         assert_eq!(ends_with(&mut node, &login, ssh)?, "DONE");
+        broker_upheld(scene, &broker, &client, &login, "DONE", "Nobody")?;
         assert!((19.0..=21.0).contains(&cpu), "ended at {cpu} s of CPU");
         Ok(())
     });
@@ -371,6 +406,7 @@ fn idle_session_ends_at_wall_limit() {
         let started = Instant::now();
         let ssh = spawn_ssh(&login, "sleep 600")?;
         assert_eq!(ends_with(&mut node, &login, ssh)?, "WALL");
+        broker_upheld(scene, &broker, &client, &login, "WALL", "Nobody")?;
         assert!(started.elapsed() >= Duration::from_secs(29));
         Ok(())
     });

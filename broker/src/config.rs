@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use jusy_common::terms::OrderTerms;
 use serde::Deserialize;
 
 use crate::api::client_addr::{ForwardedHeader, Proxies};
@@ -26,8 +27,32 @@ pub struct Config {
     /// Host name or address clients are told to connect to. Default `127.0.0.1`.
     pub public_host: String,
     /// Seconds a client has to log in to an order for the first time (a TCP
-    /// connection that does not authenticate is no login). Default 120.
+    /// connection that does not authenticate is no login); the broker
+    /// cancels the order itself (a full refund) 2 s after it, whatever the
+    /// node says. An order term. Default 120.
     pub connect_window_secs: u32,
+    /// CPU seconds an order buys across all its session's processes; used
+    /// up, the session ends with `DONE`. An order term, like the five below:
+    /// the broker decides every order's terms, its node enforces exactly
+    /// them and signs them, and a node that cannot (its own settings are the
+    /// most it offers) refuses the order, which then goes to another node.
+    /// Default 3600.
+    pub cpu_budget_secs: u32,
+    /// Wall-clock seconds from the first login; then the session ends with
+    /// `WALL`, by the node, or by the broker 10 s later. Default 10800 (3 h).
+    pub wall_secs: u32,
+    /// Memory of a session in MiB, without swap (`RAM`). Default 2048.
+    pub memory_mib: u32,
+    /// Processes a session may have at once (`PROC`). Default 50.
+    pub max_processes: u32,
+    /// Disk of a session's home in MiB (`DISK`); 0 sells homes without a
+    /// disk of their own, which only nodes with `disk_mib = 0` take.
+    /// Default 5120.
+    pub disk_mib: u32,
+    /// Seconds a session outlives its client's last logged-in connection,
+    /// so that sequential `ssh` and `scp` commands reach the same session.
+    /// Default 5.
+    pub grace_secs: u32,
     /// Price of one CPU-hour in satoshi. Default 20000.
     pub price_sat: u64,
     /// The node owner's share of proven CPU time, in parts per million. Default 800000 (80 %).
@@ -130,7 +155,13 @@ impl Default for Config {
             order_bind: std::net::IpAddr::from([0, 0, 0, 0]),
             order_ports: None,
             public_host: "127.0.0.1".to_owned(),
-            connect_window_secs: 120,
+            connect_window_secs: OrderTerms::default().connect_window_secs,
+            cpu_budget_secs: OrderTerms::default().cpu_budget_secs,
+            wall_secs: OrderTerms::default().wall_secs,
+            memory_mib: OrderTerms::default().memory_mib,
+            max_processes: OrderTerms::default().max_processes,
+            disk_mib: OrderTerms::default().disk_mib,
+            grace_secs: OrderTerms::default().grace_secs,
             price_sat: 20_000,
             owner_share_ppm: 800_000,
             operator_token: None,
@@ -197,6 +228,10 @@ pub enum ConfigError {
     QuicMtu(u16),
     #[error("busy_poll_us {0} is more than 1000")]
     BusyPoll(u32),
+    #[error(
+        "cpu_budget_secs, wall_secs, memory_mib, max_processes and connect_window_secs must be at least 1"
+    )]
+    Terms,
     #[error("min_client_rating {0} is more than 100 (percent)")]
     ClientRating(u8),
     #[error("max_unconnected_orders must be at least 1")]
@@ -251,6 +286,14 @@ impl Config {
         }
         if self.busy_poll() > crate::relay::data_plane::MAX_BUSY_POLL {
             return Err(ConfigError::BusyPoll(self.busy_poll_us));
+        }
+        if self.cpu_budget_secs == 0
+            || self.wall_secs == 0
+            || self.memory_mib == 0
+            || self.max_processes == 0
+            || self.connect_window_secs == 0
+        {
+            return Err(ConfigError::Terms);
         }
         if self.min_client_rating > 100 {
             return Err(ConfigError::ClientRating(self.min_client_rating));
@@ -329,6 +372,19 @@ impl Config {
             rounds: self.speed_test_rounds,
             limit: std::time::Duration::from_millis(self.speed_test_limit_ms),
             interval: std::time::Duration::from_secs(self.speed_test_interval_secs.max(1)),
+        }
+    }
+
+    /// The terms of every order this broker sells.
+    pub fn terms(&self) -> OrderTerms {
+        OrderTerms {
+            cpu_budget_secs: self.cpu_budget_secs,
+            wall_secs: self.wall_secs,
+            memory_mib: self.memory_mib,
+            max_processes: self.max_processes,
+            disk_mib: self.disk_mib,
+            connect_window_secs: self.connect_window_secs,
+            grace_secs: self.grace_secs,
         }
     }
 

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 
 use jusy_common::ledger::{self as books, Account, AccountId, Books, Entry, Movement};
-use jusy_common::order::{Order, Pricing, Settlement};
+use jusy_common::order::{Order, Plausibility, Pricing, Settlement};
+use jusy_common::receipt::Receipt;
+use jusy_common::verdict::{Party, Verdict};
 use jusy_common::wire::{EndReason, OrderId};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -43,6 +45,10 @@ pub struct OrderRecord {
     /// Bytes through the session's network, as its node counted them.
     #[serde(default)]
     pub traffic: Traffic,
+    /// The node's signed acceptance of the order's terms
+    /// ([`jusy_common::terms::SignedAcceptance`]), once checked.
+    #[serde(default, with = "hex_bytes")]
+    pub acceptance: Option<Vec<u8>>,
 }
 
 /// Bytes through a session's network link.
@@ -52,6 +58,24 @@ pub struct Traffic {
     pub sent: u64,
     /// Received by the session.
     pub received: u64,
+}
+
+/// Bytes stored as hex text in the order's JSON record.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| hex::decode(t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// The trees one transaction works on.
@@ -244,6 +268,16 @@ impl Ledger {
         id: OrderId,
         f: impl Fn(&mut Order) -> Option<Settlement>,
     ) -> Result<Option<Settlement>, LedgerError> {
+        Ok(self.settle(id, f)?.map(|(s, _)| s))
+    }
+
+    /// Changes an order's state with `f` as [`Ledger::update`] does; returns
+    /// the settlement and its verdict when `f` settled the order.
+    pub fn settle(
+        &self,
+        id: OrderId,
+        f: impl Fn(&mut Order) -> Option<Settlement>,
+    ) -> Result<Option<(Settlement, Verdict)>, LedgerError> {
         let settled = self.transact(|tx| {
             let mut rec = tx.order(id)?;
             let settlement = f(&mut rec.order);
@@ -251,15 +285,20 @@ impl Ledger {
                 tx.post(&books::settle(id, rec.client, rec.owner, s))?;
             }
             tx.put_order(id, &rec)?;
-            Ok(settlement.map(|s| (s, rec.order.state)))
+            Ok(settlement
+                .zip(rec.order.verdict)
+                .map(|(s, v)| (s, v, rec.order)))
         })?;
-        if let Some((s, state)) = settled {
+        if let Some((s, v, o)) = &settled {
             tracing::info!(
-                order_id = %id, state = state.code(), refund = s.refund, owner = s.owner,
+                order_id = %id, state = o.state.code(), ended_by = ?v.by, upheld = v.upheld,
+                fault = ?v.fault, payout = ?v.payout, quick_close = v.quick_close,
+                implausible_receipts = o.implausible, proven_cpu_us = o.proven_cpu_us,
+                claimed_cpu_us = o.claimed_cpu_us, refund = s.refund, owner = s.owner,
                 operator = s.operator, "order settled"
             );
         }
-        Ok(settled.map(|(s, _)| s))
+        Ok(settled.map(|(s, v, _)| (s, v)))
     }
 
     /// Records an order's network traffic so far. Counters only grow: a
@@ -276,21 +315,32 @@ impl Ledger {
         })
     }
 
-    /// Stores a verified receipt and counts its CPU time for the order.
-    pub fn add_receipt(
-        &self,
-        id: OrderId,
-        seq: u32,
-        bytes: &[u8],
-        cpu_us: u64,
-    ) -> Result<(), LedgerError> {
-        let mut key = id.0.to_vec();
-        key.extend_from_slice(&seq.to_be_bytes());
+    /// Keeps the node's checked acceptance of an order's terms.
+    pub fn accepted(&self, id: OrderId, acceptance: &[u8]) -> Result<(), LedgerError> {
         self.transact(|tx| {
             let mut rec = tx.order(id)?;
-            rec.order.handle_receipt(cpu_us);
-            tx.receipts.insert(key.as_slice(), bytes)?;
+            rec.acceptance = Some(acceptance.to_vec());
             tx.put_order(id, &rec)
+        })
+    }
+
+    /// Stores a verified receipt that arrived at `now_ms` and counts its CPU
+    /// time for the order, as far as it was possible.
+    pub fn add_receipt(
+        &self,
+        r: &Receipt,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<Plausibility, LedgerError> {
+        let id = r.order_id;
+        let mut key = id.0.to_vec();
+        key.extend_from_slice(&r.seq.to_be_bytes());
+        self.transact(|tx| {
+            let mut rec = tx.order(id)?;
+            let plausible = rec.order.handle_receipt(now_ms, r);
+            tx.receipts.insert(key.as_slice(), bytes)?;
+            tx.put_order(id, &rec)?;
+            Ok(plausible)
         })
     }
 
@@ -335,7 +385,7 @@ impl Ledger {
             }
             let s = self.update(id, |o| {
                 o.open = 0;
-                o.handle_end(now_ms, EndReason::Cancelled)
+                o.handle_end(now_ms, EndReason::Cancelled, Party::Broker)
             })?;
             if s.is_some() {
                 settled += 1;
@@ -486,7 +536,8 @@ mod tests {
             host: "h".into(),
             port: 1,
             created_ms: 0,
-            order: Order::new(0, PRICING),
+            order: Order::new(0, PRICING, jusy_common::terms::OrderTerms::default(), 2),
+            acceptance: None,
             traffic: Default::default(),
         }
     }
@@ -518,10 +569,27 @@ mod tests {
             })
             .expect("connect");
         ledger
-            .add_receipt(id, 0, b"r", jusy_common::order::CPU_HOUR_US / 2)
+            .add_receipt(
+                &Receipt {
+                    order_id: id,
+                    node_id: jusy_common::identity::PeerId([0; 32]),
+                    seq: 0,
+                    prev: [0; 32],
+                    cpu_us: jusy_common::order::CPU_HOUR_US / 2,
+                    peak_mem: 0,
+                    peak_procs: 0,
+                    peak_disk: 0,
+                    wall_ms: 0,
+                    finish: None,
+                },
+                b"r",
+                3_600_000,
+            )
             .expect("receipt");
         let s = ledger
-            .update(id, |o| o.handle_end(60_000, EndReason::NodeLost))
+            .update(id, |o| {
+                o.handle_end(3_600_000, EndReason::NodeLost, Party::Broker)
+            })
             .expect("end");
         assert_eq!(
             s,

@@ -219,6 +219,8 @@ impl Broker {
             relay_stop.clone(),
         ));
         let follow = tokio::spawn(self.orders.clone().follow(self.events));
+        let timers_stop = CancellationToken::new();
+        let timers = tokio::spawn(self.orders.clone().watch_timers(timers_stop.clone()));
         let mesh = self.mesh.zip(self.orders.served()).map(|(m, served)| {
             let serving = tokio::spawn(remote::serve(
                 m.inbound,
@@ -267,6 +269,8 @@ impl Broker {
         )
         .await;
         stop.cancel();
+        timers_stop.cancel();
+        let _ = timers.await;
         orders.cancel_all().await;
         relay_stop.cancel();
         let _ = relay_task.await;

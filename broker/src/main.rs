@@ -43,9 +43,27 @@ struct ServeArgs {
     /// Host name clients are told to connect to.
     #[arg(long)]
     public_host: Option<String>,
-    /// Seconds a client has to log in to a new order.
+    /// Seconds a client has to log in to a new order (an order term).
     #[arg(long)]
     connect_window_secs: Option<u32>,
+    /// CPU seconds an order buys (an order term).
+    #[arg(long)]
+    cpu_budget_secs: Option<u32>,
+    /// Wall-clock seconds of a session from its first login (an order term).
+    #[arg(long)]
+    wall_secs: Option<u32>,
+    /// Memory of a session in MiB (an order term).
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Processes of a session at once (an order term).
+    #[arg(long)]
+    max_processes: Option<u32>,
+    /// Disk of a session in MiB; 0: no disk of its own (an order term).
+    #[arg(long)]
+    disk_mib: Option<u32>,
+    /// Seconds a session outlives its last logged-in connection (an order term).
+    #[arg(long)]
+    grace_secs: Option<u32>,
     /// Price of one CPU-hour in satoshi.
     #[arg(long)]
     price_sat: Option<u64>,
@@ -195,6 +213,14 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
     );
     take!(capacity_refresh_secs, capacity_validity_secs, busy_poll_us);
     take!(min_client_rating, max_unconnected_orders);
+    take!(
+        cpu_budget_secs,
+        wall_secs,
+        memory_mib,
+        max_processes,
+        disk_mib,
+        grace_secs
+    );
     if args.mesh_listen.is_some() {
         cfg.mesh_listen = args.mesh_listen;
     }

@@ -141,9 +141,11 @@ mod tests {
     fn decoder_yields_messages_split_anywhere() {
         let a = NodeMsg::Accepted {
             order_id: OrderId([1; 12]),
+            acceptance: vec![7; 33],
         };
         let b = NodeMsg::Accepted {
             order_id: OrderId([2; 12]),
+            acceptance: Vec::new(),
         };
         let mut bytes = encode(&a).unwrap_or_default();
         bytes.extend(encode(&b).unwrap_or_default());

@@ -246,6 +246,7 @@ impl Books {
 mod tests {
     use super::*;
     use crate::order::{Order, OrderState, Pricing};
+    use crate::verdict::{Party, Payout};
     use crate::wire::EndReason;
     use proptest::prelude::*;
 
@@ -308,6 +309,7 @@ mod tests {
         },
         Receipt {
             order: usize,
+            at: u64,
             cpu_us: u64,
         },
         End {
@@ -332,8 +334,8 @@ mod tests {
             (0..3usize).prop_map(|client| Step::Order { client }),
             (0..8usize, 0..400_000u64).prop_map(|(order, at)| Step::Connect { order, at }),
             (0..8usize, 0..400_000u64).prop_map(|(order, at)| Step::Disconnect { order, at }),
-            (0..8usize, 0..2 * crate::order::CPU_HOUR_US)
-                .prop_map(|(order, cpu_us)| Step::Receipt { order, cpu_us }),
+            (0..8usize, 0..400_000u64, 0..2 * crate::order::CPU_HOUR_US)
+                .prop_map(|(order, at, cpu_us)| Step::Receipt { order, at, cpu_us }),
             (0..8usize, 0..400_000u64, 0..EndReason::ALL.len())
                 .prop_map(|(order, at, reason)| Step::End { order, at, reason }),
             (0..8usize, 0..400_000u64).prop_map(|(order, at)| Step::Tick { order, at }),
@@ -361,7 +363,7 @@ mod tests {
                         // An unaffordable order is refused and changes nothing.
                         if books.apply(&charge(clients[client], id, P.price_sat)).is_ok() {
                             charged += 1;
-                            orders.push((id, client, Order::new(0, P)));
+                            orders.push((id, client, Order::new(0, P, crate::terms::OrderTerms::default(), 2)));
                         }
                     }
                     Step::Connect { order, at } => {
@@ -370,19 +372,31 @@ mod tests {
                     Step::Disconnect { order, at } => {
                         if let Some((_, _, o)) = orders.get_mut(order) { o.handle_disconnect(at); }
                     }
-                    Step::Receipt { order, cpu_us } => {
-                        if let Some((_, _, o)) = orders.get_mut(order) { o.handle_receipt(cpu_us); }
+                    Step::Receipt { order, at, cpu_us } => {
+                        let r = crate::receipt::Receipt {
+                            order_id: OrderId([0; 12]),
+                            node_id: crate::identity::PeerId([0; 32]),
+                            seq: 0,
+                            prev: [0; 32],
+                            cpu_us,
+                            peak_mem: 0,
+                            peak_procs: 0,
+                            peak_disk: 0,
+                            wall_ms: 0,
+                            finish: None,
+                        };
+                        if let Some((_, _, o)) = orders.get_mut(order) { o.handle_receipt(at, &r); }
                     }
                     Step::End { order, at, reason } => {
                         if let Some((id, c, o)) = orders.get_mut(order)
-                            && let Some(s) = o.handle_end(at, EndReason::ALL[reason])
+                            && let Some(s) = o.handle_end(at, EndReason::ALL[reason], Party::Node)
                         {
                             books.apply(&settle(*id, clients[*c], Some(owner), s)).unwrap();
                         }
                     }
                     Step::Tick { order, at } => {
                         if let Some((id, c, o)) = orders.get_mut(order)
-                            && let Some(s) = o.handle_tick(at, 120_000)
+                            && let Some(s) = o.handle_tick(at)
                         {
                             books.apply(&settle(*id, clients[*c], Some(owner), s)).unwrap();
                         }
@@ -390,7 +404,7 @@ mod tests {
                     Step::Crash { at } => {
                         for (id, c, o) in orders.iter_mut() {
                             o.open = 0;
-                            if let Some(s) = o.handle_end(at, EndReason::Cancelled) {
+                            if let Some(s) = o.handle_end(at, EndReason::Cancelled, Party::Broker) {
                                 books.apply(&settle(*id, clients[*c], Some(owner), s)).unwrap();
                             }
                         }
@@ -401,7 +415,9 @@ mod tests {
                     // Escrow holds the price exactly until the order is final.
                     let escrow = books.balance(&Account::Escrow(*id));
                     prop_assert_eq!(escrow, if o.state.is_final() { 0 } else { P.price_sat });
-                    if let (OrderState::Cancelled(_), Some(s)) = (o.state, o.settlement) {
+                    if let (OrderState::Cancelled(_), Some(s), Some(v)) = (o.state, o.settlement, o.verdict)
+                        && v.payout == Payout::Refund
+                    {
                         prop_assert_eq!(s.refund, P.price_sat);
                     }
                 }

@@ -12,6 +12,13 @@
 //!   or cancelled) and how its price is paid out.
 //! * [`ledger`] — double-entry bookkeeping: accounts, entries, balances and the
 //!   invariant that money is neither made nor lost.
+//! * [`terms`] — an order's terms (CPU budget, wall limit, memory,
+//!   processes, disk, connect window, grace) and the node's signed
+//!   acceptance of them.
+//! * [`plausible`] — the most CPU time a receipt can prove: the node's cores
+//!   times the wall time the broker saw since the first login.
+//! * [`verdict`] — a claimed end reason held against the broker's evidence:
+//!   whether it stands, whose fault it was, how the price is paid out.
 //! * [`rating`] — node ratings from how their sessions ended.
 //! * [`receipt`] — signed usage receipts: canonical bytes, signing, the hash
 //!   chain and its verifier.
@@ -30,9 +37,12 @@ pub mod frame;
 pub mod identity;
 pub mod ledger;
 pub mod order;
+pub mod plausible;
 pub mod rating;
 pub mod receipt;
 pub mod session;
 pub mod speed;
+pub mod terms;
 pub mod tls;
+pub mod verdict;
 pub mod wire;

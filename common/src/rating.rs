@@ -5,7 +5,8 @@
 //! threshold, refused orders. I/O-free, so every page and broker that counts
 //! the same orders shows the same rating.
 
-use crate::order::OrderState;
+use crate::order::{Order, OrderState};
+use crate::verdict::{Fault, Payout, Verdict};
 use crate::wire::EndReason;
 
 /// How many of a node's sessions it kept to their end and how many it
@@ -28,6 +29,26 @@ impl Tally {
     pub fn add(&mut self, state: OrderState) {
         if let OrderState::Finished(reason) | OrderState::Cancelled(reason) = state {
             self.add_end(reason);
+        }
+    }
+
+    /// Counts one order of the node: by its verdict, or, for orders settled
+    /// before ends were judged, by its state.
+    pub fn add_order(&mut self, order: &Order) {
+        match &order.verdict {
+            Some(v) => self.add_verdict(v),
+            None => self.add(order.state),
+        }
+    }
+
+    /// Counts one judged end: against the node when it was the node's fault
+    /// (a dropped session, an end or CPU time the evidence does not
+    /// support); not at all when nothing was bought or the broker ended it.
+    pub fn add_verdict(&mut self, v: &Verdict) {
+        if v.against_node() {
+            self.dropped = self.dropped.saturating_add(1);
+        } else if v.fault != Fault::Broker && v.payout != Payout::Refund {
+            self.kept = self.kept.saturating_add(1);
         }
     }
 
@@ -86,6 +107,17 @@ pub fn broke_limits(reason: EndReason) -> Option<bool> {
         | EndReason::NodeLost
         | EndReason::NodeFailed
         | EndReason::NodeShutdown => None,
+    }
+}
+
+/// Whether an order's session broke its node's limits (see
+/// [`broke_limits`]), by its verdict when it has one: a limit the evidence
+/// does not show is not the client's.
+pub fn order_broke_limits(order: &Order) -> Option<bool> {
+    match (&order.verdict, order.state) {
+        (Some(v), _) => v.client_broke_limits(),
+        (None, OrderState::Finished(r) | OrderState::Cancelled(r)) => broke_limits(r),
+        (None, _) => None,
     }
 }
 

@@ -16,10 +16,10 @@ use crate::wire::{EndReason, OrderId};
 
 /// Magic and version at the start of every receipt; they also separate the
 /// signature's domain from anything else the node key signs.
-pub const RECEIPT_MAGIC: [u8; 5] = *b"JSYR\x01";
+pub const RECEIPT_MAGIC: [u8; 5] = *b"JSYR\x02";
 
 /// Length of the signed part of a receipt.
-pub const BODY_LEN: usize = 5 + 12 + 32 + 4 + 32 + 8 + 8 + 8 + 1;
+pub const BODY_LEN: usize = 5 + 12 + 32 + 4 + 32 + 8 + 8 + 4 + 8 + 8 + 1;
 
 /// Length of a whole encoded receipt: body then the ed25519 signature.
 pub const RECEIPT_LEN: usize = BODY_LEN + 64;
@@ -35,8 +35,14 @@ pub struct Receipt {
     pub prev: [u8; 32],
     /// CPU time used by all the session's processes so far, in microseconds.
     pub cpu_us: u64,
-    /// Highest memory use of the session so far, in bytes.
+    /// Highest memory use of the session so far, in bytes: the evidence of
+    /// a `RAM` end.
     pub peak_mem: u64,
+    /// Most processes (and threads) the session had at once, its init
+    /// included: the evidence of a `PROC` end.
+    pub peak_procs: u32,
+    /// Most bytes used on the session's disk: the evidence of a `DISK` end.
+    pub peak_disk: u64,
     /// Wall time since the session started, in milliseconds.
     pub wall_ms: u64,
     /// Set on the last receipt of the session.
@@ -91,7 +97,7 @@ impl Receipt {
     /// The canonical bytes that are signed.
     pub fn body(&self) -> [u8; BODY_LEN] {
         let mut out = [0u8; BODY_LEN];
-        let parts: [&[u8]; 9] = [
+        let parts: [&[u8]; 11] = [
             &RECEIPT_MAGIC,
             &self.order_id.0,
             &self.node_id.0,
@@ -99,6 +105,8 @@ impl Receipt {
             &self.prev,
             &self.cpu_us.to_be_bytes(),
             &self.peak_mem.to_be_bytes(),
+            &self.peak_procs.to_be_bytes(),
+            &self.peak_disk.to_be_bytes(),
             &self.wall_ms.to_be_bytes(),
             &[self.finish.map_or(0, EndReason::number)],
         ];
@@ -158,6 +166,8 @@ impl SignedReceipt {
         let prev = f.take();
         let cpu_us = u64::from_be_bytes(f.take());
         let peak_mem = u64::from_be_bytes(f.take());
+        let peak_procs = u32::from_be_bytes(f.take());
+        let peak_disk = u64::from_be_bytes(f.take());
         let wall_ms = u64::from_be_bytes(f.take());
         let [code] = f.take::<1>();
         let finish = match code {
@@ -172,6 +182,8 @@ impl SignedReceipt {
             prev,
             cpu_us,
             peak_mem,
+            peak_procs,
+            peak_disk,
             wall_ms,
             finish,
         };
@@ -195,6 +207,15 @@ impl SignedReceipt {
     }
 }
 
+/// The counters a receipt states, all highest-so-far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counted {
+    pub cpu_us: u64,
+    pub peak_mem: u64,
+    pub peak_procs: u32,
+    pub peak_disk: u64,
+}
+
 /// Builds an order's receipt chain on the node.
 #[derive(Debug)]
 pub struct ChainBuilder {
@@ -216,12 +237,12 @@ impl ChainBuilder {
         }
     }
 
-    /// Signs the next receipt of the chain; `None` once the final one was made.
+    /// Signs the next receipt of the chain with `usage`'s counters; `None`
+    /// once the final one was made.
     pub fn next(
         &mut self,
         key: &SigningKey,
-        cpu_us: u64,
-        peak_mem: u64,
+        usage: Counted,
         wall_ms: u64,
         finish: Option<EndReason>,
     ) -> Option<SignedReceipt> {
@@ -233,8 +254,10 @@ impl ChainBuilder {
             node_id: self.node_id,
             seq: self.next_seq,
             prev: self.prev,
-            cpu_us,
-            peak_mem,
+            cpu_us: usage.cpu_us,
+            peak_mem: usage.peak_mem,
+            peak_procs: usage.peak_procs,
+            peak_disk: usage.peak_disk,
             wall_ms,
             finish,
         }
@@ -320,7 +343,11 @@ impl ChainVerifier {
             return Err(ReceiptError::Chain { seq: r.seq });
         }
         if let Some(last) = &self.last
-            && (r.cpu_us < last.cpu_us || r.peak_mem < last.peak_mem || r.wall_ms < last.wall_ms)
+            && (r.cpu_us < last.cpu_us
+                || r.peak_mem < last.peak_mem
+                || r.peak_procs < last.peak_procs
+                || r.peak_disk < last.peak_disk
+                || r.wall_ms < last.wall_ms)
         {
             return Err(ReceiptError::Backwards { seq: r.seq });
         }
@@ -348,8 +375,12 @@ mod tests {
                 let last = finish && i + 1 == n as u64;
                 b.next(
                     &k,
-                    i * 1_000_000,
-                    4096 * i,
+                    Counted {
+                        cpu_us: i * 1_000_000,
+                        peak_mem: 4096 * i,
+                        peak_procs: i as u32,
+                        peak_disk: 8192 * i,
+                    },
                     i * 10_000,
                     last.then_some(EndReason::ClientClosed),
                 )
@@ -366,6 +397,8 @@ mod tests {
             prev: [3; 32],
             cpu_us: 5_000_000,
             peak_mem: 1 << 20,
+            peak_procs: 50,
+            peak_disk: 1 << 30,
             wall_ms: 20_000,
             finish: Some(EndReason::CpuDone),
         };
@@ -375,13 +408,15 @@ mod tests {
         assert_eq!(
             hex.get(..BODY_LEN * 2),
             Some(
-                "4a53595201\
+                "4a53595202\
                  010101010101010101010101\
                  197f6b23e16c8532c6abc838facd5ea789be0c76b2920334039bfa8b3d368d61\
                  00000002\
                  0303030303030303030303030303030303030303030303030303030303030303\
                  00000000004c4b40\
                  0000000000100000\
+                 00000032\
+                 0000000040000000\
                  0000000000004e20\
                  08"
             )
@@ -390,8 +425,8 @@ mod tests {
         assert_eq!(
             hex.get(BODY_LEN * 2..),
             Some(
-                "8cb8246b7b252d57849de2eea74abc66af1a84e8f0886377c5c56c6d1819100a\
-                 85001d03765bc7fda18e52f8a20fa5369d29cef0f937217ce22e8c9e5cb51007"
+                "7c393f982f2f4e6a0aa3183e2f6f1968ed311e24dd73590acebf35ed638a600b\
+                 fb4e24ffb0f9c7523d7b5c7e4afa02ee26b0e689ad49b6583bdf3949a5735609"
             )
         );
         assert_eq!(s.bytes().len(), RECEIPT_LEN);
@@ -509,8 +544,12 @@ mod tests {
     fn builder_stops_after_the_final_receipt() {
         let k = key();
         let mut b = ChainBuilder::new(OrderId([7; 12]), &k);
-        assert!(b.next(&k, 1, 1, 1, Some(EndReason::WallClock)).is_some());
-        assert!(b.next(&k, 2, 2, 2, None).is_none());
+        let c = Counted {
+            cpu_us: 1,
+            ..Counted::default()
+        };
+        assert!(b.next(&k, c, 1, Some(EndReason::WallClock)).is_some());
+        assert!(b.next(&k, c, 2, None).is_none());
     }
 
     proptest! {
@@ -520,7 +559,7 @@ mod tests {
         }
 
         #[test]
-        fn signed_receipts_round_trip(cpu in any::<u64>(), mem in any::<u64>(), wall in any::<u64>(), seq in any::<u32>(), code in 0u8..12) {
+        fn signed_receipts_round_trip(cpu in any::<u64>(), mem in any::<u64>(), procs in any::<u32>(), disk in any::<u64>(), wall in any::<u64>(), seq in any::<u32>(), code in 0u8..12) {
             let r = Receipt {
                 order_id: OrderId([9; 12]),
                 node_id: PeerId::from_signing_key(&key()),
@@ -528,6 +567,8 @@ mod tests {
                 prev: [seq as u8; 32],
                 cpu_us: cpu,
                 peak_mem: mem,
+                peak_procs: procs,
+                peak_disk: disk,
                 wall_ms: wall,
                 finish: EndReason::from_number(code),
             };

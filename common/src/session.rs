@@ -11,9 +11,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::receipt::Counted;
+use crate::terms::OrderTerms;
 use crate::wire::EndReason;
 
-/// Time limits of a session.
+/// Time and disk limits of a session (memory and processes the kernel
+/// enforces in the session's cgroup).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Time from assignment to the first client login.
@@ -25,6 +28,21 @@ pub struct Limits {
     pub wall: Duration,
     /// CPU time the session may use across all its processes.
     pub cpu_budget: Duration,
+    /// Bytes the session may use on its disk; `None` without a disk of its own.
+    pub disk: Option<u64>,
+}
+
+impl Limits {
+    /// The limits an order's terms set.
+    pub fn of(terms: &OrderTerms) -> Self {
+        Self {
+            connect_window: terms.connect_window(),
+            grace: terms.grace(),
+            wall: terms.wall(),
+            cpu_budget: terms.cpu_budget(),
+            disk: terms.disk_bytes(),
+        }
+    }
 }
 
 /// What the kernel counted for a session since it was prepared.
@@ -34,6 +52,10 @@ pub struct Usage {
     pub cpu_us: u64,
     /// Highest memory use, in bytes.
     pub peak_mem: u64,
+    /// Most processes at once (the kernel's peak where it keeps one).
+    pub peak_procs: u32,
+    /// Bytes used on the session's disk now.
+    pub disk_used: u64,
     /// Processes killed for exceeding the memory limit.
     pub oom_kills: u64,
     /// Forks refused at the process limit.
@@ -44,12 +66,7 @@ pub struct Usage {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            connect_window: Duration::from_secs(120),
-            grace: Duration::from_secs(5),
-            wall: Duration::from_secs(3 * 3600),
-            cpu_budget: Duration::from_secs(3600),
-        }
+        Self::of(&OrderTerms::default())
     }
 }
 
@@ -80,6 +97,8 @@ pub struct Session {
     /// The highest counters seen; they only go up, as receipts require.
     cpu_us: u64,
     peak_mem: u64,
+    peak_procs: u32,
+    peak_disk: u64,
 }
 
 impl Session {
@@ -91,6 +110,8 @@ impl Session {
             first_connect: None,
             cpu_us: 0,
             peak_mem: 0,
+            peak_procs: 0,
+            peak_disk: 0,
         }
     }
 
@@ -152,10 +173,19 @@ impl Session {
 
     /// Takes the kernel's latest counters; returns the reason when a limit ends
     /// the session now. Hitting the memory, process or disk limit is reported
-    /// before a used-up CPU budget: it is what the session did wrong.
+    /// before a used-up CPU budget: it is what the session did wrong. The
+    /// disk is full when the file system says so or the session used its
+    /// limit (a node whose images are larger than the order's terms).
     pub fn handle_usage(&mut self, now: Instant, usage: Usage) -> Option<EndReason> {
         self.cpu_us = self.cpu_us.max(usage.cpu_us);
         self.peak_mem = self.peak_mem.max(usage.peak_mem);
+        self.peak_procs = self.peak_procs.max(usage.peak_procs);
+        self.peak_disk = self.peak_disk.max(usage.disk_used);
+        let disk_full = usage.disk_full
+            || self
+                .limits
+                .disk
+                .is_some_and(|limit| usage.disk_used >= limit);
         if matches!(self.state, State::Ended(_)) {
             return None;
         }
@@ -164,7 +194,7 @@ impl Session {
             EndReason::MemoryLimit
         } else if usage.forks_refused > 0 {
             EndReason::ProcessLimit
-        } else if usage.disk_full {
+        } else if disk_full {
             EndReason::DiskLimit
         } else if self.cpu_us >= budget_us {
             EndReason::CpuDone
@@ -183,6 +213,16 @@ impl Session {
     /// Highest memory use so far, in bytes.
     pub fn peak_mem(&self) -> u64 {
         self.peak_mem
+    }
+
+    /// Every counter a receipt states, highest so far.
+    pub fn counted(&self) -> Counted {
+        Counted {
+            cpu_us: self.cpu_us,
+            peak_mem: self.peak_mem,
+            peak_procs: self.peak_procs,
+            peak_disk: self.peak_disk,
+        }
     }
 
     /// Wall time since the session was assigned.
@@ -252,6 +292,7 @@ mod tests {
             grace: Duration::from_secs(5),
             wall: Duration::from_secs(100),
             cpu_budget: Duration::from_secs(20),
+            disk: Some(1000),
         }
     }
 
@@ -392,6 +433,26 @@ mod tests {
             assert!(s.handle_login(secs(t0, 1)));
             assert_eq!(s.handle_usage(secs(t0, 2), usage), Some(reason));
         }
+    }
+
+    #[test]
+    fn using_the_terms_disk_ends_with_disk_and_peaks_are_kept() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, limits());
+        assert!(s.handle_login(secs(t0, 1)));
+        let used = |disk_used, peak_procs| Usage {
+            disk_used,
+            peak_procs,
+            ..Usage::default()
+        };
+        assert_eq!(s.handle_usage(secs(t0, 2), used(999, 7)), None);
+        assert_eq!(s.handle_usage(secs(t0, 3), used(10, 3)), None);
+        assert_eq!(s.counted().peak_disk, 999);
+        assert_eq!(s.counted().peak_procs, 7);
+        assert_eq!(
+            s.handle_usage(secs(t0, 4), used(1000, 3)),
+            Some(EndReason::DiskLimit)
+        );
     }
 
     #[test]

@@ -3,6 +3,14 @@
 //! its time; the broker runs the same function to know the right digest and
 //! [`judge`]s the answer.
 //!
+//! The test also bounds the cores the broker believes a node has: the node
+//! runs one lane per core it reports ([`lanes`]), all at once, each on a seed
+//! of its own ([`lane_seed`]), and must answer every digest within the same
+//! limit. The broker computes one lane, picked at random before the answer
+//! comes, so a node that skips lanes is caught, and one that runs more lanes
+//! than it has cores is too slow. The cores that passed bound what its
+//! receipts can prove (`crate::plausible`).
+//!
 //! The work is a xoshiro256** generator driving a chain of dependent reads and
 //! writes in a 4 MiB table (each index depends on the previous result, so the
 //! core cannot overlap them), then SHA-256 over the table. It exercises integer
@@ -54,6 +62,28 @@ pub fn run(seed: &[u8; 32], rounds: u32) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Most lanes a speed test runs: a bound on the node's memory for the test
+/// (4 MiB each) and on the cores one node is believed to have.
+pub const MAX_LANES: u32 = 64;
+
+/// How many lanes a node that reports `cores` is tested with.
+pub fn lanes(cores: u32) -> u32 {
+    cores.clamp(1, MAX_LANES)
+}
+
+/// The seed of lane `lane` of a test seeded with `seed`; lane 0 is the seed
+/// itself, so a one-lane test is the single-core test.
+pub fn lane_seed(seed: &[u8; 32], lane: u32) -> [u8; 32] {
+    if lane == 0 {
+        return *seed;
+    }
+    let mut h = Sha256::new();
+    h.update(b"jusy speed lane\0");
+    h.update(seed);
+    h.update(lane.to_be_bytes());
+    h.finalize().into()
+}
+
 /// Why a node's answer is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpeedError {
@@ -61,6 +91,8 @@ pub enum SpeedError {
     Digest,
     #[error("too slow: {took:?} for the test, at most {limit:?} allowed")]
     Slow { took: Duration, limit: Duration },
+    #[error("{got} lanes answered, {asked} asked")]
+    Lanes { asked: u32, got: usize },
 }
 
 /// Checks a node's answer: the digest must be `expected` and the time the
@@ -78,6 +110,27 @@ pub fn judge(
         return Err(SpeedError::Slow { took, limit });
     }
     Ok(())
+}
+
+/// Checks a node's answer to a test of `asked` lanes: as many digests,
+/// lane `spot`'s equal to `expected` (the broker's own run of it), all
+/// within `limit`.
+pub fn judge_lanes(
+    expected: &[u8; 32],
+    spot: u32,
+    asked: u32,
+    got: &[[u8; 32]],
+    took: Duration,
+    limit: Duration,
+) -> Result<(), SpeedError> {
+    if got.len() != asked as usize {
+        return Err(SpeedError::Lanes {
+            asked,
+            got: got.len(),
+        });
+    }
+    let answer = got.get(spot as usize).ok_or(SpeedError::Digest)?;
+    judge(expected, answer, took, limit)
 }
 
 /// xoshiro256** (Blackman and Vigna), seeded from 32 bytes little-endian.
@@ -137,6 +190,36 @@ mod tests {
             hex::encode(run(&[0; 32], 10)),
             "f836c0222377effc1fcec89500ed28c598b85d7d0886bb260c761155fa95f4e5"
         );
+    }
+
+    #[test]
+    fn lanes_have_their_own_seeds_and_one_is_checked() {
+        let seed = [7; 32];
+        assert_eq!(lane_seed(&seed, 0), seed);
+        assert_ne!(lane_seed(&seed, 1), seed);
+        assert_ne!(lane_seed(&seed, 1), lane_seed(&seed, 2));
+        assert_eq!(lanes(0), 1);
+        assert_eq!(lanes(8), 8);
+        assert_eq!(lanes(1000), MAX_LANES);
+        let digests: Vec<[u8; 32]> = (0..4).map(|l| run(&lane_seed(&seed, l), 100)).collect();
+        let t = Duration::from_secs(1);
+        let limit = Duration::from_secs(2);
+        for spot in 0..4 {
+            let expected = run(&lane_seed(&seed, spot), 100);
+            assert_eq!(judge_lanes(&expected, spot, 4, &digests, t, limit), Ok(()));
+        }
+        // A lane skipped (answered with another's digest) is caught when it is the one checked.
+        let mut lazy = digests.clone();
+        lazy[3] = lazy[0];
+        let expected = run(&lane_seed(&seed, 3), 100);
+        assert_eq!(
+            judge_lanes(&expected, 3, 4, &lazy, t, limit),
+            Err(SpeedError::Digest)
+        );
+        assert!(matches!(
+            judge_lanes(&expected, 3, 4, &digests[..3], t, limit),
+            Err(SpeedError::Lanes { .. })
+        ));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol; a peer with another version is refused in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN of node ↔ relay QUIC connections.
 pub const ALPN: &[u8] = b"jusy/1";
@@ -148,8 +148,8 @@ pub struct Assignment {
     pub slot_id: u64,
     /// OpenSSH public keys (`ssh-ed25519 AAAA…`) allowed to log in.
     pub authorized_keys: Vec<String>,
-    /// Seconds the client has to make its first login.
-    pub connect_window_secs: u32,
+    /// What the order bought: the node enforces exactly these, or refuses.
+    pub terms: crate::terms::OrderTerms,
 }
 
 /// The OpenSSH cipher preference clients of a node with AES instructions are
@@ -179,9 +179,14 @@ pub enum NodeMsg {
     },
     /// These slots are ready to be claimed.
     SlotsReady { slots: Vec<Slot> },
-    /// The node took the order; clients may log in now.
-    Accepted { order_id: OrderId },
-    /// The node could not take the order (the slot is gone, …).
+    /// The node took the order on its terms; clients may log in now.
+    Accepted {
+        order_id: OrderId,
+        /// A [`crate::terms::SignedAcceptance`] of the assignment's terms.
+        acceptance: Vec<u8>,
+    },
+    /// The node could not take the order (the slot is gone, a term it
+    /// cannot meet, …).
     Refused { order_id: OrderId, error: String },
     /// The session of an order is over; its user and data are gone.
     Ended {
@@ -190,8 +195,9 @@ pub enum NodeMsg {
     },
     /// A signed usage receipt in its canonical encoding (see [`crate::receipt`]).
     Receipt { bytes: Vec<u8> },
-    /// The answer to [`BrokerMsg::SpeedTest`]: the workload's digest.
-    SpeedResult { digest: [u8; 32] },
+    /// The answer to [`BrokerMsg::SpeedTest`]: the workload's digest for
+    /// each lane, in lane order.
+    SpeedResult { digests: Vec<[u8; 32]> },
     /// The answer to [`BrokerMsg::SignCapacity`]: a
     /// [`crate::capacity::SignedCapacity`] in its encoding.
     Capacity { bytes: Vec<u8> },
@@ -226,9 +232,15 @@ pub enum BrokerMsg {
     Cancel { order_id: OrderId },
     /// A fatal problem; the broker closes the connection after sending it.
     Error { error: String },
-    /// Run the speed test ([`crate::speed::run`]) on this seed and answer with
-    /// [`NodeMsg::SpeedResult`]; the broker times the answer.
-    SpeedTest { seed: [u8; 32], rounds: u32 },
+    /// Run the speed test ([`crate::speed::run`]) on `lanes` seeds derived
+    /// from this one ([`crate::speed::lane_seed`]), all at once, one core
+    /// each, and answer with [`NodeMsg::SpeedResult`]; the broker times the
+    /// answer and checks one lane the node cannot guess.
+    SpeedTest {
+        seed: [u8; 32],
+        rounds: u32,
+        lanes: u32,
+    },
     /// Sign a capacity statement on these terms (with this node's free slots
     /// and cores) and answer with [`NodeMsg::Capacity`]; the relay publishes
     /// it to the other brokers.

@@ -32,26 +32,33 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Sessions kept ready ahead of orders. Default ⌈1.3 × cores⌉.
     pub ready_slots: Option<usize>,
-    /// Seconds a session survives after its last logged-in connection closes. Default 5.
+    /// Longest grace an order may ask: seconds a session survives after its
+    /// last logged-in connection closes. This and the limits below are the
+    /// most this node offers; each order's terms come from the broker, the
+    /// node enforces exactly them (and signs them), and refuses an order whose
+    /// terms exceed these. Default 5.
     pub grace_secs: u64,
     /// Seconds a client connection may stay open without its SSH user
     /// authenticating, as sshd's `LoginGraceTime`; then the node closes it
     /// (and the relay its TCP connection). Such a connection never counts as
     /// the client's: it neither starts nor holds open a session. Default 10.
     pub login_grace_secs: u64,
-    /// Wall-clock limit of a session in seconds from its first login. Default 10800 (3 h).
+    /// Longest wall-clock limit (seconds from the first login) an order may
+    /// ask; also the longest connect window. Default 10800 (3 h).
     pub wall_secs: u64,
     /// Lowest uid (and gid) of session users. Default 610000.
     pub uid_min: u32,
     /// Highest uid (and gid) of session users. Default 619999.
     pub uid_max: u32,
-    /// CPU seconds a session may use across all its processes. Default 3600.
+    /// Most CPU seconds an order may buy across all its session's processes.
+    /// Default 3600.
     pub cpu_budget_secs: u64,
     /// Seconds between two signed usage receipts of a running session. Default 10.
     pub receipt_secs: u64,
-    /// Memory limit of a session in MiB, swap not allowed. Default 2048.
+    /// Most memory an order may ask, in MiB (never with swap); every slot's
+    /// cgroup starts at this and is set to the order's terms. Default 2048.
     pub memory_mib: u64,
-    /// Processes (and threads) a session may have at once. Default 50.
+    /// Most processes (and threads) at once an order may ask. Default 50.
     pub max_processes: u32,
     /// SSH channels (shells, commands, sftp) a client may have open at once on
     /// one connection, as OpenSSH's `MaxSessions`; one more is refused with
@@ -62,8 +69,10 @@ pub struct Config {
     /// about 4 MiB, see `ssh/input.rs`), this bounds what one session costs
     /// the node. Default 32.
     pub max_session_channels: usize,
-    /// Size of a session's home disk image in MiB; 0 keeps homes on the node's
-    /// own disk without a limit. Default 5120.
+    /// Size of a session's home disk image in MiB, the most disk an order may
+    /// ask (a smaller disk in the terms ends the session when it uses that
+    /// much); 0 keeps homes on the node's own disk without a limit, and takes
+    /// only orders sold without one. Default 5120.
     pub disk_mib: u64,
     /// Space in MiB kept free on the data directory's file system. Images are
     /// sparse but may each grow to `disk_mib`: a slot is prepared only while
@@ -215,6 +224,23 @@ impl Config {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             (cores * 13).div_ceil(10)
         })
+    }
+
+    /// The most this node offers an order: the broker's terms must fit
+    /// within it (and the node enforces the terms, not these).
+    pub fn offer(&self) -> jusy_common::terms::OrderTerms {
+        let secs = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
+        jusy_common::terms::OrderTerms {
+            cpu_budget_secs: secs(self.cpu_budget_secs),
+            wall_secs: secs(self.wall_secs),
+            memory_mib: secs(self.memory_mib),
+            max_processes: self.max_processes,
+            disk_mib: secs(self.disk_mib),
+            // Holding a slot for a client costs the node only the slot: any
+            // window within its wall limit is fine.
+            connect_window_secs: secs(self.wall_secs),
+            grace_secs: secs(self.grace_secs),
+        }
     }
 
     pub fn sandbox_limits(&self) -> SandboxLimits {

@@ -313,10 +313,8 @@ pub async fn run(
     let settings = Settings {
         ready_slots: cfg.ready_slots(),
         disk_reserve: cfg.disk_reserve_mib.saturating_mul(1 << 20),
-        grace: Duration::from_secs(cfg.grace_secs),
+        offer: cfg.offer(),
         login_grace: Duration::from_secs(cfg.login_grace_secs.max(1)),
-        wall: Duration::from_secs(cfg.wall_secs),
-        cpu_budget: Duration::from_secs(cfg.cpu_budget_secs),
         receipt_every: Duration::from_secs(cfg.receipt_secs.max(1)),
         sftp_server: cfg.sftp_server(),
         channel_caps: ssh::channel::ChannelCaps {

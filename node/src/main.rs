@@ -37,25 +37,25 @@ struct Cli {
     /// Sessions kept ready ahead of orders.
     #[arg(long)]
     ready_slots: Option<usize>,
-    /// Seconds a session survives after its last logged-in connection closes.
+    /// Longest grace after a session's last login closes an order may ask.
     #[arg(long)]
     grace_secs: Option<u64>,
     /// Seconds a client connection may stay open without logging in.
     #[arg(long)]
     login_grace_secs: Option<u64>,
-    /// Wall-clock limit of a session in seconds from its first connection.
+    /// Longest wall-clock limit (seconds from the first login) an order may ask.
     #[arg(long)]
     wall_secs: Option<u64>,
-    /// CPU seconds a session may use across all its processes.
+    /// Most CPU seconds an order may buy.
     #[arg(long)]
     cpu_budget_secs: Option<u64>,
     /// Seconds between two signed usage receipts of a running session.
     #[arg(long)]
     receipt_secs: Option<u64>,
-    /// Memory limit of a session in MiB (no swap).
+    /// Most memory in MiB (no swap) an order may ask.
     #[arg(long)]
     memory_mib: Option<u64>,
-    /// Processes a session may have at once.
+    /// Most processes at once an order may ask.
     #[arg(long)]
     max_processes: Option<u32>,
     /// SSH channels a client may open at once on one connection.
@@ -64,7 +64,7 @@ struct Cli {
     /// SSH channels a session may have open at once across its connections.
     #[arg(long)]
     max_session_channels: Option<usize>,
-    /// Size of a session's home disk in MiB (0: no separate disk).
+    /// Size of a session's home disk in MiB, the most an order may ask (0: no separate disk).
     #[arg(long)]
     disk_mib: Option<u64>,
     /// Space in MiB kept free on the data directory's file system.

@@ -39,13 +39,10 @@ impl Receipts {
     /// away and sends it after reconnecting.
     pub fn emit(&mut self, session: &Session, now: Instant, finish: Option<EndReason>) {
         let wall_ms = u64::try_from(session.wall(now).as_millis()).unwrap_or(u64::MAX);
-        let Some(signed) = self.chain.next(
-            &self.key,
-            session.cpu_us(),
-            session.peak_mem(),
-            wall_ms,
-            finish,
-        ) else {
+        let Some(signed) = self
+            .chain
+            .next(&self.key, session.counted(), wall_ms, finish)
+        else {
             return;
         };
         let r = signed.receipt();
@@ -54,6 +51,8 @@ impl Receipts {
             seq = r.seq,
             cpu_us = r.cpu_us,
             peak_mem = r.peak_mem,
+            peak_procs = r.peak_procs,
+            peak_disk = r.peak_disk,
             wall_ms = r.wall_ms,
             finish = finish.map(EndReason::code),
             "receipt"
@@ -65,6 +64,8 @@ impl Receipts {
                 "seq": r.seq,
                 "cpu_us": r.cpu_us,
                 "peak_mem": r.peak_mem,
+                "peak_procs": r.peak_procs,
+                "peak_disk": r.peak_disk,
                 "finish": finish.map(EndReason::code),
                 "bytes": hex::encode(signed.bytes()),
             }),

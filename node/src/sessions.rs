@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use jusy_common::session::{Limits, Session, Usage};
+use jusy_common::terms::{OrderTerms, SignedAcceptance};
 use jusy_common::wire::{
     Assignment, EndReason, NodeMsg, OrderId, STREAM_HEADER_LEN, Slot, StreamHeader,
 };
@@ -41,11 +42,11 @@ pub struct Settings {
     /// Bytes kept free on the data file system beyond every session disk at
     /// its full size.
     pub disk_reserve: u64,
-    pub grace: Duration,
+    /// The most this node offers an order; each order's own terms, within
+    /// this, are what its session gets.
+    pub offer: OrderTerms,
     /// How long a client stream may stay open without its user authenticating.
     pub login_grace: Duration,
-    pub wall: Duration,
-    pub cpu_budget: Duration,
     /// Time between two receipts of a running session.
     pub receipt_every: Duration,
     pub sftp_server: PathBuf,
@@ -199,11 +200,15 @@ impl Sessions {
         }
     }
 
-    /// Claims a slot for an order and starts its session.
+    /// Claims a slot for an order and starts its session on the order's
+    /// terms, which the node signs; refuses terms beyond its offer.
     pub fn assign(self: &Arc<Self>, a: Assignment) {
         let reply = match self.try_assign(&a) {
             Ok(()) => NodeMsg::Accepted {
                 order_id: a.order_id,
+                acceptance: SignedAcceptance::sign(&self.identity, a.order_id, a.terms)
+                    .bytes()
+                    .to_vec(),
             },
             Err(error) => {
                 tracing::warn!(order_id = %a.order_id, %error, "order refused");
@@ -231,16 +236,22 @@ impl Sessions {
         if keys.is_empty() {
             return Err("no authorized key".into());
         }
+        // Checked before the slot is taken: a slot refused for its terms
+        // stays ready.
+        a.terms
+            .within(&self.settings.offer)
+            .map_err(|e| e.to_string())?;
         let sandbox = lock(&self.ready)
             .remove(&a.slot_id)
             .ok_or_else(|| format!("slot {} is not ready", a.slot_id))?;
         self.refill.notify_one();
-        let limits = Limits {
-            connect_window: Duration::from_secs(a.connect_window_secs.into()),
-            grace: self.settings.grace,
-            wall: self.settings.wall,
-            cpu_budget: self.settings.cpu_budget,
-        };
+        if let Err(e) = sandbox.apply_terms(&a.terms) {
+            let this = self.clone();
+            self.tasks
+                .spawn(async move { this.host.teardown(&sandbox).await });
+            return Err(format!("cannot set the session's limits: {e}"));
+        }
+        let limits = Limits::of(&a.terms);
         let running = Arc::new(Running {
             order_id: a.order_id,
             access: Arc::new(Access {
@@ -264,7 +275,7 @@ impl Sessions {
         });
         lock(&self.running).insert(a.order_id, running.clone());
         let span = tracing::info_span!("session", order_id = %a.order_id, user = %running.access.ctx.sandbox.user.name);
-        tracing::info!(parent: &span, "order accepted");
+        tracing::info!(parent: &span, terms = ?a.terms, "order accepted");
         self.tasks
             .spawn(self.clone().drive(running).instrument(span));
         Ok(())
@@ -362,12 +373,15 @@ impl Sessions {
                 return;
             }
         };
+        let disk = sandbox.disk_usage().unwrap_or_default();
         let usage = Usage {
             cpu_us: counters.cpu_us,
             peak_mem: counters.peak_mem,
+            peak_procs: counters.peak_procs,
+            disk_used: disk.used,
             oom_kills: counters.oom_kills,
             forks_refused: counters.forks_refused,
-            disk_full: sandbox.disk_full(),
+            disk_full: disk.full,
         };
         if let Some(reason) = lock(&r.machine).handle_usage(Instant::now().into_std(), usage) {
             tracing::info!(reason = reason.code(), ?usage, "session limit reached");

@@ -195,7 +195,7 @@ impl Uplink {
         }
         // The speed test runs on a blocking thread so the control loop (and
         // the sessions' streams) keep going meanwhile.
-        let mut speed_test: Option<tokio::task::JoinHandle<[u8; 32]>> = None;
+        let mut speed_test: Option<tokio::task::JoinHandle<Vec<[u8; 32]>>> = None;
         loop {
             tokio::select! {
                 incoming = conn.accept_bi() => {
@@ -219,15 +219,15 @@ impl Uplink {
                             send_or_keep(&mut send, NodeMsg::Capacity { bytes }, unsent).await?;
                         }
                     }
-                    BrokerMsg::SpeedTest { seed, rounds } => {
-                        tracing::info!(rounds, "running the speed test");
-                        speed_test = Some(tokio::task::spawn_blocking(move || jusy_common::speed::run(&seed, rounds)));
+                    BrokerMsg::SpeedTest { seed, rounds, lanes } => {
+                        tracing::info!(rounds, lanes, "running the speed test");
+                        speed_test = Some(tokio::task::spawn_blocking(move || speed_lanes(&seed, rounds, lanes)));
                     }
                 },
-                digest = async { speed_test.as_mut()?.await.ok() }, if speed_test.is_some() => {
+                digests = async { speed_test.as_mut()?.await.ok() }, if speed_test.is_some() => {
                     speed_test = None;
-                    if let Some(digest) = digest {
-                        send_or_keep(&mut send, NodeMsg::SpeedResult { digest }, unsent).await?;
+                    if let Some(digests) = digests {
+                        send_or_keep(&mut send, NodeMsg::SpeedResult { digests }, unsent).await?;
                     }
                 }
                 Some(ev) = events.recv() => send_or_keep(&mut send, ev, unsent).await?,
@@ -350,6 +350,24 @@ async fn resolve(addr: &str) -> Result<SocketAddr, UplinkError> {
         .map_err(|_| UplinkError::Resolve(addr.to_owned()))?
         .next()
         .ok_or_else(|| UplinkError::Resolve(addr.to_owned()))
+}
+
+/// Runs the speed test's lanes at once, one thread each (at most
+/// [`jusy_common::speed::MAX_LANES`]), and returns their digests in lane order.
+fn speed_lanes(seed: &[u8; 32], rounds: u32, lanes: u32) -> Vec<[u8; 32]> {
+    let lanes = lanes.min(jusy_common::speed::MAX_LANES);
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..lanes)
+            .map(|lane| {
+                let seed = jusy_common::speed::lane_seed(seed, lane);
+                s.spawn(move || jusy_common::speed::run(&seed, rounds))
+            })
+            .collect();
+        // A lane that panicked answers zeros, which the relay refuses.
+        runs.into_iter()
+            .map(|run| run.join().unwrap_or([0; 32]))
+            .collect()
+    })
 }
 
 /// CPU cores this node offers, as told to the relay.

@@ -107,6 +107,19 @@ impl Broker {
             ])
             .args(["--order-bind", &ip, "--public-host", &ip])
             .args(extra)
+            // The terms test nodes can meet: their 512 MiB disks (see
+            // `Node::spawn_in`) and the shortest grace they offer; tests with
+            // other nodes sell other terms.
+            .args(if extra.contains(&"--disk-mib") {
+                &[][..]
+            } else {
+                &["--disk-mib", "512"][..]
+            })
+            .args(if extra.contains(&"--grace-secs") {
+                &[][..]
+            } else {
+                &["--grace-secs", "1"][..]
+            })
             // A short speed test keeps start-up quick in debug builds, with a
             // limit a busy machine meets; tests of the test itself override both.
             .args(if extra.contains(&"--speed-test-rounds") {

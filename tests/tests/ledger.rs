@@ -1,6 +1,7 @@
 //! Money through the real binaries: charges, refunds, 402s, deposits through the
 //! operator API, clients' own SSH keys, a broker killed at random moments
-//! that loses no money, and concurrent orders that never overdraw.
+//! that loses no money, concurrent orders that never overdraw, a quick close
+//! that pays only the CPU time proven, and the broker's own connect window.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
@@ -84,7 +85,8 @@ fn orders_are_charged_refunded_and_paid_for() {
         )?;
         broker.wait_capacity(scene, 2)?;
 
-        // An order closed within 20 s of connecting is refunded in full.
+        // An order closed within 20 s of connecting is cancelled: it pays the
+        // CPU time proven, here less than a satoshi's worth, so all comes back.
         let (status, body) = broker.order(scene, &client)?;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["price_sat"], PRICE);
@@ -351,6 +353,113 @@ fn worth(price: u64, proven_us: u64) -> (u64, u64) {
 }
 
 #[test]
+fn a_quick_close_pays_the_proven_cpu_and_refunds_the_rest() {
+    e2e("a_quick_close_pays_the_proven_cpu", |scene| {
+        // One satoshi per CPU-microsecond makes every proven microsecond count.
+        const HOUR_PRICE: u64 = 3_600_000_000;
+        let data = scene.subdir("broker")?;
+        let owner = Broker::add_account(scene, &data, "owner", 0)?;
+        let client = Broker::add_account(scene, &data, "client", HOUR_PRICE)?;
+        let price = HOUR_PRICE.to_string();
+        let broker = Broker::start_with(scene, "broker", data, 0, &["--price-sat", &price])?;
+        let node_args = [
+            "--ready-slots",
+            "1",
+            "--grace-secs",
+            "1",
+            "--receipt-secs",
+            "2",
+        ];
+        let mut node = Node::start_owned(scene, "node", &broker, &owner, &node_args)?;
+        broker.wait_capacity(scene, 1)?;
+
+        // Every core busy for 15 s, then the client leaves: within 20 s of
+        // its login.
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{body}");
+        let login = Login::from_order(scene, &body)?;
+        let busy = "for i in $(seq $(nproc)); do \
+                      perl -e '$t = time + 15; 1 while time < $t' & \
+                    done; wait";
+        let out = login.ssh(scene, busy, None)?;
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        assert_eq!(
+            node.wait_session_end(&login.order_id, Duration::from_secs(30))?,
+            "CLIENT_CLOSED"
+        );
+        let settled = wait_settled(scene, &broker, &client, &login.order_id)?;
+        assert_eq!(settled["cancelled"], true, "{settled}");
+        assert_eq!(settled["verdict"]["quick_close"], true, "{settled}");
+        assert_eq!(settled["verdict"]["upheld"], true, "{settled}");
+        assert_eq!(settled["implausible_receipts"], 0, "{settled}");
+        let proven = settled["proven_cpu_us"].as_u64().unwrap_or_default();
+        // The loops got some CPU time (however busy the machine), and no
+        // more than the cores could give in the time since the login.
+        let cores = settled["cores"].as_u64().unwrap_or_default();
+        assert!(proven >= 1_000_000, "{settled}");
+        assert!(proven <= cores * 20_000_000, "{settled}");
+        assert_eq!(
+            settled["claimed_cpu_us"].as_u64(),
+            Some(proven),
+            "{settled}"
+        );
+        let (used, owner_share) = worth(HOUR_PRICE, proven);
+        assert_eq!(
+            settled["settlement"]["refund"],
+            HOUR_PRICE - used,
+            "{settled}"
+        );
+        assert_eq!(settled["settlement"]["owner"], owner_share, "{settled}");
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        assert_eq!(account["balance_sat"], HOUR_PRICE - used, "{account}");
+        let (_, earnings) = broker.get(scene, &format!("/owner/{owner}"))?;
+        assert_eq!(earnings["earnings_sat"], owner_share, "{earnings}");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_broker_cancels_an_order_nobody_logged_in_to_even_if_its_node_is_silent() {
+    e2e("the_brokers_connect_window", |scene| {
+        let data = scene.subdir("broker")?;
+        let client = Broker::add_account(scene, &data, "client", PRICE)?;
+        let flags = ["--connect-window-secs", "3"];
+        let broker = Broker::start_with(scene, "broker", data, 0, &flags)?;
+        let mut node = Node::start(scene, "node", &broker, &["--ready-slots", "1"])?;
+        broker.wait_capacity(scene, 1)?;
+        let (status, body) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["terms"]["connect_window_secs"], 3, "{body}");
+        let order_id = body["order_id"].as_str().unwrap_or_default().to_owned();
+        // The node is frozen before its own window ends: it never says
+        // NEVER_CONNECTED, and its connection outlives the broker's window
+        // (an idle timeout of 8 s).
+        let signal = |sig: &str| {
+            std::process::Command::new("kill")
+                .args([sig, &node.proc.pid().to_string()])
+                .status()
+        };
+        anyhow::ensure!(signal("-STOP")?.success(), "could not stop the node");
+        let settled = wait_settled(scene, &broker, &client, &order_id);
+        anyhow::ensure!(signal("-CONT")?.success(), "could not continue the node");
+        let settled = settled?;
+        assert_eq!(settled["state"], "NEVER_CONNECTED", "{settled}");
+        assert_eq!(settled["cancelled"], true, "{settled}");
+        assert_eq!(settled["verdict"]["by"], "Broker", "{settled}");
+        assert_eq!(settled["settlement"]["refund"], PRICE, "{settled}");
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        assert_eq!(account["balance_sat"], PRICE, "{account}");
+        // Woken, the node is told to end the session, or ends it itself.
+        let reason = node.wait_session_end(&order_id, Duration::from_secs(30))?;
+        assert!(
+            reason == "CANCELLED" || reason == "NEVER_CONNECTED",
+            "{reason}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
 fn owners_are_paid_what_receipts_prove() {
     e2e("owners_are_paid_what_receipts_prove", |scene| {
         // One satoshi per CPU-microsecond makes every proven microsecond count.
@@ -359,7 +468,11 @@ fn owners_are_paid_what_receipts_prove() {
         let owner = Broker::add_account(scene, &data, "owner", 0)?;
         let client = Broker::add_account(scene, &data, "client", 2 * HOUR_PRICE)?;
         let price = HOUR_PRICE.to_string();
-        let broker = Broker::start_with(scene, "broker", data, 0, &["--price-sat", &price])?;
+        // A test-sized CPU budget, which the node below is willing to sell;
+        // long enough for the second session below to be killed before it
+        // uses it up.
+        let flags = ["--price-sat", &price, "--cpu-budget-secs", "8"];
+        let broker = Broker::start_with(scene, "broker", data, 0, &flags)?;
         let node_args = ["--ready-slots", "1", "--grace-secs", "1"];
         let mut node = Node::start_owned(
             scene,
@@ -368,7 +481,7 @@ fn owners_are_paid_what_receipts_prove() {
             &owner,
             &[
                 &node_args[..],
-                &["--receipt-secs", "1", "--cpu-budget-secs", "2"],
+                &["--receipt-secs", "1", "--cpu-budget-secs", "8"],
             ]
             .concat(),
         )?;
@@ -492,6 +605,9 @@ fn concurrent_orders_over_http_never_overdraw() {
             // nobody has logged in to.
             "--max-unconnected-orders",
             "100",
+            // Sold without disks of their own, as the node below keeps them.
+            "--disk-mib",
+            "0",
         ];
         let broker = Broker::start_with(scene, "broker", data, 0, &flags)?;
         // More ready slots than the clients can pay for, so that money, not

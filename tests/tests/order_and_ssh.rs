@@ -17,7 +17,7 @@ use jusy_tests::{Broker, Login, Node, Scene, e2e};
 fn network(scene: &Scene, slots: u32) -> anyhow::Result<(Broker, Node, String)> {
     let data = scene.subdir("broker")?;
     let client = Broker::add_client(scene, &data)?;
-    let broker = Broker::start(scene, "broker", data, 0)?;
+    let broker = Broker::start_with(scene, "broker", data, 0, &["--grace-secs", "2"])?;
     let node = Node::start(
         scene,
         "node",
@@ -557,7 +557,13 @@ fn node_reconnects_after_broker_restart() {
 
         broker.proc.kill()?;
         drop(broker);
-        let broker = Broker::start(scene, "broker-restarted", data, relay_port)?;
+        let broker = Broker::start_with(
+            scene,
+            "broker-restarted",
+            data,
+            relay_port,
+            &["--grace-secs", "2"],
+        )?;
         // Loopback carries datagrams of any size: all of quic_max_mtu is tried.
         assert_eq!(node.max_datagram, u64::from(jusy_node::QUIC_MTU));
         node.proc

@@ -18,14 +18,28 @@ use jusy_tests::{Broker, Login, Node, Scene, e2e, leftovers, require_root};
 
 const END: Duration = Duration::from_secs(90);
 
-/// A broker with one client and a node with `slots` ready sessions.
+/// Flags that set an order's terms: the broker sells them. The node gets the
+/// disk size too, for its images.
+const TERMS: [&str; 3] = ["--cpu-budget-secs", "--wall-secs", "--disk-mib"];
+
+/// A broker with one client and a node with `slots` ready sessions; `args`
+/// are flag and value pairs, the terms' for the broker, the rest the node's.
 fn network(scene: &Scene, slots: u32, args: &[&str]) -> anyhow::Result<(Broker, Node, String)> {
     let data = scene.subdir("broker")?;
     let client = Broker::add_client(scene, &data)?;
-    let broker = Broker::start(scene, "broker", data, 0)?;
+    let mut terms = Vec::new();
     let mut all = vec!["--ready-slots".to_owned(), slots.to_string()];
     all.extend(["--grace-secs", "1"].map(str::to_owned));
-    all.extend(args.iter().map(|s| (*s).to_owned()));
+    for pair in args.chunks(2) {
+        let is_term = pair.first().is_some_and(|flag| TERMS.contains(flag));
+        if is_term {
+            terms.extend_from_slice(pair);
+        }
+        if !is_term || pair.first() == Some(&"--disk-mib") {
+            all.extend(pair.iter().map(|s| (*s).to_owned()));
+        }
+    }
+    let broker = Broker::start_with(scene, "broker", data, 0, &terms)?;
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let node = Node::start(scene, "node", &broker, &all)?;
     broker.wait_capacity(scene, slots.into())?;
@@ -121,6 +135,32 @@ fn broker_proved(
     }
 }
 
+/// Waits until the broker settled `login`'s order and checks that it upheld
+/// the node's end `reason` on its evidence, and whose fault it was.
+fn broker_upheld(
+    scene: &Scene,
+    broker: &Broker,
+    client: &str,
+    login: &Login,
+    reason: &str,
+    fault: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + END;
+    let path = format!("/order/{client}/{}", login.order_id);
+    loop {
+        let (status, body) = broker.get(scene, &path)?;
+        anyhow::ensure!(status == 200, "{status}: {body}");
+        if body["finished"] == true {
+            assert_eq!(body["reason"], reason, "{body}");
+            assert_eq!(body["verdict"]["upheld"], true, "{body}");
+            assert_eq!(body["verdict"]["fault"], fault, "{body}");
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never settled: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Burns `secs` of CPU in one process, measured by the process itself.
 fn burn(secs: u32) -> String {
     format!("perl -e 'my ($u, $s) = times; ($u, $s) = times while $u + $s < {secs}'")
@@ -151,14 +191,19 @@ fn limits_end_sessions_with_proc_ram_and_disk_and_spare_others() {
         let bomb = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&bomb, "b() { b | b & }; b; sleep 60")?;
         assert_eq!(ends_with(&mut node, &bomb, ssh)?, "PROC");
+        // The final receipts carry the limits' evidence: the broker upholds
+        // each end as the client's.
+        broker_upheld(scene, &broker, &client, &bomb, "PROC", "Client")?;
 
         let ram = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&ram, "head -c 3G /dev/zero | tail; sleep 60")?;
         assert_eq!(ends_with(&mut node, &ram, ssh)?, "RAM");
+        broker_upheld(scene, &broker, &client, &ram, "RAM", "Client")?;
 
         let disk = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&disk, "head -c 100M /dev/zero > big; sleep 60")?;
         assert_eq!(ends_with(&mut node, &disk, ssh)?, "DISK");
+        broker_upheld(scene, &broker, &client, &disk, "DISK", "Client")?;
 
         let out = bystander.ssh(scene, "echo still alive", None)?;
         assert_eq!(out.text(), "still alive\n", "{}", out.stderr);
@@ -206,6 +251,9 @@ fn a_client_that_breaks_limits_is_refused_orders() {
         let bomb = order(scene, &broker, &client)?;
         let ssh = spawn_ssh(&bomb, "b() { b | b & }; b; sleep 60")?;
         assert_eq!(ends_with(&mut node, &bomb, ssh)?, "PROC");
+        // The final receipts carry the limits' evidence: the broker upholds
+        // each end as the client's.
+        broker_upheld(scene, &broker, &client, &bomb, "PROC", "Client")?;
         // The broker counts the end once it has settled the order.
         let deadline = Instant::now() + END;
         let body = loop {
@@ -341,6 +389,7 @@ fn cpu_budget_ends_with_done() {
         let ssh = spawn_ssh(&login, "perl -e 'fork; fork; 1 while 1'")?;
         let cpu = final_cpu_secs(&mut node, &login)?;
         assert_eq!(ends_with(&mut node, &login, ssh)?, "DONE");
+        broker_upheld(scene, &broker, &client, &login, "DONE", "Nobody")?;
         assert!((19.0..=21.0).contains(&cpu), "ended at {cpu} s of CPU");
         Ok(())
     });
@@ -357,6 +406,7 @@ fn idle_session_ends_at_wall_limit() {
         let started = Instant::now();
         let ssh = spawn_ssh(&login, "sleep 600")?;
         assert_eq!(ends_with(&mut node, &login, ssh)?, "WALL");
+        broker_upheld(scene, &broker, &client, &login, "WALL", "Nobody")?;
         assert!(started.elapsed() >= Duration::from_secs(29));
         Ok(())
     });
@@ -447,7 +497,7 @@ fn tmp_is_private_and_on_the_session_disk() {
         ));
         let broker_data = scene.subdir("broker")?;
         let client = Broker::add_client(scene, &broker_data)?;
-        let broker = Broker::start(scene, "broker", broker_data, 0)?;
+        let broker = Broker::start_with(scene, "broker", broker_data, 0, &["--disk-mib", "64"])?;
         let args = ["--ready-slots", "2", "--disk-mib", "64"];
         let mut node = Node::start_in(scene, "node", data.clone(), &broker, &args)?;
         broker.wait_capacity(scene, 2)?;

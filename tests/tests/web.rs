@@ -223,7 +223,8 @@ fn node_owner_runs_the_shown_command_and_sees_the_node_online() {
     e2e("web_owner", |scene| {
         let data = scene.subdir("broker")?;
         let client = Broker::add_client(scene, &data)?;
-        let broker = Broker::start(scene, "broker", data, 0)?;
+        // A test-sized CPU hour (the node below sells no more).
+        let broker = Broker::start_with(scene, "broker", data, 0, &["--cpu-budget-secs", "1"])?;
         let base = format!("http://{}", broker.api);
         let b = Browser::start(scene, "chromedriver")?;
         b.goto(&format!("{base}/signup"))?;

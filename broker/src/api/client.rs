@@ -54,10 +54,16 @@ pub fn order_json(id: OrderId, rec: &OrderRecord, receipts: &[Vec<u8>]) -> serde
         "created_ms": rec.created_ms,
         "first_connect_ms": o.first_connect_ms,
         "price_sat": o.pricing.price_sat,
+        "terms": o.terms,
+        "acceptance": rec.acceptance.as_ref().map(hex::encode),
+        "cores": o.cores,
         "proven_cpu_us": o.proven_cpu_us,
+        "claimed_cpu_us": o.claimed_cpu_us,
+        "implausible_receipts": o.implausible,
         "settlement": o.settlement,
         "net_sent_bytes": rec.traffic.sent,
         "net_received_bytes": rec.traffic.received,
+        "verdict": o.verdict,
         "receipts": receipts.iter().map(hex::encode).collect::<Vec<_>>(),
     })
 }

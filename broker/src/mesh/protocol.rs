@@ -55,7 +55,8 @@ pub struct Reservation {
     pub node_id: PeerId,
     /// OpenSSH public keys allowed to log in.
     pub authorized_keys: Vec<String>,
-    pub connect_window_secs: u32,
+    /// What the order buys (the ledger's broker decides them).
+    pub terms: jusy_common::terms::OrderTerms,
 }
 
 /// Where the client of a reserved order connects, and who serves it.
@@ -71,6 +72,10 @@ pub struct Reserved {
     /// The node's CPU has AES instructions.
     #[serde(default)]
     pub aes: bool,
+    /// The node's signed acceptance of the terms, for the ledger to check.
+    pub acceptance: Vec<u8>,
+    /// The cores the relay believes the node has (its speed test).
+    pub cores: u32,
 }
 
 /// An order's event, forwarded from its relay to its ledger.
@@ -82,12 +87,11 @@ pub enum OrderEvent {
     /// A logged-in connection closed.
     ClientDisconnected,
     /// A receipt as the node sent it (checked by the ledger).
-    Receipt {
-        node_id: PeerId,
-        bytes: Vec<u8>,
-    },
+    Receipt { node_id: PeerId, bytes: Vec<u8> },
     Ended {
         reason: EndReason,
+        /// Whether the node said so (a claim) or the relay knows it.
+        by: jusy_common::verdict::Party,
     },
     /// Bytes through the session's network so far.
     Traffic {

@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::{self as books, Account, AccountId};
-use jusy_common::order::{Order, OrderState, Settlement};
+use jusy_common::order::{Order, Plausibility, Settlement};
 use jusy_common::rating::{ClientTally, Tally};
 use jusy_common::receipt::{Accepted, ChainVerifier, SignedReceipt};
+use jusy_common::terms::{OrderTerms, SignedAcceptance};
+use jusy_common::verdict::{Party, Verdict};
 use jusy_common::wire::{Assignment, EndReason, OrderId, Slot};
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
@@ -34,6 +36,9 @@ use crate::mesh::Mesh;
 use crate::relay::{AssignError, NodeLink, Relay, RelayEvent, splice};
 use crate::remote::Served;
 use crate::store::{AccountRecord, Role, Store, StoreError, now_ms};
+
+/// How often the broker's own order timers are looked at.
+const TIMER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Credentials for one order, as the documented client flow expects them.
 #[derive(Debug, Serialize)]
@@ -52,6 +57,8 @@ pub struct Credentials {
     pub node_id: String,
     /// What was charged, in satoshi.
     pub price_sat: u64,
+    /// What the order buys, as the node signed it.
+    pub terms: OrderTerms,
     /// The OpenSSH cipher preference to use with this node (`ssh -c …`),
     /// when it has one: AES-GCM where the node has AES instructions.
     pub ssh_ciphers: Option<&'static str>,
@@ -61,6 +68,9 @@ pub struct Credentials {
 fn ssh_ciphers(aes: bool) -> Option<&'static str> {
     aes.then_some(jusy_common::wire::SSH_CIPHERS_AES)
 }
+
+/// Nodes an order is offered to before it fails (each refusal is refunded).
+const ASSIGN_ATTEMPTS: usize = 3;
 
 /// Why an order could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -241,14 +251,9 @@ impl Orders {
             Ok(all) => {
                 for (_, rec) in all {
                     if let Ok(node) = rec.node_id.parse::<PeerId>() {
-                        ratings.entry(node).or_default().add(rec.order.state);
+                        ratings.entry(node).or_default().add_order(&rec.order);
                     }
-                    let ended = match rec.order.state {
-                        OrderState::Finished(r) | OrderState::Cancelled(r) => {
-                            jusy_common::rating::broke_limits(r)
-                        }
-                        _ => None,
-                    };
+                    let ended = jusy_common::rating::order_broke_limits(&rec.order);
                     let at = rec.order.last_disconnect_ms.unwrap_or(rec.created_ms);
                     if let Some(broke) = ended.filter(|_| at >= since) {
                         clients
@@ -279,10 +284,20 @@ impl Orders {
         })
     }
 
-    /// Counts a session of `node` that ended for `reason` in its rating.
-    fn rate(&self, node: PeerId, reason: EndReason) {
+    /// Counts a judged end of a session of `node` in its rating.
+    fn rate(&self, node: PeerId, verdict: &Verdict) {
         let mut ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
-        ratings.entry(node).or_default().add_end(reason);
+        ratings.entry(node).or_default().add_verdict(verdict);
+    }
+
+    /// Counts a fault of `node` (a refused or falsely signed assignment) in
+    /// its rating.
+    fn rate_fault(&self, node: PeerId) {
+        let mut ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
+        ratings
+            .entry(node)
+            .or_default()
+            .add_end(EndReason::NodeFailed);
     }
 
     /// How a node's sessions ended so far: the one count every page, API
@@ -292,9 +307,9 @@ impl Orders {
         ratings.get(node).copied().unwrap_or_default()
     }
 
-    /// Counts a session of `client` that ended for `reason` in its rating.
-    fn rate_client(&self, client: AccountId, reason: EndReason) {
-        if let Some(broke) = jusy_common::rating::broke_limits(reason) {
+    /// Counts a judged end of a session of `client` in its rating.
+    fn rate_client(&self, client: AccountId, verdict: &Verdict) {
+        if let Some(broke) = verdict.client_broke_limits() {
             let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             clients
                 .entry(client)
@@ -400,9 +415,37 @@ impl Orders {
         // Held until the order is live (or failed), so that it counts
         // throughout.
         let _placing = self.admit(client)?;
-        match self.relay.claim_slot(|node| u64::from(self.rating(node))) {
-            Some((link, slot)) => self.place(client, account, link, slot).await,
-            None => self.place_remote(client, account).await,
+        // A node that refuses (it cannot meet the terms, its slot is gone)
+        // costs the client nothing: the next is tried.
+        let mut refused: Vec<PeerId> = Vec::new();
+        let mut last = None;
+        for _ in 0..ASSIGN_ATTEMPTS {
+            let claimed = self.relay.claim_slot(|node| {
+                if refused.contains(node) {
+                    None
+                } else {
+                    Some(u64::from(self.rating(node)))
+                }
+            });
+            let Some((link, slot)) = claimed else {
+                break;
+            };
+            match self
+                .place(client, account.clone(), link.clone(), slot)
+                .await
+            {
+                Err(OrderError::Node(e)) => {
+                    tracing::warn!(node_id = %link.id.short(), error = %e, "node did not take the order; trying another");
+                    refused.push(link.id);
+                    last = Some(OrderError::Node(e));
+                }
+                other => return other,
+            }
+        }
+        match last {
+            // Tried local nodes and all refused: another relay's may take it.
+            Some(e) if self.mesh.is_none() => Err(e),
+            _ => self.place_remote(client, account).await,
         }
     }
 
@@ -424,6 +467,8 @@ impl Orders {
         let (privkey, pubkey) = order_key()?;
         let order_id = OrderId::from_random(random()?);
         let host = self.cfg.public_host.clone();
+        let terms = self.cfg.terms();
+        let cores = link.proven_cores(self.relay.speed_test.rounds > 0);
         let record = OrderRecord {
             client,
             owner: link.owner,
@@ -432,7 +477,8 @@ impl Orders {
             host: host.clone(),
             port,
             created_ms: now_ms(),
-            order: Order::new(now_ms(), self.ledger.pricing),
+            order: Order::new(now_ms(), self.ledger.pricing, terms, cores),
+            acceptance: None,
             traffic: Default::default(),
         };
         if let Err(e) = blocking(|| self.ledger.reserve(order_id, &record)) {
@@ -445,17 +491,31 @@ impl Orders {
             order_id,
             slot_id: slot.slot_id,
             authorized_keys,
-            connect_window_secs: self.cfg.connect_window_secs,
+            terms,
         };
-        if let Err(e) = self.relay.assign(&link, assignment).await {
-            // Never reached the client: a full refund.
-            blocking(|| {
-                self.ledger
-                    .update(order_id, |o| o.handle_end(now_ms(), EndReason::NodeFailed))
-            })?;
-            self.rate(link.id, EndReason::NodeFailed);
-            return Err(e.into());
-        }
+        let accepted = self
+            .relay
+            .assign(&link, assignment)
+            .await
+            .and_then(|bytes| Ok(SignedAcceptance::check(&bytes, order_id, link.id, &terms)?));
+        let acceptance = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Never reached the client: a full refund. A node that took
+                // the order on other terms than it was sold is told to end it.
+                if matches!(e, AssignError::Acceptance(_)) {
+                    link.cancel(order_id);
+                }
+                blocking(|| {
+                    self.ledger.update(order_id, |o| {
+                        o.handle_end(now_ms(), EndReason::NodeFailed, Party::Broker)
+                    })
+                })?;
+                self.rate_fault(link.id);
+                return Err(e.into());
+            }
+        };
+        blocking(|| self.ledger.accepted(order_id, acceptance.bytes()))?;
         let closed = CancellationToken::new();
         self.live().insert(
             order_id,
@@ -485,6 +545,7 @@ impl Orders {
             node_id: link.id.to_string(),
             price_sat: record.order.pricing.price_sat,
             ssh_ciphers: ssh_ciphers(link.aes),
+            terms,
         })
     }
 
@@ -509,13 +570,14 @@ impl Orders {
                 node_id,
                 order_id,
                 reason,
+                by,
             } => {
                 let runs = self
                     .live()
                     .get(&order_id)
                     .is_some_and(|l| l.node == node_id);
                 if runs {
-                    self.end(order_id, reason).map(|_| ())
+                    self.end(order_id, reason, by).map(|_| ())
                 } else {
                     tracing::warn!(%order_id, node_id = %node_id.short(), reason = reason.code(), "end refused: not an order this node runs");
                     Ok(())
@@ -566,7 +628,7 @@ impl Orders {
                     .map(|(id, _)| *id)
                     .collect();
                 lost.into_iter()
-                    .try_for_each(|id| self.end(id, EndReason::NodeLost).map(|_| ()))
+                    .try_for_each(|id| self.end(id, EndReason::NodeLost, Party::Broker).map(|_| ()))
             }
         };
         if let Err(e) = result {
@@ -595,12 +657,24 @@ impl Orders {
         };
         match accepted {
             Ok(Accepted::New) => {
-                self.ledger
-                    .add_receipt(r.order_id, r.seq, signed.bytes(), r.cpu_us)?;
+                let plausible = self.ledger.add_receipt(&r, signed.bytes(), now_ms())?;
                 tracing::info!(
                     order_id = %r.order_id, seq = r.seq, cpu_us = r.cpu_us, peak_mem = r.peak_mem,
+                    peak_procs = r.peak_procs, peak_disk = r.peak_disk,
                     finish = r.finish.map(EndReason::code), "receipt"
                 );
+                if let Plausibility::Implausible {
+                    claimed_us,
+                    bound_us,
+                } = plausible
+                {
+                    // Counted against the node when the order ends (its verdict).
+                    tracing::warn!(
+                        order_id = %r.order_id, node_id = %node_id.short(), seq = r.seq,
+                        claimed_us, bound_us,
+                        "receipt claims more CPU time than the node's cores could give since the first login: the excess is not proven"
+                    );
+                }
             }
             Ok(Accepted::Duplicate) => {
                 tracing::debug!(order_id = %r.order_id, seq = r.seq, "duplicate receipt")
@@ -610,25 +684,101 @@ impl Orders {
         Ok(())
     }
 
-    /// Ends an order: closes its port and settles it.
-    fn end(&self, order_id: OrderId, reason: EndReason) -> Result<Option<Settlement>, LedgerError> {
-        let ended = self.live().remove(&order_id).map(|live| {
-            live.closed.cancel();
-            (live.node, live.client)
-        });
-        let settled = self
-            .ledger
-            .update(order_id, |o| o.handle_end(now_ms(), reason));
-        if let (Ok(Some(_)), Some((node, client))) = (&settled, ended) {
-            self.rate(node, reason);
-            self.rate_client(client, reason);
+    /// Ends an order for `reason`, as `by` says: closes its port and
+    /// settles it by its verdict.
+    fn end(
+        &self,
+        order_id: OrderId,
+        reason: EndReason,
+        by: Party,
+    ) -> Result<Option<Settlement>, LedgerError> {
+        self.settle(order_id, reason.code(), |o| {
+            o.handle_end(now_ms(), reason, by)
+        })
+    }
+
+    /// Ends an order whose connect window or wall limit the broker's own
+    /// clock saw pass ([`Order::handle_tick`]): its port closes, it is
+    /// settled as the broker judged, and its node is told to end the
+    /// session; returns the relay to tell when another relay serves it.
+    fn expire(&self, order_id: OrderId, now: u64) -> Result<Option<libp2p::PeerId>, LedgerError> {
+        let live = self
+            .live()
+            .get(&order_id)
+            .map(|l| (l.node, l.link_id, l.relay));
+        let settled = self.settle(order_id, "TIMER", |o| o.handle_tick(now))?;
+        let Some((node, link_id, relay)) = live.filter(|_| settled.is_some()) else {
+            return Ok(None);
+        };
+        tracing::warn!(%order_id, node_id = %node.short(), "the broker's timer ended the order: its node did not");
+        if relay.is_none()
+            && let Some(link) = self
+                .relay
+                .nodes()
+                .into_iter()
+                .find(|n| n.id == node && n.link_id == link_id)
+        {
+            link.cancel(order_id);
         }
-        match settled {
+        Ok(relay)
+    }
+
+    /// Settles an order with `f` in the ledger; once it is settled, closes its
+    /// port, forgets it and rates its node and client by the verdict.
+    fn settle(
+        &self,
+        order_id: OrderId,
+        what: &str,
+        f: impl Fn(&mut Order) -> Option<Settlement>,
+    ) -> Result<Option<Settlement>, LedgerError> {
+        let settled = match self.ledger.settle(order_id, f) {
             Err(LedgerError::UnknownOrder(_)) => {
-                tracing::warn!(%order_id, reason = reason.code(), "end of an unknown order ignored");
-                Ok(None)
+                tracing::warn!(%order_id, end = what, "end of an unknown order ignored");
+                return Ok(None);
             }
-            other => other,
+            other => other?,
+        };
+        let Some((settlement, verdict)) = settled else {
+            return Ok(None);
+        };
+        if let Some(live) = self.live().remove(&order_id) {
+            live.closed.cancel();
+            self.rate(live.node, &verdict);
+            self.rate_client(live.client, &verdict);
+        }
+        Ok(Some(settlement))
+    }
+
+    /// Until `stop`: once a second, ends the live orders the broker's own
+    /// timers say are over (see [`Order::deadline_ms`]), whatever their
+    /// nodes say or do not say.
+    pub async fn watch_timers(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(TIMER_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let now = now_ms();
+            let ids: Vec<OrderId> = self.live().keys().copied().collect();
+            let mut remote = Vec::new();
+            for order_id in ids {
+                let due = blocking(|| self.ledger.order(order_id)).map(|rec| {
+                    rec.and_then(|r| r.order.deadline_ms())
+                        .is_some_and(|d| d <= now)
+                });
+                let result = match due {
+                    Ok(true) => blocking(|| self.expire(order_id, now)),
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(Some(relay)) => remote.push((order_id, relay)),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(%order_id, error = %e, "ledger update failed"),
+                }
+            }
+            self.cancel_remote(remote).await;
         }
     }
 
@@ -649,7 +799,7 @@ impl Orders {
             if let Some(link) = self.relay.nodes().into_iter().find(|n| n.id == node) {
                 link.cancel(order_id);
             }
-            if let Err(e) = blocking(|| self.end(order_id, EndReason::Cancelled)) {
+            if let Err(e) = blocking(|| self.end(order_id, EndReason::Cancelled, Party::Broker)) {
                 tracing::error!(%order_id, error = %e, "settling at shutdown failed; recovery settles it at the next start");
             }
         }

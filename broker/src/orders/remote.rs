@@ -9,6 +9,8 @@ use jusy_common::capacity::{SHARDS, SignedCapacity};
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::AccountId;
 use jusy_common::order::Order;
+use jusy_common::terms::SignedAcceptance;
+use jusy_common::verdict::Party;
 use jusy_common::wire::{EndReason, OrderId};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -116,11 +118,12 @@ impl Orders {
                 .ok_or(OrderError::NoCapacity)?;
             let node_id = offer.capacity().node_id;
             let order_id = OrderId::from_random(random()?);
+            let terms = self.cfg.terms();
             let reservation = Reservation {
                 order_id,
                 node_id,
                 authorized_keys: authorized_keys.clone(),
-                connect_window_secs: self.cfg.connect_window_secs,
+                terms,
             };
             let reserve = mesh.request(relay, crate::mesh::MeshRequest::Reserve(reservation));
             let until = deadline.max(Instant::now() + RESERVE / 2);
@@ -141,6 +144,18 @@ impl Orders {
                     continue;
                 }
             };
+            if let Err(e) = SignedAcceptance::check(&reserved.acceptance, order_id, node_id, &terms)
+            {
+                tracing::warn!(%relay, node_id = %node_id.short(), error = %e, "remote node's acceptance does not hold; its session is cancelled");
+                self.rate_fault(node_id);
+                self.cancel_remote(vec![(order_id, relay)]).await;
+                continue;
+            }
+            // The node's own signed statement bounds what its relay may say.
+            let reserved = Reserved {
+                cores: reserved.cores.min(offer.capacity().cores),
+                ..reserved
+            };
             return self.charge_remote(relay, order_id, node_id, reserved, client, privkey);
         }
         Err(OrderError::NoCapacity)
@@ -158,6 +173,7 @@ impl Orders {
         client: AccountId,
         privkey: String,
     ) -> Result<Credentials, OrderError> {
+        let terms = self.cfg.terms();
         let record = OrderRecord {
             client,
             owner: r.owner,
@@ -166,7 +182,8 @@ impl Orders {
             host: r.host.clone(),
             port: r.port,
             created_ms: now_ms(),
-            order: Order::new(now_ms(), self.ledger.pricing),
+            order: Order::new(now_ms(), self.ledger.pricing, terms, r.cores),
+            acceptance: Some(r.acceptance.clone()),
             traffic: Default::default(),
         };
         blocking(|| self.ledger.reserve(order_id, &record))?;
@@ -196,6 +213,7 @@ impl Orders {
             node_id: node_id.to_string(),
             price_sat: record.order.pricing.price_sat,
             ssh_ciphers: super::ssh_ciphers(r.aes),
+            terms,
         })
     }
 
@@ -263,7 +281,9 @@ impl Orders {
                         .map(|(id, _)| *id)
                         .collect();
                     for order_id in lost {
-                        if let Err(e) = blocking(|| self.end(order_id, EndReason::NodeLost)) {
+                        if let Err(e) =
+                            blocking(|| self.end(order_id, EndReason::NodeLost, Party::Broker))
+                        {
                             tracing::error!(%order_id, error = %e, "ledger update failed");
                         }
                     }
@@ -302,10 +322,11 @@ impl Orders {
             OrderEvent::ClientConnected => RelayEvent::ClientConnected { order_id },
             OrderEvent::ClientDisconnected => RelayEvent::ClientDisconnected { order_id },
             OrderEvent::Receipt { node_id, bytes } => RelayEvent::Receipt { node_id, bytes },
-            OrderEvent::Ended { reason } => RelayEvent::Ended {
+            OrderEvent::Ended { reason, by } => RelayEvent::Ended {
                 node_id,
                 order_id,
                 reason,
+                by,
             },
             OrderEvent::Traffic { sent, received } => RelayEvent::Traffic {
                 node_id,

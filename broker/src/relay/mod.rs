@@ -29,11 +29,14 @@ pub use node_link::NodeLink;
 /// What the relay tells the order book.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEvent {
-    /// A node reported that an order's session is over.
+    /// An order's session is over: the node reported it (a claim the
+    /// ledger checks), or the relay serving it knows (its node is gone, its
+    /// ledger cancelled it).
     Ended {
         node_id: PeerId,
         order_id: OrderId,
         reason: EndReason,
+        by: jusy_common::verdict::Party,
     },
     /// A node sent a usage receipt (not verified yet).
     Receipt { node_id: PeerId, bytes: Vec<u8> },
@@ -74,6 +77,8 @@ pub enum RelayError {
 pub enum AssignError {
     #[error("node refused the order: {0}")]
     Refused(String),
+    #[error("node's acceptance does not hold: {0}")]
+    Acceptance(#[from] jusy_common::terms::AcceptanceError),
     #[error("node did not answer in time")]
     Timeout,
     #[error("node connection is gone")]
@@ -381,11 +386,18 @@ impl Relay {
     }
 
     /// Takes a ready slot from a node chosen at random among those that have
-    /// one, each in proportion to its `weight` (its rating).
-    pub fn claim_slot(&self, weight: impl Fn(&PeerId) -> u64) -> Option<(Arc<NodeLink>, Slot)> {
+    /// one, each in proportion to its `weight` (its rating); nodes weighed
+    /// `None` are left out.
+    pub fn claim_slot(
+        &self,
+        weight: impl Fn(&PeerId) -> Option<u64>,
+    ) -> Option<(Arc<NodeLink>, Slot)> {
         let nodes = lock(&self.nodes);
-        let with_slots: Vec<_> = nodes.values().filter(|n| n.free_slots() > 0).collect();
-        let weights: Vec<u64> = with_slots.iter().map(|n| weight(&n.id)).collect();
+        let (with_slots, weights): (Vec<_>, Vec<u64>) = nodes
+            .values()
+            .filter(|n| n.free_slots() > 0)
+            .filter_map(|n| Some((n, weight(&n.id)?)))
+            .unzip();
         let mut r = [0u8; 8];
         let _ = getrandom::fill(&mut r);
         let pick = jusy_common::rating::pick_weighted(&weights, u64::from_le_bytes(r))?;
@@ -422,8 +434,9 @@ impl Relay {
         (nodes.len(), nodes.values().map(|n| n.free_slots()).sum())
     }
 
-    /// Sends an assignment and waits for the node's answer.
-    pub async fn assign(&self, link: &NodeLink, a: Assignment) -> Result<(), AssignError> {
+    /// Sends an assignment and waits for the node's answer: its signed
+    /// acceptance, for the caller to check against the order.
+    pub async fn assign(&self, link: &NodeLink, a: Assignment) -> Result<Vec<u8>, AssignError> {
         let answer = link.assign(a)?;
         match tokio::time::timeout(Duration::from_secs(10), answer).await {
             Ok(Ok(r)) => r,

@@ -9,6 +9,7 @@ use jusy_common::capacity::{SignedCapacity, Terms};
 use jusy_common::frame::{self, Decoder};
 use jusy_common::identity::PeerId;
 use jusy_common::ledger::AccountId;
+use jusy_common::verdict::Party;
 use jusy_common::wire::{Assignment, BrokerMsg, NodeMsg, OrderId, PROTOCOL_VERSION, Slot};
 use tokio::sync::oneshot;
 
@@ -17,7 +18,8 @@ use super::quic::{self, StreamError};
 use super::{AssignError, Relay, RelayEvent, lock};
 use crate::store::Role;
 
-type Answer = oneshot::Sender<Result<(), AssignError>>;
+/// The node's answer to an assignment: its signed acceptance, unchecked.
+type Answer = oneshot::Sender<Result<Vec<u8>, AssignError>>;
 
 /// A node attached to this relay.
 #[derive(Debug)]
@@ -40,8 +42,11 @@ pub struct NodeLink {
     queued: tokio::sync::Notify,
     slots: Mutex<Vec<Slot>>,
     pending: Mutex<HashMap<OrderId, Answer>>,
-    /// How long the last passed speed test took, as the broker measured it.
-    speed: Mutex<Option<Duration>>,
+    /// The cores the node reports in its hello.
+    pub cores: u32,
+    /// How long the last passed speed test took, as the broker measured it,
+    /// and how many lanes (cores) it ran at once.
+    speed: Mutex<Option<(Duration, u32)>>,
     /// The node's latest signed capacity statement, when advertised.
     capacity: Mutex<Option<SignedCapacity>>,
     /// The address the node's packets came from when last looked at.
@@ -78,7 +83,16 @@ pub fn peer_id(conn: &quic::Connection) -> Option<PeerId> {
 impl NodeLink {
     /// How long the node's last passed speed test took.
     pub fn speed(&self) -> Option<Duration> {
-        *lock(&self.speed)
+        lock(&self.speed).map(|(took, _)| took)
+    }
+
+    /// The cores the node is believed to have: what it reports, held to
+    /// what its last speed test supported (taken at its word when the
+    /// operator turned the test off). Its receipts prove no more CPU time
+    /// than these could give.
+    pub fn proven_cores(&self, tested: bool) -> u32 {
+        let lanes = lock(&self.speed).map(|(_, lanes)| lanes);
+        jusy_common::plausible::cores(self.cores, if tested { lanes.or(Some(1)) } else { None })
     }
 
     /// The node's latest signed capacity statement, if it is advertised.
@@ -144,7 +158,7 @@ impl NodeLink {
     pub(super) fn assign(
         &self,
         a: Assignment,
-    ) -> Result<oneshot::Receiver<Result<(), AssignError>>, AssignError> {
+    ) -> Result<oneshot::Receiver<Result<Vec<u8>, AssignError>>, AssignError> {
         let (tx, rx) = oneshot::channel();
         let order_id = a.order_id;
         lock(&self.pending).insert(order_id, tx);
@@ -187,7 +201,7 @@ impl NodeLink {
         self.conn.close(2u32.into(), why.as_bytes());
     }
 
-    fn answer(&self, order_id: OrderId, result: Result<(), AssignError>) {
+    fn answer(&self, order_id: OrderId, result: Result<Vec<u8>, AssignError>) {
         if let Some(tx) = lock(&self.pending).remove(&order_id) {
             let _ = tx.send(result);
         }
@@ -223,27 +237,45 @@ async fn read_msg(recv: &mut quic::RecvStream, dec: &mut Decoder) -> Result<Node
     }
 }
 
-/// One speed test in flight: the broker computes the expected digest on a
-/// blocking thread while the node computes its answer.
+/// One speed test in flight: the broker computes the expected digest of one
+/// lane, picked at random, on a blocking thread while the node computes all.
 struct SpeedCheck {
     expected: tokio::task::JoinHandle<[u8; 32]>,
+    spot: u32,
+    lanes: u32,
     sent: tokio::time::Instant,
     deadline: tokio::time::Instant,
     limit: Duration,
 }
 
 impl SpeedCheck {
-    async fn start(send: &mut quic::SendStream, test: super::SpeedTest) -> Result<Self, LinkError> {
-        let mut seed = [0u8; 32];
+    async fn start(
+        send: &mut quic::SendStream,
+        test: super::SpeedTest,
+        cores: u32,
+    ) -> Result<Self, LinkError> {
+        let mut seed = [0u8; 36];
         getrandom::fill(&mut seed)
             .map_err(|e| LinkError::Protocol(format!("no randomness: {e}")))?;
+        let (seed, spot) = seed.split_at(32);
+        let seed: [u8; 32] = seed.try_into().unwrap_or([0; 32]);
+        let lanes = jusy_common::speed::lanes(cores);
+        let spot = u32::from_le_bytes(spot.try_into().unwrap_or([0; 4])) % lanes;
         let rounds = test.rounds;
-        let expected = tokio::task::spawn_blocking(move || jusy_common::speed::run(&seed, rounds));
-        send.write_all(&frame::encode(&BrokerMsg::SpeedTest { seed, rounds })?)
-            .await?;
+        let expected = tokio::task::spawn_blocking(move || {
+            jusy_common::speed::run(&jusy_common::speed::lane_seed(&seed, spot), rounds)
+        });
+        send.write_all(&frame::encode(&BrokerMsg::SpeedTest {
+            seed,
+            rounds,
+            lanes,
+        })?)
+        .await?;
         let sent = tokio::time::Instant::now();
         Ok(Self {
             expected,
+            spot,
+            lanes,
             sent,
             // A node that is far too slow is not waited for much longer than
             // the limit; the answer is judged against the limit itself.
@@ -252,16 +284,17 @@ impl SpeedCheck {
         })
     }
 
-    /// Judges the node's digest; returns the time the broker measured.
-    async fn judge(self, digest: &[u8; 32]) -> Result<Duration, String> {
+    /// Judges the node's digests; returns the time the broker measured and
+    /// the lanes (cores) that passed.
+    async fn judge(self, digests: &[[u8; 32]]) -> Result<(Duration, u32), String> {
         let took = self.sent.elapsed();
         let expected = self
             .expected
             .await
             .map_err(|e| format!("computing the expected digest: {e}"))?;
-        jusy_common::speed::judge(&expected, digest, took, self.limit)
-            .map(|()| took)
-            .map_err(|e| e.to_string())
+        jusy_common::speed::judge_lanes(&expected, self.spot, self.lanes, digests, took, self.limit)
+            .map(|()| (took, self.lanes))
+            .map_err(|e| format!("{e} ({} lanes at once, one per core reported)", self.lanes))
     }
 }
 
@@ -348,7 +381,7 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
         relay.register(link.clone());
         tracing::info!(node_id = %node_id, "node attached without a speed test");
     } else {
-        check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
+        check = Some(SpeedCheck::start(&mut send, relay.speed_test, link.cores).await?);
     }
     let mut next_check = tokio::time::Instant::now() + relay.speed_test.interval;
     // Advertised nodes are asked for a fresh statement every `every`, from
@@ -382,7 +415,7 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
                     }
                 }
                 if passed(check_due) {
-                    check = Some(SpeedCheck::start(&mut send, relay.speed_test).await?);
+                    check = Some(SpeedCheck::start(&mut send, relay.speed_test, link.cores).await?);
                 }
             }
             Ok(()) = others.changed(), if registered => {
@@ -400,19 +433,19 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
                         }
                     }
                 }
-                NodeMsg::Accepted { order_id } => link.answer(order_id, Ok(())),
+                NodeMsg::Accepted { order_id, acceptance } => link.answer(order_id, Ok(acceptance)),
                 NodeMsg::Refused { order_id, error } => link.answer(order_id, Err(AssignError::Refused(error))),
-                NodeMsg::Ended { order_id, reason } => relay.event(RelayEvent::Ended { node_id, order_id, reason }),
+                NodeMsg::Ended { order_id, reason } => relay.event(RelayEvent::Ended { node_id, order_id, reason, by: Party::Node }),
                 NodeMsg::Traffic { order_id, sent, received } => relay.event(RelayEvent::Traffic { node_id, order_id, sent, received }),
                 NodeMsg::Receipt { bytes } => relay.event(RelayEvent::Receipt { node_id, bytes }),
-                NodeMsg::SpeedResult { digest } => {
+                NodeMsg::SpeedResult { digests } => {
                     let Some(c) = check.take() else {
                         return Err(LinkError::Protocol("speed result without a test".into()));
                     };
-                    match c.judge(&digest).await {
-                        Ok(took) => {
-                            *lock(&link.speed) = Some(took);
-                            tracing::info!(node_id = %node_id.short(), took_ms = took.as_millis() as u64, "speed test passed");
+                    match c.judge(&digests).await {
+                        Ok((took, lanes)) => {
+                            *lock(&link.speed) = Some((took, lanes));
+                            tracing::info!(node_id = %node_id.short(), took_ms = took.as_millis() as u64, lanes, "speed test passed");
                             if !registered {
                                 registered = true;
                                 relay.register(link.clone());
@@ -501,6 +534,7 @@ async fn greet(relay: &Arc<Relay>, a: &Accepted) -> Result<Greeted, LinkError> {
         pending: Mutex::default(),
         speed: Mutex::default(),
         capacity: Mutex::default(),
+        cores,
         path: Mutex::new(conn.remote_address()),
         logins: Mutex::default(),
     });

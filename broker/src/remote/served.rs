@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use jusy_common::identity::PeerId;
 use jusy_common::receipt::SignedReceipt;
+use jusy_common::verdict::Party;
 use jusy_common::wire::{Assignment, EndReason, OrderId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +73,9 @@ impl Served {
         if self.orders().contains_key(&r.order_id) {
             return refuse("order id already in use");
         }
+        if r.terms.connect_window_secs > MAX_CONNECT_WINDOW_SECS {
+            return refuse("connect window too long");
+        }
         let Some(link) = self.relay.nodes().into_iter().find(|n| n.id == r.node_id) else {
             return refuse("node is not attached to this relay");
         };
@@ -107,12 +111,15 @@ impl Served {
             order_id: r.order_id,
             slot_id: slot.slot_id,
             authorized_keys: r.authorized_keys,
-            connect_window_secs: r.connect_window_secs.min(MAX_CONNECT_WINDOW_SECS),
+            terms: r.terms,
         };
-        if let Err(e) = self.relay.assign(&link, assignment).await {
-            self.orders().remove(&r.order_id);
-            return refuse(&e.to_string());
-        }
+        let acceptance = match self.relay.assign(&link, assignment).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.orders().remove(&r.order_id);
+                return refuse(&e.to_string());
+            }
+        };
         tracing::info!(order_id = %r.order_id, node_id = %link.id.short(), port, %ledger, "order placed for another broker");
         self.tasks.spawn(forward(
             self.mesh.clone(),
@@ -130,6 +137,8 @@ impl Served {
             host_key: link.host_key.clone(),
             owner: link.owner,
             aes: link.aes,
+            acceptance,
+            cores: link.proven_cores(self.relay.speed_test.rounds > 0),
         })
     }
 
@@ -179,12 +188,19 @@ impl Served {
                 node_id,
                 order_id,
                 reason,
+                by,
             } => {
                 // Only the node running an order may end it.
                 orders.get(order_id).filter(|o| o.node == *node_id)?;
                 let o = orders.remove(order_id)?;
                 o.closed.cancel();
-                push(&o, OrderEvent::Ended { reason: *reason });
+                push(
+                    &o,
+                    OrderEvent::Ended {
+                        reason: *reason,
+                        by: *by,
+                    },
+                );
             }
             RelayEvent::NodeGone { node_id, link_id } => {
                 let lost: Vec<OrderId> = orders
@@ -199,6 +215,7 @@ impl Served {
                             &o,
                             OrderEvent::Ended {
                                 reason: EndReason::NodeLost,
+                                by: Party::Broker,
                             },
                         );
                     }
@@ -227,6 +244,7 @@ impl Served {
             self.end_here(order_id, &o);
             let _ = o.events.send(OrderEvent::Ended {
                 reason: EndReason::Cancelled,
+                by: Party::Broker,
             });
             tracing::info!(%order_id, "order cancelled by its ledger");
         }
@@ -254,6 +272,7 @@ impl Served {
             self.end_here(order_id, &o);
             let _ = o.events.send(OrderEvent::Ended {
                 reason: EndReason::Cancelled,
+                by: Party::Broker,
             });
         }
         self.tasks.close();

@@ -261,6 +261,7 @@ pub async fn order_now(
             privkey: creds.privkey,
             known_hosts: creds.known_hosts,
             ssh_ciphers: creds.ssh_ciphers,
+            terms: creds.terms,
         },
     );
     Ok(Redirect::to(&format!("/client/orders/{order_id}")).into_response())

@@ -65,7 +65,8 @@ pub struct Web {
     broker_key: String,
     price_sat: u64,
     owner_share_ppm: u32,
-    connect_window_secs: u32,
+    /// The terms of every order this broker sells.
+    terms: jusy_common::terms::OrderTerms,
     api_port: u16,
     public_host: String,
 }
@@ -90,7 +91,7 @@ impl Web {
             broker_key: key.to_string(),
             price_sat: cfg.price_sat,
             owner_share_ppm: cfg.owner_share_ppm,
-            connect_window_secs: cfg.connect_window_secs,
+            terms: cfg.terms(),
             api_port: api_addr.port(),
             public_host: cfg.public_host.clone(),
         }

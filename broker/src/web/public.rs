@@ -25,7 +25,7 @@ struct Home {
     base: String,
     price: String,
     owner_share: u32,
-    connect_window: u32,
+    terms: jusy_common::terms::OrderTerms,
     free_slots: usize,
     nodes: usize,
 }
@@ -37,7 +37,7 @@ pub async fn home(State(web): State<Web>, headers: HeaderMap) -> Response {
         base: web.base_url(&headers),
         price: sat(web.price_sat),
         owner_share: web.owner_share_ppm / 10_000,
-        connect_window: web.connect_window_secs,
+        terms: web.terms,
         free_slots,
         nodes,
     };

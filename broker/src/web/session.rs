@@ -76,6 +76,7 @@ pub struct MadeOrder {
     pub known_hosts: String,
     /// The cipher preference for `ssh -c`, if the node has one.
     pub ssh_ciphers: Option<&'static str>,
+    pub terms: jusy_common::terms::OrderTerms,
 }
 
 /// One browser's session.

@@ -5,7 +5,8 @@
 use jusy_common::identity::PeerId;
 use jusy_common::order::OrderState;
 use jusy_common::receipt::{ChainVerifier, SignedReceipt};
-use jusy_common::wire::OrderId;
+use jusy_common::verdict::{Party, Verdict};
+use jusy_common::wire::{EndReason, OrderId};
 
 use crate::ledger::OrderRecord;
 
@@ -102,12 +103,30 @@ pub struct OrderRow {
     pub receipts_ok: bool,
 }
 
+/// What the broker made of an end, in words, after its reason.
+fn verdict_words(v: &Verdict) -> String {
+    let mut words = String::new();
+    if v.quick_close {
+        words.push_str(" within 20 s: proven CPU paid, the rest refunded");
+    }
+    if !v.upheld {
+        words.push_str(" — not shown by the evidence: the node's fault, unproven part refunded");
+    }
+    if v.by == Party::Broker && v.reason == EndReason::WallClock {
+        words.push_str(" — ended by the broker's clock");
+    }
+    if v.lied {
+        words.push_str(" — the node claimed more CPU time than was possible");
+    }
+    words
+}
+
 /// A finish reason in words.
 fn reason_words(code: &str) -> &'static str {
     match code {
         "CLIENT_CLOSED" => "client closed",
         "NEVER_CONNECTED" => "never connected (refunded)",
-        "WALL" => "3 h wall clock",
+        "WALL" => "wall clock limit",
         "CANCELLED" => "cancelled by the broker",
         "NODE_SHUTDOWN" => "node shut down",
         "NODE_LOST" => "node lost",
@@ -123,12 +142,15 @@ fn reason_words(code: &str) -> &'static str {
 impl OrderRow {
     pub fn new(id: OrderId, rec: &OrderRecord, receipts: &[Vec<u8>]) -> Self {
         let o = &rec.order;
-        let (state, reason) = match o.state {
+        let (state, mut reason) = match o.state {
             OrderState::Reserved => ("waiting", String::new()),
             OrderState::Connected => ("running", String::new()),
             OrderState::Finished(r) => ("finished", reason_words(r.code()).to_owned()),
             OrderState::Cancelled(r) => ("cancelled", reason_words(r.code()).to_owned()),
         };
+        if let Some(v) = o.verdict {
+            reason.push_str(&verdict_words(&v));
+        }
         let (receipts_ok, receipt_check) = check_receipts(id, &rec.node_id, receipts);
         Self {
             id: id.to_string(),

@@ -293,6 +293,9 @@ pub struct Counters {
     pub oom_kills: u64,
     /// Forks refused because the cgroup hit its process limit.
     pub forks_refused: u64,
+    /// Most processes the cgroup had at once: the kernel's `pids.peak`
+    /// where it keeps one, else how many there are now.
+    pub peak_procs: u32,
 }
 
 /// One session's cgroup (a directory per hierarchy) and the open
@@ -333,7 +336,9 @@ impl SessionCgroup {
         Ok(Self { dirs, procs })
     }
 
-    fn apply(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
+    /// Sets the memory and process limits (an order's terms, before any of
+    /// its programs runs).
+    pub fn apply(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
         let mem = limits.memory.to_string();
         let pids = limits.pids.to_string();
         match &self.dirs {
@@ -375,6 +380,7 @@ impl SessionCgroup {
                     peak_mem: read_u64(&root.join("memory.peak")).unwrap_or(0),
                     oom_kills: field(&events, "oom_kill").unwrap_or(0),
                     forks_refused: keyed(&root.join("pids.events"), "max")?,
+                    peak_procs: procs(root)?,
                 })
             }
             Layout::V1 {
@@ -389,6 +395,7 @@ impl SessionCgroup {
                     peak_mem: read_u64(&memory.join("memory.max_usage_in_bytes"))?,
                     oom_kills: field(&oom, "oom_kill").unwrap_or(0),
                     forks_refused: keyed(&pids.join("pids.events"), "max")?,
+                    peak_procs: procs(pids)?,
                 })
             }
         }
@@ -474,6 +481,22 @@ fn read_u64(path: &Path) -> Result<u64, CgroupError> {
     read(path)?.trim().parse().map_err(|_| CgroupError::Parse {
         path: path.to_owned(),
     })
+}
+
+/// Most processes the pids controller at `dir` counted at once: its
+/// `pids.peak` where the kernel keeps one, else the count now; at least the
+/// limit once it refused a fork, which it does only at the limit.
+fn procs(dir: &Path) -> Result<u32, CgroupError> {
+    let peak = match read_u64(&dir.join("pids.peak")) {
+        Ok(peak) => peak,
+        Err(_) => read_u64(&dir.join("pids.current"))?,
+    };
+    let at_limit = if keyed(&dir.join("pids.events"), "max")? > 0 {
+        read_u64(&dir.join("pids.max")).unwrap_or(0)
+    } else {
+        0
+    };
+    Ok(u32::try_from(peak.max(at_limit)).unwrap_or(u32::MAX))
 }
 
 /// The value of `key` in a flat-keyed file (`key value` lines).

@@ -2,9 +2,7 @@
 //! session's home, so the kernel enforces the disk limit (ENOSPC) and teardown is
 //! an unmount and a file deletion. Swept by path after a crash.
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -104,21 +102,22 @@ impl Disk {
             .map_err(io(&self.mount))
     }
 
-    /// True when the session has (almost) no space or inodes left: it hit the
-    /// disk limit. Reads the file system's own counters (statvfs).
-    pub fn full(&self) -> bool {
-        let Ok(path) = CString::new(self.mount.as_os_str().as_bytes()) else {
-            return false;
-        };
-        // SAFETY: statvfs writes into the zeroed struct we own; path is NUL-terminated.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return false;
-        }
-        let avail = st.f_bavail.saturating_mul(st.f_frsize);
-        // ext4 keeps a little room for its own metadata; a session that has
-        // less than 1 MiB (or no inode) left has run into the limit.
-        avail < 1 << 20 || st.f_favail == 0
+    /// How full the session's disk is: whether it has (almost) no space or
+    /// inodes left (it hit the disk limit), and the bytes in use. Reads the
+    /// file system's own counters (statvfs); `None` when it cannot.
+    pub fn usage(&self) -> Option<DiskUsage> {
+        let st = nix::sys::statvfs::statvfs(&self.mount).ok()?;
+        let avail = st.blocks_available().saturating_mul(st.fragment_size());
+        let used = st
+            .blocks()
+            .saturating_sub(st.blocks_free())
+            .saturating_mul(st.fragment_size());
+        Some(DiskUsage {
+            // ext4 keeps a little room for its own metadata; a session that
+            // has less than 1 MiB (or no inode) left has run into the limit.
+            full: avail < 1 << 20 || st.files_available() == 0,
+            used,
+        })
     }
 
     /// Unmounts (freeing the loop device) and deletes the image and mount point.
@@ -141,6 +140,14 @@ impl Disk {
         }
         Ok(())
     }
+}
+
+/// How full a session's disk is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub full: bool,
+    /// Bytes in use, the file system's own included.
+    pub used: u64,
 }
 
 /// Unmounts everything mounted under `homes`, detaches loop devices backed by

@@ -97,9 +97,24 @@ impl Sandbox {
             .ok()
     }
 
-    /// Whether the session filled its disk.
-    pub fn disk_full(&self) -> bool {
-        self.disk.as_ref().is_some_and(Disk::full)
+    /// How full the session's disk is; `None` without one (or unreadable).
+    pub fn disk_usage(&self) -> Option<disk::DiskUsage> {
+        self.disk.as_ref().and_then(Disk::usage)
+    }
+
+    /// Sets the session's memory and process limits to an order's terms
+    /// (one more process than the terms: the session's init).
+    pub fn apply_terms(
+        &self,
+        terms: &jusy_common::terms::OrderTerms,
+    ) -> Result<(), cgroup::CgroupError> {
+        let Some(cgroup) = &self.cgroup else {
+            return Ok(());
+        };
+        cgroup.apply(CgroupLimits {
+            memory: terms.memory_bytes(),
+            pids: terms.max_processes.saturating_add(1),
+        })
     }
 }
 

@@ -48,7 +48,7 @@ impl Net {
             "broker",
             broker_data,
             0,
-            &["--max-unconnected-orders", &cap],
+            &["--max-unconnected-orders", &cap, "--disk-mib", "64"],
         )?;
         let mut args: Vec<String> = ["--disk-mib", "64", "--grace-secs", "1", "--ready-slots"]
             .map(str::to_owned)

@@ -104,7 +104,7 @@ fn sessions_cannot_read_the_nodes_or_the_brokers_state() {
         let data = root.path().join("broker");
         std::fs::create_dir_all(&data)?;
         let client = Broker::add_client(scene, &data)?;
-        let broker = Broker::start(scene, "broker", data.clone(), 0)?;
+        let broker = Broker::start_with(scene, "broker", data.clone(), 0, &["--disk-mib", "64"])?;
         let args = [
             "--ready-slots",
             "2",
@@ -280,7 +280,7 @@ fn the_owner_hash_never_appears_on_a_command_line() {
         let data = scene.subdir("broker")?;
         let owner = Broker::add_account(scene, &data, "owner", 0)?;
         let client = Broker::add_client(scene, &data)?;
-        let broker = Broker::start(scene, "broker", data, 0)?;
+        let broker = Broker::start_with(scene, "broker", data, 0, &["--disk-mib", "64"])?;
         let args = ["--ready-slots", "1", "--disk-mib", "64"];
         let by_env = Node::start_owned(scene, "node-env", &broker, &owner, &args)?;
         let file = scene.dir().join("owner");

@@ -201,7 +201,16 @@ pub fn receipts_per_sec() -> anyhow::Result<f64> {
     let chain: Vec<_> = (0..CHAIN)
         .map(|i| {
             builder
-                .next(&key, i * 1000, i, i * 10, None)
+                .next(
+                    &key,
+                    jusy_common::receipt::Counted {
+                        cpu_us: i * 1000,
+                        peak_mem: i,
+                        ..Default::default()
+                    },
+                    i * 10,
+                    None,
+                )
                 .map(|r| *r.bytes())
                 .context("chain ended early")
         })

@@ -21,6 +21,8 @@ pub struct SimNode {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: Decoder,
+    /// Signs its acceptances of orders.
+    key: ed25519_dalek::SigningKey,
 }
 
 /// A client endpoint for simulated nodes (many connections share one socket).
@@ -69,6 +71,7 @@ pub async fn attach(
         send,
         recv,
         decoder: Decoder::default(),
+        key,
     };
     match node.read_msg().await? {
         BrokerMsg::Welcome { .. } => Ok(node),
@@ -108,8 +111,11 @@ impl SimNode {
         });
         loop {
             if let BrokerMsg::Assign(a) = self.read_msg().await? {
+                let acceptance =
+                    jusy_common::terms::SignedAcceptance::sign(&self.key, a.order_id, a.terms);
                 let accepted = NodeMsg::Accepted {
                     order_id: a.order_id,
+                    acceptance: acceptance.bytes().to_vec(),
                 };
                 self.send.write_all(&frame::encode(&accepted)?).await?;
             }

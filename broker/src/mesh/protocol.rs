@@ -94,10 +94,7 @@ pub enum OrderEvent {
         by: jusy_common::verdict::Party,
     },
     /// Bytes through the session's network so far.
-    Traffic {
-        sent: u64,
-        received: u64,
-    },
+    Traffic { sent: u64, received: u64 },
 }
 
 /// The answer to a [`MeshRequest`].

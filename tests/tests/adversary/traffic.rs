@@ -17,8 +17,9 @@ const LOGIN_GRACE: Duration = Duration::from_secs(6);
 /// `relay::splice::MAX_UNAUTHENTICATED`).
 const MAX_UNAUTHENTICATED: usize = 8;
 
-/// A broker (with `broker_args`) with one client, and a node with one ready
-/// session, a short login grace time and a session grace of `grace_secs`.
+/// A broker (with `broker_args`) selling a session grace of `grace_secs`,
+/// with one client, and a node with one ready session, a short login grace
+/// time and that grace.
 fn network(
     scene: &Scene,
     broker_args: &[&str],
@@ -26,7 +27,10 @@ fn network(
 ) -> anyhow::Result<(Broker, Node, String)> {
     let data = scene.subdir("broker")?;
     let client = Broker::add_client(scene, &data)?;
-    let broker = Broker::start_with(scene, "broker", data, 0, broker_args)?;
+    // The broker sells the session grace; the node offers at most as much.
+    let mut args = vec!["--grace-secs", grace_secs];
+    args.extend_from_slice(broker_args);
+    let broker = Broker::start_with(scene, "broker", data, 0, &args)?;
     let grace = LOGIN_GRACE.as_secs().to_string();
     let node = Node::start(
         scene,

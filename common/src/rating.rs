@@ -73,6 +73,38 @@ impl Tally {
     pub fn percent(&self) -> u8 {
         smoothed_percent(self.kept, self.dropped)
     }
+
+    /// Both counts together (the nodes of one owner).
+    #[must_use]
+    pub fn plus(self, other: Tally) -> Tally {
+        Tally {
+            kept: self.kept.saturating_add(other.kept),
+            dropped: self.dropped.saturating_add(other.dropped),
+        }
+    }
+
+    /// These counts without `part`'s (an owner's without one node's).
+    #[must_use]
+    pub fn minus(self, part: Tally) -> Tally {
+        Tally {
+            kept: self.kept.saturating_sub(part.kept),
+            dropped: self.dropped.saturating_sub(part.dropped),
+        }
+    }
+
+    /// The rating of a node whose owner's other nodes counted `owner`: the
+    /// owner's rating takes the place of the 90 % prior, so a new key of a
+    /// known owner starts where its owner stands (a bad owner cannot shed
+    /// its record by making a new key), and the node's own sessions move it
+    /// from there.
+    pub fn percent_under(&self, owner: &Tally) -> u8 {
+        let prior = u64::from(owner.percent());
+        let own = u64::from(self.kept) + u64::from(self.dropped);
+        let good = u64::from(self.kept) * 100 + prior * PRIOR_TOTAL;
+        let total = (own + PRIOR_TOTAL) * 100;
+        // good ≤ total, so the quotient is at most 100.
+        u8::try_from(good * 100 / total).unwrap_or(100)
+    }
 }
 
 /// `good` of `good + bad` in percent, with [`PRIOR_KEPT`] of [`PRIOR_TOTAL`]
@@ -166,6 +198,39 @@ pub fn pick_weighted(weights: &[u64], roll: u64) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_key_starts_from_its_owners_rating() {
+        let fresh = Tally::default();
+        // No owner history: the usual 90 %.
+        assert_eq!(fresh.percent_under(&Tally::default()), fresh.percent());
+        assert_eq!(fresh.percent(), 90);
+        // An owner whose nodes dropped most sessions: a new key starts low.
+        let bad = Tally {
+            kept: 2,
+            dropped: 30,
+        };
+        assert_eq!(fresh.percent_under(&bad), bad.percent());
+        assert!(bad.percent() < 30, "{}", bad.percent());
+        // A good owner's new key starts high; its own sessions move it.
+        let good = Tally {
+            kept: 200,
+            dropped: 0,
+        };
+        assert!(fresh.percent_under(&good) > 95);
+        let flaky = Tally {
+            kept: 5,
+            dropped: 20,
+        };
+        assert!(
+            flaky.percent_under(&good) < 50,
+            "{}",
+            flaky.percent_under(&good)
+        );
+        // Sums and differences.
+        assert_eq!(bad.plus(good).minus(good), bad);
+        assert_eq!(fresh.minus(bad), fresh);
+    }
 
     fn tally(states: &[OrderState]) -> Tally {
         let mut t = Tally::default();

@@ -30,7 +30,7 @@ pub async fn owner(
                 "speed_test_ms": n.speed().map(|d| d.as_millis() as u64),
                 "sessions_kept": tally.kept,
                 "sessions_dropped": tally.dropped,
-                "rating_percent": tally.percent(),
+                "rating_percent": api.orders.rating_with_owner(&n.id, n.owner),
             })
         })
         .collect();

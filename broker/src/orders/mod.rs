@@ -173,6 +173,11 @@ pub struct Orders {
     /// How each node's sessions ended, for its rating: nodes that drop
     /// sessions are offered less often.
     ratings: Mutex<HashMap<PeerId, Tally>>,
+    /// The same counts by owner, over all its nodes: a new key of a known
+    /// owner starts from the owner's rating.
+    owner_ratings: Mutex<HashMap<AccountId, Tally>>,
+    /// Which owner each node earns for, as far as this broker has seen.
+    node_owners: Mutex<HashMap<PeerId, AccountId>>,
     /// How each client's recent sessions ended, for its rating: clients that
     /// keep breaking limits are refused orders.
     clients: Mutex<HashMap<AccountId, ClientEnds>>,
@@ -245,6 +250,8 @@ impl Orders {
     ) -> Arc<Self> {
         let (mesh, served) = mesh.unzip();
         let mut ratings: HashMap<PeerId, Tally> = HashMap::new();
+        let mut owner_ratings: HashMap<AccountId, Tally> = HashMap::new();
+        let mut node_owners: HashMap<PeerId, AccountId> = HashMap::new();
         let mut clients: HashMap<AccountId, ClientEnds> = HashMap::new();
         let since = now_ms().saturating_sub(CLIENT_RATING_MS);
         match ledger.orders() {
@@ -252,6 +259,13 @@ impl Orders {
                 for (_, rec) in all {
                     if let Ok(node) = rec.node_id.parse::<PeerId>() {
                         ratings.entry(node).or_default().add_order(&rec.order);
+                        if let Some(owner) = rec.owner {
+                            owner_ratings
+                                .entry(owner)
+                                .or_default()
+                                .add_order(&rec.order);
+                            node_owners.insert(node, owner);
+                        }
                     }
                     let ended = jusy_common::rating::order_broke_limits(&rec.order);
                     let at = rec.order.last_disconnect_ms.unwrap_or(rec.created_ms);
@@ -278,6 +292,8 @@ impl Orders {
             served,
             live: Mutex::default(),
             ratings: Mutex::new(ratings),
+            owner_ratings: Mutex::new(owner_ratings),
+            node_owners: Mutex::new(node_owners),
             clients: Mutex::new(clients),
             placing: Mutex::default(),
             ports: TaskTracker::new(),
@@ -288,6 +304,45 @@ impl Orders {
     fn rate(&self, node: PeerId, verdict: &Verdict) {
         let mut ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
         ratings.entry(node).or_default().add_verdict(verdict);
+        drop(ratings);
+        if let Some(owner) = self.owner_of(&node) {
+            let mut owners = self.owner_ratings.lock().unwrap_or_else(|p| p.into_inner());
+            owners.entry(owner).or_default().add_verdict(verdict);
+        }
+    }
+
+    /// The owner `node` earns for, if this broker has seen it.
+    fn owner_of(&self, node: &PeerId) -> Option<AccountId> {
+        let owners = self.node_owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.get(node).copied()
+    }
+
+    /// Remembers whom `node` earns for (from its hello or its offer).
+    pub(super) fn learn_owner(&self, node: PeerId, owner: Option<AccountId>) {
+        if let Some(owner) = owner {
+            let mut owners = self.node_owners.lock().unwrap_or_else(|p| p.into_inner());
+            owners.insert(node, owner);
+        }
+    }
+
+    /// A node's rating in percent, starting from its owner's rating rather
+    /// than 90 % (see [`Tally::percent_under`]).
+    pub fn rating_with_owner(&self, node: &PeerId, owner: Option<AccountId>) -> u8 {
+        let own = self.tally(node);
+        let Some(owner) = owner.or_else(|| self.owner_of(node)) else {
+            return own.percent();
+        };
+        let all = {
+            let owners = self.owner_ratings.lock().unwrap_or_else(|p| p.into_inner());
+            owners.get(&owner).copied().unwrap_or_default()
+        };
+        // The node's own sessions count once: in its own tally.
+        let counted_here = if self.owner_of(node) == Some(owner) {
+            own
+        } else {
+            Tally::default()
+        };
+        own.percent_under(&all.minus(counted_here))
     }
 
     /// Counts a fault of `node` (a refused or falsely signed assignment) in
@@ -298,6 +353,14 @@ impl Orders {
             .entry(node)
             .or_default()
             .add_end(EndReason::NodeFailed);
+        drop(ratings);
+        if let Some(owner) = self.owner_of(&node) {
+            let mut owners = self.owner_ratings.lock().unwrap_or_else(|p| p.into_inner());
+            owners
+                .entry(owner)
+                .or_default()
+                .add_end(EndReason::NodeFailed);
+        }
     }
 
     /// How a node's sessions ended so far: the one count every page, API
@@ -342,9 +405,10 @@ impl Orders {
         tally
     }
 
-    /// A node's rating in percent (see [`Tally::percent`]).
+    /// A node's rating in percent (see [`Tally::percent`]), starting from
+    /// its owner's when the broker knows the owner.
     pub fn rating(&self, node: &PeerId) -> u8 {
-        self.tally(node).percent()
+        self.rating_with_owner(node, None)
     }
 
     /// The brokers' mesh, when this broker is in one.
@@ -420,11 +484,11 @@ impl Orders {
         let mut refused: Vec<PeerId> = Vec::new();
         let mut last = None;
         for _ in 0..ASSIGN_ATTEMPTS {
-            let claimed = self.relay.claim_slot(|node| {
-                if refused.contains(node) {
+            let claimed = self.relay.claim_slot(|link| {
+                if refused.contains(&link.id) {
                     None
                 } else {
-                    Some(u64::from(self.rating(node)))
+                    Some(u64::from(self.rating_with_owner(&link.id, link.owner)))
                 }
             });
             let Some((link, slot)) = claimed else {
@@ -456,6 +520,7 @@ impl Orders {
         link: Arc<NodeLink>,
         slot: Slot,
     ) -> Result<Credentials, OrderError> {
+        self.learn_owner(link.id, link.owner);
         let listener = match splice::bind(self.cfg.order_bind, self.cfg.order_ports).await {
             Ok(l) => l,
             Err(e) => {

@@ -174,6 +174,7 @@ impl Orders {
         privkey: String,
     ) -> Result<Credentials, OrderError> {
         let terms = self.cfg.terms();
+        self.learn_owner(node_id, r.owner);
         let record = OrderRecord {
             client,
             owner: r.owner,

@@ -390,13 +390,13 @@ impl Relay {
     /// `None` are left out.
     pub fn claim_slot(
         &self,
-        weight: impl Fn(&PeerId) -> Option<u64>,
+        weight: impl Fn(&NodeLink) -> Option<u64>,
     ) -> Option<(Arc<NodeLink>, Slot)> {
         let nodes = lock(&self.nodes);
         let (with_slots, weights): (Vec<_>, Vec<u64>) = nodes
             .values()
             .filter(|n| n.free_slots() > 0)
-            .filter_map(|n| Some((n, weight(&n.id)?)))
+            .filter_map(|n| Some((n, weight(n)?)))
             .unzip();
         let mut r = [0u8; 8];
         let _ = getrandom::fill(&mut r);

@@ -28,6 +28,8 @@ struct NodeRow {
     sessions: usize,
     /// How its sessions ended, for its rating.
     tally: Tally,
+    /// Its rating in percent, from its owner's where it has served few.
+    rating: u8,
     earned: u64,
     earned_text: String,
 }
@@ -105,6 +107,10 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
             tally: node_id
                 .parse()
                 .map(|node| web.api.orders.tally(&node))
+                .unwrap_or_default(),
+            rating: node_id
+                .parse()
+                .map(|node| web.api.orders.rating_with_owner(&node, Some(*id)))
                 .unwrap_or_default(),
             id: node_id,
             ..row

@@ -33,7 +33,7 @@ use axum::routing::{get, post};
 use jusy_common::identity::PeerId;
 
 use crate::api::Api;
-use crate::api::limit::RateLimiter;
+use crate::limit::RateLimiter;
 use session::{Session, Sessions, Who};
 
 /// Largest form accepted (a few SSH keys).

@@ -162,6 +162,7 @@ impl Broker {
             tx,
             store.clone(),
             cfg.speed_test(),
+            cfg.relay_admission(),
             advertise,
             data_plane.handle().clone(),
         );

@@ -62,10 +62,14 @@ impl Rate {
 
     /// One token every `every` (at least a nanosecond), bursts of `burst`
     /// (at least one).
-    pub fn every(every: Duration, burst: u32) -> Self {
+    pub const fn every(every: Duration, burst: u32) -> Self {
         Self {
-            every: every.max(Duration::from_nanos(1)),
-            burst: burst.max(1),
+            every: if every.is_zero() {
+                Duration::from_nanos(1)
+            } else {
+                every
+            },
+            burst: if burst == 0 { 1 } else { burst },
         }
     }
 

@@ -351,6 +351,7 @@ impl Config {
             join,
             trust,
             pace: crate::mesh::Pace::PRODUCTION,
+            pending: crate::mesh::limits::Pending::PRODUCTION,
         }))
     }
 

@@ -15,6 +15,9 @@
 //! * [`flood`] — a stranger against the HTTP API: slow headers by the
 //!   thousand, stalled bodies, 60 KB hashes, forged forwarding headers, no
 //!   file descriptors left.
+//! * [`ports`] — a stranger against the relay's and the mesh's UDP ports:
+//!   handshakes that never say hello, half-open ones, made-up nodes asking
+//!   for speed tests.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
@@ -27,6 +30,8 @@ mod flood;
 mod isolation;
 #[path = "adversary/network.rs"]
 mod network;
+#[path = "adversary/ports.rs"]
+mod ports;
 #[path = "adversary/state.rs"]
 mod state;
 #[path = "adversary/syscalls.rs"]

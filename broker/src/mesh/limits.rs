@@ -195,7 +195,7 @@ pub struct Refusals {
 }
 
 impl Refusals {
-    pub fn note(&mut self, error: &dyn std::fmt::Display, from: &Multiaddr) {
+    pub fn note(&mut self, error: &dyn std::error::Error, from: &Multiaddr) {
         let now = Instant::now();
         if self
             .logged
@@ -204,7 +204,14 @@ impl Refusals {
             self.unlogged += 1;
             return;
         }
-        tracing::info!(%error, %from, more = self.unlogged, "mesh connection refused");
+        // libp2p's errors say "denied" and keep the why in their sources.
+        let mut why = error.to_string();
+        let mut source = error.source();
+        while let Some(e) = source {
+            why = format!("{why}: {e}");
+            source = e.source();
+        }
+        tracing::info!(error = %why, %from, more = self.unlogged, "mesh connection refused");
         self.logged = Some(now);
         self.unlogged = 0;
     }

@@ -247,8 +247,8 @@ impl SpeedCheck {
         tracing::info!(node_id = %node_id.short(), rounds, "speed test started");
         let expected = tokio::task::spawn_blocking(move || {
             let digest = jusy_common::speed::run(&seed, rounds);
-            drop(turn);
             tracing::debug!(node_id = %node_id.short(), "speed test's digest computed");
+            drop(turn);
             digest
         });
         send.write_all(&frame::encode(&BrokerMsg::SpeedTest { seed, rounds })?)

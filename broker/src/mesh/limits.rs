@@ -7,8 +7,8 @@
 //! capped per address ([`PendingPerAddress`], an IPv6 /64 counts as one) and
 //! in all ([`Pending`]), and established ones in all and per peer (libp2p's
 //! `connection_limits`). A pending connection lives at most the QUIC
-//! handshake timeout (5 s). Refusals are logged at most once a second
-//! ([`Refusals`]).
+//! handshake timeout (the idle timeout, four keep-alive periods: 4 s).
+//! Refusals are logged at most once a second ([`Refusals`]).
 //!
 //! What is not bounded here: libp2p's QUIC transport answers every first
 //! packet with its half of the handshake before any behaviour is asked, so
@@ -42,10 +42,11 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// 64 in all, 8 from one address: brokers have addresses of their own,
-    /// and a broker dials another once.
+    /// 256 in all, 8 from one address: brokers have addresses of their own
+    /// and dial one another once, so a stranger needs 32 addresses to fill
+    /// the table, for the 4 s a handshake may take.
     pub const PRODUCTION: Pending = Pending {
-        all: 64,
+        all: 256,
         per_address: 8,
     };
 }

@@ -400,12 +400,12 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted, place: Unidentified) -> Result<
     let mut next_advert: Option<tokio::time::Instant> = None;
     if relay.speed_test.rounds == 0 {
         // The operator turned the test off (trusted nodes, benchmarks).
-        registered = offer(relay, &link, &mut next_advert);
+        offer(relay, &link, &mut registered, &mut next_advert);
         tracing::info!(node_id = %node_id, "node attached without a speed test");
     } else if let Some(passed) = relay.speed_tests.recent(node_id, std::time::Instant::now()) {
         *lock(&link.speed) = Some(passed.took);
         next_check = tokio::time::Instant::from_std(passed.at) + relay.speed_test.interval;
-        registered = offer(relay, &link, &mut next_advert);
+        offer(relay, &link, &mut registered, &mut next_advert);
         tracing::info!(node_id = %node_id, took_ms = passed.took.as_millis() as u64, "node attached again; its speed test here still holds");
     } else {
         // Boxed like the greeting: only a new node waits here.
@@ -477,7 +477,7 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted, place: Unidentified) -> Result<
                             relay.speed_tests.passed(node_id, took, std::time::Instant::now());
                             tracing::info!(node_id = %node_id.short(), took_ms = took.as_millis() as u64, "speed test passed");
                             if !registered {
-                                registered = offer(relay, &link, &mut next_advert);
+                                offer(relay, &link, &mut registered, &mut next_advert);
                                 tracing::info!(node_id = %node_id, "node attached");
                             }
                             next_check = tokio::time::Instant::now() + relay.speed_test.interval;
@@ -514,17 +514,18 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted, place: Unidentified) -> Result<
 }
 
 /// Offers an attached node to orders and, when nodes are advertised, asks
-/// for its first capacity statement at once; returns that it is offered.
+/// for its first capacity statement at once.
 fn offer(
     relay: &Arc<Relay>,
     link: &Arc<NodeLink>,
+    registered: &mut bool,
     next_advert: &mut Option<tokio::time::Instant>,
-) -> bool {
+) {
+    *registered = true;
     relay.register(link.clone());
     if relay.advertise.is_some() {
         *next_advert = Some(tokio::time::Instant::now());
     }
-    true
 }
 
 /// A new node's first speed test here: charged to its address and key

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use admission::Admission;
+use admission::Admission;
 pub use advertise::{Advertise, CapacityUpdate};
 pub use data_plane::DataPlane;
 pub use node_link::NodeLink;
@@ -362,8 +362,8 @@ impl Relay {
                     incoming.retry();
                     continue;
                 }
-                admission::Verdict::Refuse(why) => {
-                    tracing::debug!(%remote, ?why, "QUIC connection attempt refused");
+                // Counted in the report above, not logged one by one.
+                admission::Verdict::Refuse(_) => {
                     incoming.refuse();
                     continue;
                 }

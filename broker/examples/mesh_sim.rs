@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
+use jusy_broker::mesh::limits::Pending;
 use jusy_broker::mesh::{Mesh, MeshSettings, Pace, libp2p_id};
 use jusy_broker::relay::CapacityUpdate;
 use jusy_common::capacity::{Capacity, SHARDS, SignedCapacity, Terms};
@@ -105,6 +106,11 @@ async fn main() -> anyhow::Result<()> {
             join,
             trust: trust.clone(),
             pace,
+            // Every broker here dials from 127.0.0.1.
+            pending: Pending {
+                all: 1024,
+                per_address: 1024,
+            },
         };
         let (updates, capacity) = mpsc::unbounded_channel();
         let (inbound_tx, inbound) = mpsc::unbounded_channel();

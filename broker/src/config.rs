@@ -102,6 +102,32 @@ pub struct Config {
     pub speed_test_limit_ms: u64,
     /// Seconds between speed tests of an attached node. Default 21600 (6 h).
     pub speed_test_interval_secs: u64,
+    /// Speed-test digests the relay computes at once, about a second of one
+    /// core each; nodes wait for a turn up to 30 s, then are told to come
+    /// back later. First tests on this relay are also rate limited per
+    /// address and per node key (`relay::speed_tests`). 0: half the
+    /// broker's cores, at least one. Default 0.
+    pub speed_test_concurrency: u32,
+    /// Seconds a QUIC connection to the relay has, from its first packet,
+    /// to finish its handshake and say the node's hello; it is closed
+    /// otherwise. Default 10.
+    pub relay_hello_timeout_secs: u64,
+    /// Connections to the relay that have not said their node's hello yet,
+    /// at most; when they are this many, a new one closes the oldest of them
+    /// (so strangers' half-done handshakes cannot keep a node out for long).
+    /// Attached nodes do not count. Default 1024.
+    pub relay_max_handshakes: u32,
+    /// Such connections at most from one address (an IPv6 /64 counts as
+    /// one); more are refused. Also the burst of new handshakes one address
+    /// may start. Default 16.
+    pub relay_max_handshakes_per_address: u32,
+    /// New handshakes one address may start per second after its burst; more
+    /// are refused, and the node tries again. Default 4.
+    pub relay_handshakes_per_sec_per_address: u32,
+    /// New handshakes per second from all addresses (and the burst), which
+    /// keeps the relay's data-plane core for the traffic of attached nodes.
+    /// Default 1000.
+    pub relay_handshakes_per_sec: u32,
     /// UDP address of the brokers' mesh (libp2p over QUIC), e.g.
     /// `0.0.0.0:7444`. Default: none, and the broker works alone, as the only
     /// relay and API.
@@ -176,6 +202,12 @@ impl Default for Config {
             speed_test_rounds: jusy_common::speed::ROUNDS,
             speed_test_limit_ms: 2_000,
             speed_test_interval_secs: 6 * 3600,
+            speed_test_concurrency: 0,
+            relay_hello_timeout_secs: 10,
+            relay_max_handshakes: 1024,
+            relay_max_handshakes_per_address: 16,
+            relay_handshakes_per_sec_per_address: 4,
+            relay_handshakes_per_sec: 1000,
             mesh_listen: None,
             mesh_join: Vec::new(),
             mesh_peers: Vec::new(),
@@ -212,6 +244,8 @@ pub enum ConfigError {
     RateLimit,
     #[error("HTTP timeouts and connection limits must be at least 1")]
     HttpLimit,
+    #[error("the relay's hello timeout and handshake limits must be at least 1")]
+    RelayLimit,
     #[error("trusted_proxies: {0}")]
     Proxy(String),
     #[error("mesh_join and mesh_peers need mesh_listen")]
@@ -266,6 +300,14 @@ impl Config {
         }
         if self.rate_limit_per_sec == 0 || self.rate_limit_burst == 0 {
             return Err(ConfigError::RateLimit);
+        }
+        if self.relay_hello_timeout_secs == 0
+            || self.relay_max_handshakes == 0
+            || self.relay_max_handshakes_per_address == 0
+            || self.relay_handshakes_per_sec_per_address == 0
+            || self.relay_handshakes_per_sec == 0
+        {
+            return Err(ConfigError::RelayLimit);
         }
         if self.http_header_timeout_secs == 0
             || self.http_idle_timeout_secs == 0
@@ -364,14 +406,34 @@ impl Config {
             join,
             trust,
             pace: crate::mesh::Pace::PRODUCTION,
+            pending: crate::mesh::limits::Pending::PRODUCTION,
         }))
     }
 
     pub fn speed_test(&self) -> crate::relay::SpeedTest {
+        let half_the_cores = std::thread::available_parallelism().map_or(1, |n| n.get() / 2);
+        let concurrency = match self.speed_test_concurrency {
+            0 => half_the_cores,
+            n => n as usize,
+        };
         crate::relay::SpeedTest {
             rounds: self.speed_test_rounds,
             limit: std::time::Duration::from_millis(self.speed_test_limit_ms),
             interval: std::time::Duration::from_secs(self.speed_test_interval_secs.max(1)),
+            concurrency: concurrency.max(1),
+        }
+    }
+
+    /// The relay's bounds on connections that have not said hello yet.
+    pub fn relay_admission(&self) -> crate::relay::admission::Limits {
+        use crate::limit::Rate;
+        let per_address = self.relay_max_handshakes_per_address;
+        crate::relay::admission::Limits {
+            hello_timeout: std::time::Duration::from_secs(self.relay_hello_timeout_secs),
+            max: self.relay_max_handshakes as usize,
+            max_per_address: per_address as usize,
+            per_address: Rate::per_sec(self.relay_handshakes_per_sec_per_address, per_address),
+            all: Rate::per_sec(self.relay_handshakes_per_sec, self.relay_handshakes_per_sec),
         }
     }
 
@@ -429,6 +491,24 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(cfg.validate(), Err(ConfigError::HttpLimit)));
+    }
+
+    #[test]
+    fn relay_limits_are_checked() {
+        let limits = Config::default().relay_admission();
+        assert_eq!(limits.max, 1024);
+        assert_eq!(limits.max_per_address, 16);
+        assert!(Config::default().speed_test().concurrency >= 1);
+        let cfg = Config {
+            speed_test_concurrency: 3,
+            ..Config::default()
+        };
+        assert_eq!(cfg.speed_test().concurrency, 3);
+        let cfg = Config {
+            relay_max_handshakes_per_address: 0,
+            ..Config::default()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::RelayLimit)));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! * [`config`] — the TOML configuration and its defaults.
 //! * [`store`] — durable state in sled: identity, accounts by keyed digest.
 //! * [`ledger`] — money and orders in sled transactions: charge, settle, audit.
+//! * [`limit`] — token-bucket rate limits keyed by address or identity, in
+//!   bounded memory (the API's requests, the relay's handshakes and speed tests).
 //! * [`mesh`] — libp2p among brokers: allowlist, DHT of capacity, requests.
 //! * [`remote`] — answering other brokers: offers of free nodes, reservations,
 //!   events of orders whose ledger is here.
@@ -16,6 +18,7 @@
 pub mod api;
 pub mod config;
 pub mod ledger;
+pub mod limit;
 pub mod mesh;
 pub mod orders;
 pub mod relay;
@@ -161,6 +164,7 @@ impl Broker {
             tx,
             store.clone(),
             cfg.speed_test(),
+            cfg.relay_admission(),
             advertise,
             data_plane.handle().clone(),
         );

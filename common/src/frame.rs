@@ -110,6 +110,20 @@ mod tests {
     }
 
     #[test]
+    fn exact_bytes_of_a_try_later() {
+        let frame = encode(&BrokerMsg::TryLater {
+            reason: "busy".into(),
+            after_secs: 300,
+        })
+        .unwrap_or_default();
+        // length 8 = variant index 7 + length 4 + "busy" + varint 300
+        assert_eq!(
+            frame,
+            [0, 0, 0, 8, 7, 4, b'b', b'u', b's', b'y', 0xac, 0x02].to_vec()
+        );
+    }
+
+    #[test]
     fn partial_frames_need_more_bytes() {
         let frame = encode(&NodeMsg::Ended {
             order_id: OrderId([1; 12]),
@@ -179,6 +193,14 @@ mod tests {
             let msg = NodeMsg::LoggedIn { order_id: OrderId(id), stream };
             let frame = encode(&msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let got = decode::<NodeMsg>(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(got, Some((msg, frame.len())));
+        }
+
+        #[test]
+        fn try_later_round_trips(reason in ".{0,64}", after_secs in any::<u32>()) {
+            let msg = BrokerMsg::TryLater { reason, after_secs };
+            let frame = encode(&msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let got = decode::<BrokerMsg>(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(got, Some((msg, frame.len())));
         }
 

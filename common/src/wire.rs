@@ -247,6 +247,11 @@ pub enum BrokerMsg {
     SignCapacity { terms: crate::capacity::Terms },
     /// Other relays of the mesh the node may move to when it loses this one.
     Relays { relays: Vec<RelayAddr> },
+    /// The relay cannot take the node now (its speed tests are over their
+    /// bounds); the broker closes the connection after sending it, and the
+    /// node dials this relay again no sooner than `after_secs` (another
+    /// relay it knows may be tried meanwhile).
+    TryLater { reason: String, after_secs: u32 },
 }
 
 /// A relay a node can dial: its QUIC address and the key it pins.

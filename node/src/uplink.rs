@@ -43,6 +43,8 @@ pub enum UplinkError {
     ControlClosed,
     #[error("relay refused us: {0}")]
     Refused(String),
+    #[error("relay asked us to come back in {after:?}: {reason}")]
+    Later { reason: String, after: Duration },
     #[error("relay did not answer hello in time")]
     HelloTimeout,
 }
@@ -78,6 +80,8 @@ impl Uplink {
         let mut relays = Relays::new(self.relays.clone());
         while let Some(target) = relays.current().cloned() {
             let mut registered = false;
+            // When the relay asked to be dialled again.
+            let mut come_back = None;
             match self
                 .connect_and_serve(
                     &target,
@@ -97,6 +101,17 @@ impl Uplink {
                             "refused",
                             serde_json::json!({"broker": target.addr, "error": why}),
                         );
+                    }
+                    if let UplinkError::Later { reason, after } = &e {
+                        crate::announce(
+                            "later",
+                            serde_json::json!({
+                                "broker": target.addr,
+                                "reason": reason,
+                                "after_secs": after.as_secs(),
+                            }),
+                        );
+                        come_back = Some(*after);
                     }
                     if matches!(e, UplinkError::HandshakeTimeout { .. }) {
                         unanswered += 1;
@@ -120,7 +135,9 @@ impl Uplink {
             } else {
                 let wait = jitter(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(15));
-                wait
+                // Back to the relay that asked for time (no other one is
+                // left to try): no sooner than it said.
+                come_back.map_or(wait, |after| wait.max(not_before(after)))
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -176,6 +193,7 @@ impl Uplink {
         match welcome {
             BrokerMsg::Welcome { .. } => {}
             BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
+            BrokerMsg::TryLater { reason, after_secs } => return Err(later(reason, after_secs)),
             other => return Err(UplinkError::Refused(format!("unexpected {other:?}"))),
         }
         *registered = true;
@@ -206,6 +224,12 @@ impl Uplink {
                     BrokerMsg::Assign(a) => self.sessions.assign(a),
                     BrokerMsg::Cancel { order_id } => self.sessions.cancel(order_id, EndReason::Cancelled),
                     BrokerMsg::Error { error } => return Err(UplinkError::Refused(error)),
+                    BrokerMsg::TryLater { reason, after_secs } => {
+                        // Welcomed, but not offered: not a registration
+                        // that lets every relay be tried again at once.
+                        *registered = false;
+                        return Err(later(reason, after_secs));
+                    }
                     BrokerMsg::Welcome { .. } => {}
                     BrokerMsg::Relays { relays: learned } => {
                         let before = relays.len();
@@ -375,6 +399,23 @@ fn cores() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
 }
 
+/// Longest wait a relay may ask for: a relay that asks for more is dialled
+/// again after this anyway.
+const MAX_COME_BACK: Duration = Duration::from_secs(3600);
+
+fn later(reason: String, after_secs: u32) -> UplinkError {
+    UplinkError::Later {
+        reason,
+        after: Duration::from_secs(after_secs.into()).min(MAX_COME_BACK),
+    }
+}
+
+/// A little more than `after` (an eighth to three eighths more), so that
+/// nodes told the same time do not come back together, and none sooner.
+fn not_before(after: Duration) -> Duration {
+    after + jitter(after / 4)
+}
+
 /// `base` ± 50 %, so that nodes cut off together do not reconnect together.
 fn jitter(base: Duration) -> Duration {
     let mut b = [0u8; 2];
@@ -389,6 +430,18 @@ fn jitter(base: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relay_that_asks_for_time_gets_it() {
+        for _ in 0..100 {
+            let d = not_before(Duration::from_secs(8));
+            assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11));
+        }
+        let UplinkError::Later { after, .. } = later("busy".into(), u32::MAX) else {
+            panic!("not a later");
+        };
+        assert_eq!(after, MAX_COME_BACK);
+    }
 
     #[test]
     fn jitter_stays_within_half() {

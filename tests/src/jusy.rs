@@ -41,12 +41,20 @@ impl Broker {
     /// The broker key of the broker whose database is `data_dir` (made now if
     /// there is none yet), from `jusy-broker key`, for other brokers' `--trust`.
     pub fn identity(scene: &Scene, data_dir: &std::path::Path) -> anyhow::Result<String> {
+        Ok(Self::keys(scene, data_dir)?.0)
+    }
+
+    /// Like [`Broker::identity`], with the broker's mesh peer id.
+    pub fn keys(scene: &Scene, data_dir: &std::path::Path) -> anyhow::Result<(String, String)> {
         let mut cmd = Command::new(bin("jusy-broker")?);
         cmd.args(["key", "--data-dir"]).arg(data_dir);
         let out = process::run(scene, cmd, None, READY)?;
         anyhow::ensure!(out.status == Some(0), "key failed: {}", out.stderr);
         let v: Value = serde_json::from_str(out.text().trim())?;
-        Ok(v["broker_key"].as_str().context("broker_key")?.to_owned())
+        let field = |k: &str| -> anyhow::Result<String> {
+            Ok(v[k].as_str().with_context(|| k.to_owned())?.to_owned())
+        };
+        Ok((field("broker_key")?, field("mesh_peer_id")?))
     }
 
     /// Creates a client or owner account with `deposit` satoshi.

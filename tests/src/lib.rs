@@ -17,6 +17,8 @@
 //! * [`leftovers`] — what a node's sessions left on the machine, if anything.
 //! * [`mux`] — an OpenSSH master connection and channels opened over it.
 //! * [`terminal`] — a program on a pty of its own, resized like a window.
+//! * [`stranger`] — a stranger's QUIC against the relay and mesh ports:
+//!   half-open handshakes, connections without a hello, made-up nodes.
 //!
 //! The binaries are taken from the Cargo target directory the tests were built
 //! in; build them first (`cargo build --workspace --bins`, as README's test
@@ -35,6 +37,7 @@ pub mod mux;
 pub mod process;
 pub mod scene;
 pub mod site;
+pub mod stranger;
 pub mod terminal;
 
 pub use client::Login;

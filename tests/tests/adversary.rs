@@ -18,6 +18,9 @@
 //! * [`pages`] — a stranger against the web pages (anonymous views by the ten
 //!   thousand, forms posted without their signed token) and a client that
 //!   orders without logging in, through the API and the page.
+//! * [`ports`] — a stranger against the relay's and the mesh's UDP ports:
+//!   handshakes that never say hello, half-open ones, made-up nodes asking
+//!   for speed tests.
 
 // Test code: a panic is how a check fails.
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
@@ -32,6 +35,8 @@ mod isolation;
 mod network;
 #[path = "adversary/pages.rs"]
 mod pages;
+#[path = "adversary/ports.rs"]
+mod ports;
 #[path = "adversary/state.rs"]
 mod state;
 #[path = "adversary/syscalls.rs"]

@@ -6,14 +6,12 @@
 //! * [`client`] — `/order/…` and `/account/…`.
 //! * [`owner`] — `/owner/…`.
 //! * [`admin`] — `/admin/…`, behind the operator's bearer token.
-//! * [`limit`] — per-address and per-hash rate limits.
 //! * [`client_addr`] — the client's address, behind trusted proxies too.
 //! * [`serve`] — the listener: connection caps, timeouts, accept back-off.
 
 pub mod admin;
 pub mod client;
 pub mod client_addr;
-pub mod limit;
 pub mod owner;
 pub mod serve;
 
@@ -28,11 +26,11 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::ledger::LedgerError;
+use crate::limit::{Key, RateLimiter};
 use crate::orders::{OrderError, Orders};
 use crate::relay::Relay;
 use crate::store::{AccountRecord, Role, Store, StoreError};
 use jusy_common::ledger::AccountId;
-use limit::{Key, RateLimiter};
 
 /// Largest request body accepted (SSH key lists, deposits).
 const MAX_BODY: usize = 64 * 1024;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::client_addr::{ClientIp, Proxies};
-use super::limit::Key;
+use crate::limit::Key;
 
 /// Largest request head (request line and headers) read. Above hyper's 8 KiB
 /// minimum so that an over-long path still reaches the handlers and gets its

@@ -102,6 +102,8 @@ pub(super) struct Driver {
     /// How long a lost broker's provider records may still be found.
     pub provider_ttl: Duration,
     pub tasks: JoinSet<()>,
+    /// Inbound connections refused, for the log.
+    pub refusals: super::limits::Refusals,
 }
 
 /// How often a lost broker is dialled again at most.
@@ -324,9 +326,11 @@ impl Driver {
                     }
                 }
             }
-            SwarmEvent::IncomingConnectionError { error, .. } => {
-                tracing::info!(error = %error, "mesh connection refused");
-            }
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => self.refusals.note(&error, &send_back_addr),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 // Unreachable now: left out of provider answers, and out of
                 // the routing table so lookups stop waiting on it; it comes

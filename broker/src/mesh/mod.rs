@@ -8,6 +8,7 @@
 //! mesh peer id and its `broker_key` name the same key.
 
 mod driver;
+pub mod limits;
 pub mod protocol;
 #[cfg(test)]
 mod tests;
@@ -62,6 +63,8 @@ pub struct MeshSettings {
     pub trust: Vec<libp2p::PeerId>,
     /// The mesh's background traffic: [`Pace::PRODUCTION`].
     pub pace: Pace,
+    /// Inbound connections setting up at once: [`limits::Pending::PRODUCTION`].
+    pub pending: limits::Pending,
 }
 
 /// How often the mesh does its periodic work. Production brokers use
@@ -180,7 +183,12 @@ impl Mesh {
                 c
             })
             .with_behaviour(|key| {
-                protocol::Behaviour::new(key, &trusted, settings.pace.provider_ttl)
+                protocol::Behaviour::new(
+                    key,
+                    &trusted,
+                    settings.pace.provider_ttl,
+                    settings.pending,
+                )
             })
             .map_err(|e| MeshError::Identity(e.to_string()))?
             .with_swarm_config(|c| {
@@ -236,6 +244,7 @@ impl Mesh {
             putting: HashMap::new(),
             provider_ttl: settings.pace.provider_ttl,
             tasks: JoinSet::new(),
+            refusals: limits::Refusals::default(),
         };
         let task = tokio::spawn(driver.run(stop));
         for join in &settings.join {

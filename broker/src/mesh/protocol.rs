@@ -7,7 +7,9 @@ use jusy_common::identity::PeerId;
 use jusy_common::ledger::AccountId;
 use jusy_common::wire::{EndReason, OrderId, RelayAddr};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, allow_block_list, identify, kad, request_response};
+use libp2p::{
+    StreamProtocol, allow_block_list, connection_limits, identify, kad, request_response,
+};
 use serde::{Deserialize, Serialize};
 
 /// Kademlia protocol name: a private DHT, apart from any public one.
@@ -111,9 +113,28 @@ pub enum MeshResponse {
     Refused(String),
 }
 
+/// Largest request accepted from another broker: a reservation's SSH keys
+/// (at most 17 lines of a few KB) fit many times over.
+pub const MAX_REQUEST_BYTES: u64 = 256 << 10;
+
+/// Largest answer accepted: [`MAX_OFFERS`] statements of at most
+/// `capacity::MAX_LEN` bytes, with room to spare.
+pub const MAX_RESPONSE_BYTES: u64 = 2 << 20;
+
+/// Statements one `Offers` answer carries at most; the asking broker picks
+/// one of them at random anyway.
+pub const MAX_OFFERS: usize = 1024;
+
+/// Requests (and answers) in flight on one connection at most.
+pub const MAX_STREAMS: usize = 64;
+
 /// Everything a broker speaks on the mesh.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Handshakes under way from one address ([`super::limits`]); asked first.
+    pub addresses: super::limits::PendingPerAddress,
+    /// Pending and established connections in all and per peer.
+    pub limits: connection_limits::Behaviour,
     /// Connections from peers not on the operator's list are denied.
     pub allow: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -138,6 +159,7 @@ impl Behaviour {
         key: &libp2p::identity::Keypair,
         trusted: &[libp2p::PeerId],
         provider_ttl: Duration,
+        pending: super::limits::Pending,
     ) -> Self {
         let local = key.public().to_peer_id();
         let mut allow = allow_block_list::Behaviour::default();
@@ -171,12 +193,20 @@ impl Behaviour {
             identify::Config::new(IDENTIFY_VERSION.to_owned(), key.public())
                 .with_agent_version(format!("jusy-broker/{}", env!("CARGO_PKG_VERSION"))),
         );
-        let rpc = request_response::cbor::Behaviour::new(
+        let codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(MAX_REQUEST_BYTES)
+            .set_response_size_maximum(MAX_RESPONSE_BYTES);
+        let rpc = request_response::Behaviour::with_codec(
+            codec,
             [(MESH_PROTOCOL, request_response::ProtocolSupport::Full)],
-            // Longer than a relay waits for its node to accept an order (10 s).
-            request_response::Config::default().with_request_timeout(Duration::from_secs(12)),
+            request_response::Config::default()
+                // Longer than a relay waits for its node to accept an order (10 s).
+                .with_request_timeout(Duration::from_secs(12))
+                .with_max_concurrent_streams(MAX_STREAMS),
         );
         Self {
+            addresses: super::limits::PendingPerAddress::new(pending.per_address),
+            limits: super::limits::connection_limits(pending),
             allow,
             kad,
             identify,

@@ -32,6 +32,7 @@ async fn broker(
         join,
         trust,
         pace: super::Pace::PRODUCTION,
+        pending: super::limits::Pending::PRODUCTION,
     };
     let (updates, capacity) = mpsc::unbounded_channel();
     let (inbound_tx, mut inbound) = mpsc::unbounded_channel::<Inbound>();

@@ -2,11 +2,13 @@
 //! nodes and their ready slots, hands orders to nodes, and splices order ports
 //! into QUIC streams.
 
+pub mod admission;
 pub mod advertise;
 pub mod data_plane;
 pub mod node_link;
 pub mod quic;
 pub mod send_window;
+pub mod speed_tests;
 pub mod splice;
 
 use std::collections::HashMap;
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use admission::Admission;
 pub use advertise::{Advertise, CapacityUpdate};
 pub use data_plane::DataPlane;
 pub use node_link::NodeLink;
@@ -120,12 +123,18 @@ pub struct SpeedTest {
     pub rounds: u32,
     pub limit: Duration,
     pub interval: Duration,
+    /// Digests the relay computes at once at most ([`speed_tests`]).
+    pub concurrency: usize,
 }
 
 /// Attached nodes.
 #[derive(Debug)]
 pub struct Relay {
     pub(crate) speed_test: SpeedTest,
+    /// The speed tests' rates, turns and remembered results.
+    pub(crate) speed_tests: speed_tests::SpeedTests,
+    /// Connections not identified yet, and the handshake budgets.
+    admission: Arc<Mutex<Admission>>,
     /// How attached nodes are advertised to other brokers, if at all.
     pub(crate) advertise: Option<Advertise>,
     /// Looks up the owner accounts nodes name in their hello.
@@ -214,6 +223,10 @@ pub fn transport_config(max_mtu: u16) -> quinn::TransportConfig {
     t
 }
 
+/// Connection attempts waiting for the accept loop at most; more are refused
+/// by quinn itself.
+const MAX_INCOMING: usize = 1024;
+
 /// Longest the relay's end waits for its node connections to drain.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -222,11 +235,17 @@ impl Relay {
         events: mpsc::UnboundedSender<RelayEvent>,
         store: crate::store::Store,
         speed_test: SpeedTest,
+        admission: admission::Limits,
         advertise: Option<Advertise>,
         data: tokio::runtime::Handle,
     ) -> Arc<Self> {
         Arc::new(Self {
             speed_test,
+            speed_tests: speed_tests::SpeedTests::new(speed_test.concurrency, speed_test.interval),
+            admission: Arc::new(Mutex::new(Admission::new(
+                admission,
+                std::time::Instant::now(),
+            ))),
             advertise,
             store,
             nodes: Mutex::default(),
@@ -281,6 +300,13 @@ impl Relay {
         let quic = QuicServerConfig::try_from(tls).map_err(|e| RelayError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport_config(max_mtu)));
+        // Attempts wait here only until the accept loop (on the same thread)
+        // decides about them; what they may buffer meanwhile is small, as
+        // nodes send no 0-RTT data.
+        config
+            .max_incoming(MAX_INCOMING)
+            .incoming_buffer_size(64 << 10)
+            .incoming_buffer_size_total(4 << 20);
         let derive = |purpose: &[u8]| {
             let mut h = sha2::Sha256::new();
             h.update(purpose);
@@ -307,7 +333,10 @@ impl Relay {
         Ok((endpoint, paths))
     }
 
-    /// Accepts node connections until `stop` is cancelled.
+    /// Accepts node connections until `stop` is cancelled: each attempt is
+    /// admitted, asked for a Retry or refused ([`admission`]) before any
+    /// handshake work, and an admitted one has until its deadline to become
+    /// a node.
     pub async fn serve(
         self: Arc<Self>,
         endpoint: quic::Endpoint,
@@ -321,17 +350,74 @@ impl Relay {
             };
             let Some(incoming) = incoming else { break };
             let remote = incoming.remote_address();
+            let now = std::time::Instant::now();
+            let (verdict, refused, hello_timeout) = {
+                let mut admission = lock(&self.admission);
+                let verdict =
+                    admission.admit(remote.ip(), incoming.remote_address_validated(), now);
+                (
+                    verdict,
+                    admission.report(now),
+                    admission.limits().hello_timeout,
+                )
+            };
+            if let Some(r) = refused {
+                tracing::info!(
+                    retried = r.retried,
+                    address_full = r.address_full,
+                    address_rate = r.address_rate,
+                    rate = r.rate,
+                    pushed_out = r.pushed_out,
+                    "QUIC connection attempts turned away over the relay's bounds",
+                );
+            }
+            let place = match verdict {
+                admission::Verdict::Retry => {
+                    incoming.retry();
+                    continue;
+                }
+                // Counted in the report above, not logged one by one.
+                admission::Verdict::Refuse(_) => {
+                    incoming.refuse();
+                    continue;
+                }
+                admission::Verdict::Accept { id, pushed_out } => admission::Unidentified::new(
+                    self.admission.clone(),
+                    id,
+                    tokio::time::Instant::now() + hello_timeout,
+                    pushed_out,
+                ),
+            };
             let (max_datagram, config) = paths.towards(remote);
             let connecting = incoming.accept(config);
             let this = self.clone();
             self.tasks.spawn(async move {
-                match connecting {
-                    Ok(connecting) => match connecting.await {
-                        Ok(conn) => this.attach(conn, max_datagram).await,
-                        Err(e) => tracing::info!(%remote, error = %e, "node handshake failed"),
+                let connecting = match connecting {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!(%remote, error = %e, "node connection refused");
+                        return;
+                    }
+                };
+                // Dropped unfinished, the handshake ends with a close.
+                let conn = tokio::select! {
+                    c = tokio::time::timeout_at(place.deadline, connecting) => match c {
+                        Ok(Ok(conn)) => conn,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, error = %e, "node handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "node handshake not finished in time; closed");
+                            return;
+                        }
                     },
-                    Err(e) => tracing::info!(%remote, error = %e, "node connection refused"),
-                }
+                    () = place.pushed_out.cancelled() => {
+                        tracing::info!(%remote, "node handshake pushed out by newer attempts");
+                        return;
+                    }
+                };
+                this.attach(conn, max_datagram, place).await;
             });
         }
         endpoint.close(0u32.into(), b"broker stopping");
@@ -344,8 +430,14 @@ impl Relay {
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
 
-    /// Serves a node connection that tries datagrams up to `max_datagram`.
-    async fn attach(self: Arc<Self>, conn: quic::Connection, max_datagram: u16) {
+    /// Serves a node connection that tries datagrams up to `max_datagram`,
+    /// holding `place` among the unidentified connections until its hello.
+    async fn attach(
+        self: Arc<Self>,
+        conn: quic::Connection,
+        max_datagram: u16,
+        place: admission::Unidentified,
+    ) {
         let Some(node_id) = node_link::peer_id(&conn) else {
             conn.close(1u32.into(), b"no node identity");
             return;
@@ -359,7 +451,7 @@ impl Relay {
             link_id,
             max_datagram,
         };
-        node_link::run(self, accepted).await;
+        node_link::run(self, accepted, place).await;
     }
 
     fn register(&self, link: Arc<NodeLink>) {

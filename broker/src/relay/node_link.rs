@@ -13,8 +13,10 @@ use jusy_common::verdict::Party;
 use jusy_common::wire::{Assignment, BrokerMsg, NodeMsg, OrderId, PROTOCOL_VERSION, Slot};
 use tokio::sync::oneshot;
 
+use super::admission::{self, Unidentified};
 use super::advertise::{self, CapacityUpdate};
 use super::quic::{self, StreamError};
+use super::speed_tests::{self, Later};
 use super::{AssignError, Relay, RelayEvent, lock};
 use crate::store::Role;
 
@@ -249,10 +251,15 @@ struct SpeedCheck {
 }
 
 impl SpeedCheck {
+    /// Sends the node a seed and computes the expected digest of one lane
+    /// meanwhile, holding `turn` until it is computed (even if the node goes
+    /// away).
     async fn start(
         send: &mut quic::SendStream,
         test: super::SpeedTest,
         cores: u32,
+        turn: tokio::sync::OwnedSemaphorePermit,
+        node_id: PeerId,
     ) -> Result<Self, LinkError> {
         let mut seed = [0u8; 36];
         getrandom::fill(&mut seed)
@@ -262,8 +269,13 @@ impl SpeedCheck {
         let lanes = jusy_common::speed::lanes(cores);
         let spot = u32::from_le_bytes(spot.try_into().unwrap_or([0; 4])) % lanes;
         let rounds = test.rounds;
+        tracing::info!(node_id = %node_id.short(), rounds, lanes, "speed test started");
         let expected = tokio::task::spawn_blocking(move || {
-            jusy_common::speed::run(&jusy_common::speed::lane_seed(&seed, spot), rounds)
+            let digest =
+                jusy_common::speed::run(&jusy_common::speed::lane_seed(&seed, spot), rounds);
+            tracing::debug!(node_id = %node_id.short(), "speed test's digest computed");
+            drop(turn);
+            digest
         });
         send.write_all(&frame::encode(&BrokerMsg::SpeedTest {
             seed,
@@ -311,17 +323,41 @@ const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
 
 /// Tells the node why it is refused, and returns that as the link's error.
 async fn refuse(send: &mut quic::SendStream, error: String) -> LinkError {
-    if let Ok(frame) = frame::encode(&BrokerMsg::Error {
-        error: error.clone(),
-    }) {
+    end_with(
+        send,
+        &BrokerMsg::Error {
+            error: error.clone(),
+        },
+    )
+    .await;
+    LinkError::Protocol(error)
+}
+
+/// Tells the node to come back later, and returns that as the link's error.
+async fn try_later(send: &mut quic::SendStream, later: Later) -> LinkError {
+    let reason = later.reason();
+    let after_secs = u32::try_from(later.after().as_secs()).unwrap_or(u32::MAX);
+    end_with(
+        send,
+        &BrokerMsg::TryLater {
+            reason: reason.clone(),
+            after_secs,
+        },
+    )
+    .await;
+    LinkError::Protocol(reason)
+}
+
+/// Sends the control stream's last message. The connection closes when the
+/// link ends, and a close discards stream data not yet delivered: this
+/// waits (a while) until the node has it.
+async fn end_with(send: &mut quic::SendStream, msg: &BrokerMsg) {
+    if let Ok(frame) = frame::encode(msg) {
         let _ = send.write_all(&frame).await;
     }
-    // The connection closes when the link ends, and a close discards stream
-    // data not yet delivered: wait until the node has the reason.
     if send.finish().is_ok() {
         let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
     }
-    LinkError::Protocol(error)
 }
 
 /// A node connection as the relay accepted it.
@@ -335,9 +371,10 @@ pub(super) struct Accepted {
     pub max_datagram: u16,
 }
 
-/// Serves one node connection until it ends.
-pub(super) async fn run(relay: Arc<Relay>, a: Accepted) {
-    match serve(&relay, &a).await {
+/// Serves one node connection until it ends; `place` is given up once the
+/// node is welcomed.
+pub(super) async fn run(relay: Arc<Relay>, a: Accepted, place: Unidentified) {
+    match serve(&relay, &a, place).await {
         Ok(()) => tracing::info!(node_id = %a.node_id.short(), "node left"),
         Err(e) => tracing::info!(node_id = %a.node_id.short(), error = %e, "node connection ended"),
     }
@@ -361,32 +398,52 @@ struct Greeted {
     link: Arc<NodeLink>,
 }
 
-async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
+async fn serve(relay: &Arc<Relay>, a: &Accepted, place: Unidentified) -> Result<(), LinkError> {
     let (conn, node_id) = (&a.conn, a.node_id);
     // Boxed: the greeting's futures would otherwise take room in every
     // node's task for the link's whole life.
+    let greeting = Box::pin(greet(relay, a));
+    let unidentified = |why: &str| {
+        conn.close(admission::UNIDENTIFIED.into(), why.as_bytes());
+        LinkError::Protocol(why.to_owned())
+    };
+    let greeted = tokio::select! {
+        g = tokio::time::timeout_at(place.deadline, greeting) => {
+            g.map_err(|_| unidentified("no hello in time"))?
+        }
+        () = place.pushed_out.cancelled() => {
+            return Err(unidentified("pushed out by newer connections before its hello"));
+        }
+    };
+    // Welcomed: a node now, no longer held to the strangers' caps.
+    drop(place);
     let Greeted {
         mut send,
         mut recv,
         mut dec,
         link,
-    } = Box::pin(greet(relay, a)).await?;
+    } = greeted?;
     let _ended = OutboxEnd(&link);
     // The node is offered (registered) only once it passed the speed test.
     let mut registered = false;
     let mut check = None;
-    if relay.speed_test.rounds == 0 {
-        // The operator turned the test off (trusted nodes, benchmarks).
-        registered = true;
-        relay.register(link.clone());
-        tracing::info!(node_id = %node_id, "node attached without a speed test");
-    } else {
-        check = Some(SpeedCheck::start(&mut send, relay.speed_test, link.cores).await?);
-    }
     let mut next_check = tokio::time::Instant::now() + relay.speed_test.interval;
     // Advertised nodes are asked for a fresh statement every `every`, from
     // the moment they are registered.
     let mut next_advert: Option<tokio::time::Instant> = None;
+    if relay.speed_test.rounds == 0 {
+        // The operator turned the test off (trusted nodes, benchmarks).
+        offer(relay, &link, &mut registered, &mut next_advert);
+        tracing::info!(node_id = %node_id, "node attached without a speed test");
+    } else if let Some(passed) = relay.speed_tests.recent(node_id, std::time::Instant::now()) {
+        *lock(&link.speed) = Some((passed.took, passed.lanes));
+        next_check = tokio::time::Instant::from_std(passed.at) + relay.speed_test.interval;
+        offer(relay, &link, &mut registered, &mut next_advert);
+        tracing::info!(node_id = %node_id, took_ms = passed.took.as_millis() as u64, "node attached again; its speed test here still holds");
+    } else {
+        // Boxed like the greeting: only a new node waits here.
+        check = Some(Box::pin(first_test(relay, &mut send, conn, node_id, link.cores)).await?);
+    }
     let mut asked: Option<Terms> = None;
     let mut others = relay.others.subscribe();
     others.mark_changed();
@@ -415,7 +472,13 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
                     }
                 }
                 if passed(check_due) {
-                    check = Some(SpeedCheck::start(&mut send, relay.speed_test, link.cores).await?);
+                    // An attached node stays offered while the relay is busy.
+                    match relay.speed_tests.try_turn() {
+                        Some(turn) => {
+                            check = Some(SpeedCheck::start(&mut send, relay.speed_test, link.cores, turn, node_id).await?);
+                        }
+                        None => next_check = now + speed_tests::BUSY_RETRY,
+                    }
                 }
             }
             Ok(()) = others.changed(), if registered => {
@@ -445,13 +508,10 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
                     match c.judge(&digests).await {
                         Ok((took, lanes)) => {
                             *lock(&link.speed) = Some((took, lanes));
+                            relay.speed_tests.passed(node_id, took, lanes, std::time::Instant::now());
                             tracing::info!(node_id = %node_id.short(), took_ms = took.as_millis() as u64, lanes, "speed test passed");
                             if !registered {
-                                registered = true;
-                                relay.register(link.clone());
-                                if relay.advertise.is_some() {
-                                    next_advert = Some(tokio::time::Instant::now());
-                                }
+                                offer(relay, &link, &mut registered, &mut next_advert);
                                 tracing::info!(node_id = %node_id, "node attached");
                             }
                             next_check = tokio::time::Instant::now() + relay.speed_test.interval;
@@ -487,16 +547,58 @@ async fn serve(relay: &Arc<Relay>, a: &Accepted) -> Result<(), LinkError> {
     }
 }
 
-/// Takes the node's control stream, its hello, and welcomes it.
+/// Offers an attached node to orders and, when nodes are advertised, asks
+/// for its first capacity statement at once.
+fn offer(
+    relay: &Arc<Relay>,
+    link: &Arc<NodeLink>,
+    registered: &mut bool,
+    next_advert: &mut Option<tokio::time::Instant>,
+) {
+    *registered = true;
+    relay.register(link.clone());
+    if relay.advertise.is_some() {
+        *next_advert = Some(tokio::time::Instant::now());
+    }
+}
+
+/// A new node's first speed test here: charged to its address and key
+/// ([`speed_tests`]), then run in its turn. A node over the bounds is told
+/// to come back later.
+async fn first_test(
+    relay: &Relay,
+    send: &mut quic::SendStream,
+    conn: &quic::Connection,
+    node_id: PeerId,
+    cores: u32,
+) -> Result<SpeedCheck, LinkError> {
+    let now = std::time::Instant::now();
+    let turn = match relay
+        .speed_tests
+        .charge(conn.remote_address().ip(), node_id, now)
+    {
+        Ok(()) => tokio::select! {
+            turn = relay.speed_tests.turn() => turn,
+            reason = conn.closed() => return Err(reason.into()),
+        },
+        Err(later) => Err(later),
+    };
+    match turn {
+        Ok(turn) => SpeedCheck::start(send, relay.speed_test, cores, turn, node_id).await,
+        Err(later) => {
+            tracing::info!(node_id = %node_id.short(), remote = %conn.remote_address(), ?later, "speed test refused; node told to try later");
+            Err(try_later(send, later).await)
+        }
+    }
+}
+
+/// Takes the node's control stream, its hello, and welcomes it; the caller
+/// bounds how long that may take.
 async fn greet(relay: &Arc<Relay>, a: &Accepted) -> Result<Greeted, LinkError> {
     let (conn, node_id) = (&a.conn, a.node_id);
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
-        .await
-        .map_err(|_| LinkError::Protocol("no control stream".into()))??;
+    let (mut send, mut recv) = conn.accept_bi().await?;
     let mut dec = Decoder::default();
-    let hello = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut recv, &mut dec))
-        .await
-        .map_err(|_| LinkError::Protocol("no hello".into()))??;
+    let hello = read_msg(&mut recv, &mut dec).await?;
     let NodeMsg::Hello {
         protocol,
         host_key,

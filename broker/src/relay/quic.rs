@@ -499,6 +499,44 @@ impl Incoming {
             .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |i| i.remote_address())
     }
 
+    /// Whether the client proved that it receives packets at its address
+    /// (it came back with the token of a Retry).
+    pub fn remote_address_validated(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(proto::Incoming::remote_address_validated)
+    }
+
+    /// Turns the attempt away: the client is told `CONNECTION_REFUSED`.
+    pub fn refuse(mut self) {
+        if let Some(incoming) = self.inner.take() {
+            let mut buf = Vec::new();
+            let t = lock(&self.endpoint.state)
+                .endpoint
+                .refuse(incoming, &mut buf);
+            self.endpoint.respond(&t, &buf);
+        }
+    }
+
+    /// Asks the client to come back with a token that proves its address
+    /// (a QUIC Retry, which keeps no state here); an attempt that came with
+    /// one already is refused instead.
+    pub fn retry(mut self) {
+        if let Some(incoming) = self.inner.take() {
+            let mut buf = Vec::new();
+            let mut st = lock(&self.endpoint.state);
+            let t = match st.endpoint.retry(incoming, &mut buf) {
+                Ok(t) => t,
+                Err(e) => {
+                    buf.clear();
+                    st.endpoint.refuse(e.into_incoming(), &mut buf)
+                }
+            };
+            drop(st);
+            self.endpoint.respond(&t, &buf);
+        }
+    }
+
     /// Accepts the attempt, with `config` instead of the endpoint's own if
     /// given; the handshake goes on in the returned [`Connecting`].
     pub fn accept(

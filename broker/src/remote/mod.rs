@@ -79,7 +79,8 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Statements of attached nodes in `shard` that have a free slot now.
+/// Statements of attached nodes in `shard` that have a free slot now (at
+/// most `MAX_OFFERS` of them).
 fn offers(relay: &Relay, shard: u8) -> Vec<Vec<u8>> {
     relay
         .nodes()
@@ -88,5 +89,6 @@ fn offers(relay: &Relay, shard: u8) -> Vec<Vec<u8>> {
         .filter_map(|n| n.capacity())
         .filter(|c| capacity::shard_of(&c.capacity().node_id) == shard)
         .map(|c| c.bytes().to_vec())
+        .take(crate::mesh::protocol::MAX_OFFERS)
         .collect()
 }

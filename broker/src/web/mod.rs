@@ -37,7 +37,7 @@ use axum::routing::{get, post};
 use jusy_common::identity::PeerId;
 
 use crate::api::Api;
-use crate::api::limit::RateLimiter;
+use crate::limit::RateLimiter;
 use csrf::{FormKey, FormToken};
 use session::{Session, Sessions, StartError, Who};
 

@@ -15,7 +15,7 @@ use super::session::{Who, clear_cookie, same_secret};
 use super::view::sat;
 use super::{Nav, Web, WebError, bad_form, home_of, render, with_cookie, with_form_cookie};
 use crate::api::client_addr::ClientIp;
-use crate::api::limit::Key;
+use crate::limit::Key;
 use crate::store::{Role, valid_hash};
 
 #[derive(Template)]

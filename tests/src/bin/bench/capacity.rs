@@ -104,7 +104,12 @@ fn fresh_relay(
     config: &str,
 ) -> anyhow::Result<Broker> {
     let path = scene.dir().join(format!("{name}.toml"));
-    std::fs::write(&path, config)?;
+    // Every simulated node dials from one loopback address, thousands at once.
+    let handshakes = "relay_max_handshakes = 100000\n\
+                      relay_max_handshakes_per_address = 100000\n\
+                      relay_handshakes_per_sec_per_address = 100000\n\
+                      relay_handshakes_per_sec = 100000\n";
+    std::fs::write(&path, format!("{handshakes}{config}"))?;
     let flags = [
         "--rate-limit-per-sec",
         "1000",

@@ -13,6 +13,11 @@ use jusy_broker::ledger::Ledger;
 use jusy_broker::store::{Role, Store};
 use jusy_common::ledger::Account;
 
+/// Session disks of the devnet, in MiB: they count at their full size
+/// against the free space, and 1 GiB ones fit on a development machine where
+/// 5 GiB ones (the default) might leave no slot at all.
+const DEVNET_DISK_MIB: u32 = 1024;
+
 /// Runs the local network until `stop` is cancelled.
 pub async fn run(
     data_dir: PathBuf,
@@ -30,6 +35,8 @@ pub async fn run(
         // The local node is tested as any node is, but a busy development
         // machine must not fail it for speed.
         speed_test_limit_ms: 30_000,
+        // What the demo node below offers.
+        disk_mib: DEVNET_DISK_MIB,
         ..Config::default()
     };
     // A demo client with funds for ten orders, and an owner for the node.
@@ -43,10 +50,7 @@ pub async fn run(
         broker_key: broker.key.to_string(),
         data_dir: data_dir.join("node"),
         ready_slots: Some(2),
-        // Session disks count at their full size against the free space: a
-        // demo's 1 GiB ones fit on a development machine where 5 GiB ones
-        // (the default) might leave no slot at all.
-        disk_mib: 1024,
+        disk_mib: DEVNET_DISK_MIB.into(),
         owner: Some(owner),
         ..Default::default()
     };

@@ -227,25 +227,47 @@ impl Order {
                     .saturating_add(self.terms.connect_window_ms())
                     .saturating_add(verdict::CONNECT_SLACK_MS),
             ),
-            (OrderState::Connected, Some(first)) => Some(
-                first
-                    .saturating_add(self.terms.wall_ms())
-                    .saturating_add(verdict::WALL_OVERRUN_MS),
-            ),
+            (OrderState::Connected, Some(first)) => {
+                let wall = self.wall_deadline_ms(first);
+                Some(self.grace_deadline_ms().map_or(wall, |g| g.min(wall)))
+            }
             _ => None,
         }
     }
 
+    fn wall_deadline_ms(&self, first: u64) -> u64 {
+        first
+            .saturating_add(self.terms.wall_ms())
+            .saturating_add(verdict::WALL_OVERRUN_MS)
+    }
+
+    /// When the broker ends a session whose client left and whose node did
+    /// not end it after the grace time: `None` while a logged-in connection
+    /// is open.
+    fn grace_deadline_ms(&self) -> Option<u64> {
+        let left = self.last_disconnect_ms.filter(|_| self.open == 0)?;
+        Some(
+            left.saturating_add(self.terms.grace_ms())
+                .saturating_add(verdict::GRACE_OVERRUN_MS),
+        )
+    }
+
     /// The broker's timers: an order nobody logged in to within its connect
     /// window is cancelled with a full refund, a session past its wall
-    /// limit is ended as `WALL`, whatever the node says or does not say.
+    /// limit is ended as `WALL`, and one whose client left more than the
+    /// grace time ago as `CLIENT_CLOSED`, whatever the node says or does not
+    /// say.
     pub fn handle_tick(&mut self, now_ms: u64) -> Option<Settlement> {
         if self.deadline_ms().is_none_or(|d| now_ms < d) {
             return None;
         }
+        let wall_passed = self
+            .first_connect_ms
+            .is_some_and(|first| now_ms >= self.wall_deadline_ms(first));
         let reason = match self.state {
             OrderState::Reserved => EndReason::NeverConnected,
-            _ => EndReason::WallClock,
+            _ if wall_passed => EndReason::WallClock,
+            _ => EndReason::ClientClosed,
         };
         self.handle_end(now_ms, reason, Party::Broker)
     }

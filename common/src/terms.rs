@@ -166,6 +166,10 @@ impl OrderTerms {
         u64::from(self.wall_secs) * 1000
     }
 
+    pub fn grace_ms(&self) -> u64 {
+        u64::from(self.grace_secs) * 1000
+    }
+
     pub fn connect_window_ms(&self) -> u64 {
         u64::from(self.connect_window_secs) * 1000
     }

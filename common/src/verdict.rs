@@ -28,6 +28,11 @@ pub const WALL_SLACK_MS: u64 = 5_000;
 /// before it ends the session itself.
 pub const WALL_OVERRUN_MS: u64 = 10_000;
 
+/// How long after the grace time that followed the client's last logged-in
+/// connection the broker waits for the node's `CLIENT_CLOSED` before it
+/// ends the session itself.
+pub const GRACE_OVERRUN_MS: u64 = 10_000;
+
 /// How long after the connect window the broker waits for the node's
 /// `NEVER_CONNECTED` before it cancels the order itself.
 pub const CONNECT_SLACK_MS: u64 = 2_000;
@@ -187,6 +192,20 @@ pub fn judge(terms: &OrderTerms, reason: EndReason, by: Party, ev: &Evidence) ->
         }
         (_, EndReason::NodeLost | EndReason::NodeFailed | EndReason::NodeShutdown) => {
             verdict(true, Fault::Node, Payout::Proven)
+        }
+        (Party::Broker, EndReason::ClientClosed) if ev.open == 0 => {
+            // The broker's own grace timer: the client left, the node did not
+            // end the session. The close rule holds as if the node had said
+            // so; the silence is the node's fault.
+            let closed = ev.closed_ms.unwrap_or(ev.now_ms);
+            if closed.saturating_sub(first) < CANCEL_WINDOW_MS {
+                Verdict {
+                    quick_close: true,
+                    ..verdict(true, Fault::Node, Payout::Proven)
+                }
+            } else {
+                verdict(true, Fault::Node, Payout::Price)
+            }
         }
         (Party::Broker, _) => verdict(true, Fault::Broker, Payout::Proven),
         (Party::Node, EndReason::ClientClosed) if ev.open == 0 => {

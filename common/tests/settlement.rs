@@ -203,10 +203,18 @@ proptest! {
                     let before = order.state;
                     let s = order.handle_tick(now);
                     if s.is_some() {
+                        // Past the wall limit (and its overrun) the session
+                        // is over by the clock; before it, the client left
+                        // and the grace (and its overrun) ran out.
+                        let wall_passed = first.is_some_and(|f| {
+                            now >= f + terms.wall_ms() + jusy_common::verdict::WALL_OVERRUN_MS
+                        });
                         let reason = if before == OrderState::Reserved {
                             EndReason::NeverConnected
-                        } else {
+                        } else if wall_passed {
                             EndReason::WallClock
+                        } else {
+                            EndReason::ClientClosed
                         };
                         claim = Some((reason, Party::Broker, now));
                     }
@@ -245,6 +253,9 @@ proptest! {
         let clients_end = match (first, by, reason) {
             (None, _, _) => false,
             (Some(_), Party::Broker, EndReason::WallClock) => true,
+            (Some(f), Party::Broker, EndReason::ClientClosed) => {
+                open == 0 && closed_at.unwrap_or(at).saturating_sub(f) >= 20_000
+            }
             (Some(f), Party::Node, EndReason::ClientClosed) => {
                 open == 0 && closed_at.unwrap_or(at).saturating_sub(f) >= 20_000
             }

@@ -378,7 +378,7 @@ async fn resolve(addr: &str) -> Result<SocketAddr, UplinkError> {
 
 /// Runs the speed test's lanes at once, one thread each (at most
 /// [`jusy_common::speed::MAX_LANES`]), and returns their digests in lane order.
-fn speed_lanes(seed: &[u8; 32], rounds: u32, lanes: u32) -> Vec<[u8; 32]> {
+pub fn speed_lanes(seed: &[u8; 32], rounds: u32, lanes: u32) -> Vec<[u8; 32]> {
     let lanes = lanes.min(jusy_common::speed::MAX_LANES);
     std::thread::scope(|s| {
         let runs: Vec<_> = (0..lanes)

@@ -15,6 +15,8 @@
 //! * [`lab`] — a network of namespaced hosts: the internet, brokers, home
 //!   routers that NAT, carrier-grade NAT, and clients.
 //! * [`leftovers`] — what a node's sessions left on the machine, if anything.
+//! * [`liar`] — `jusy-liar`, a node that lies, and a client's plain TCP login
+//!   to the order ports it serves.
 //! * [`mux`] — an OpenSSH master connection and channels opened over it.
 //! * [`terminal`] — a program on a pty of its own, resized like a window.
 //! * [`stranger`] — a stranger's QUIC against the relay and mesh ports:
@@ -33,6 +35,7 @@ pub mod http;
 pub mod jusy;
 pub mod lab;
 pub mod leftovers;
+pub mod liar;
 pub mod mux;
 pub mod process;
 pub mod scene;

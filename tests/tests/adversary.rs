@@ -12,6 +12,10 @@
 //! * [`traffic`] — a stranger's connections to an order port: idle ones lock
 //!   no client out and are closed after the login grace time; only a login
 //!   counts, so an order nobody logged in to is refunded in full.
+//! * [`liar`] — a node owner who lies (`jusy-liar`): early `DONE`, impossible
+//!   receipts, limits without evidence, sessions never ended, other terms
+//!   signed, another node's order ended; each is caught by the broker's
+//!   evidence and costs the node its rating, not the client its money.
 //! * [`flood`] — a stranger against the HTTP API: slow headers by the
 //!   thousand, stalled bodies, 60 KB hashes, forged forwarding headers, no
 //!   file descriptors left.
@@ -31,6 +35,8 @@
 mod flood;
 #[path = "adversary/isolation.rs"]
 mod isolation;
+#[path = "adversary/liar.rs"]
+mod liar;
 #[path = "adversary/network.rs"]
 mod network;
 #[path = "adversary/pages.rs"]

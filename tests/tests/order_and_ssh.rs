@@ -132,9 +132,9 @@ fn documented_flow_with_strict_host_key_checking() {
         let out = jusy_tests::process::run(scene, env, None, Duration::from_secs(60))?;
         assert_eq!(out.text(), "yes unset\n", "{}", out.stderr);
 
-        // The transport cipher OpenSSH ends up with: AES-GCM where the CPU has
-        // AES instructions (offered ChaCha20, OpenSSH would take it),
-        // ChaCha20-Poly1305 elsewhere.
+        // The transport cipher OpenSSH ends up with, run as it is told to
+        // (the answer's `ssh_ciphers`): AES-GCM where the CPU has AES
+        // instructions, ChaCha20-Poly1305 elsewhere.
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
         let has = |flag: &str| {
             cpuinfo
@@ -143,6 +143,7 @@ fn documented_flow_with_strict_host_key_checking() {
                 .any(|l| l.split_whitespace().any(|f| f == flag))
         };
         let aes = has("aes") && (has("pclmulqdq") || has("pmull"));
+        assert_eq!(login.ciphers.is_some(), aes, "{body}");
         let mut verbose = login.ssh_command(&login.key, &["-v"]);
         verbose.arg("true");
         let out = jusy_tests::process::run(scene, verbose, None, Duration::from_secs(60))?;
@@ -152,11 +153,19 @@ fn documented_flow_with_strict_host_key_checking() {
             "server->client cipher: chacha20-poly1305@openssh.com"
         };
         assert!(out.stderr.contains(want), "wanted {want:?}: {}", out.stderr);
-        if aes {
-            let mut chacha =
-                login.ssh_command(&login.key, &["-c", "chacha20-poly1305@openssh.com"]);
-            chacha.arg("true");
-            refused(scene, chacha, None, "no matching cipher found")?;
+        // A client that asks for something else is not refused for it.
+        let mut plain = login.clone();
+        plain.ciphers = None;
+        for cipher in ["chacha20-poly1305@openssh.com", "aes256-ctr"] {
+            let mut ssh = plain.ssh_command(&plain.key, &["-v", "-c", cipher]);
+            ssh.arg("true");
+            let out = jusy_tests::process::run(scene, ssh, None, Duration::from_secs(60))?;
+            let want = format!("server->client cipher: {cipher}");
+            assert!(
+                out.status == Some(0) && out.stderr.contains(&want),
+                "wanted {want:?}: {}",
+                out.stderr
+            );
         }
         Ok(())
     })

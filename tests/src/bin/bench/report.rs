@@ -407,11 +407,16 @@ fn machine() -> String {
         Some(p) => version(&p.to_string_lossy(), &["--version"]),
         None => "not installed".into(),
     };
+    // What else ran: on a machine shared with other work every number moves.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     format!(
-        "Machine: {cores} cores, {cpu}, Linux {}. Date: {}.\n\n\
+        "Machine: {cores} cores, {cpu}, Linux {}. Date: {}. Load average at the end of the \
+         run: {} (1, 5 and 15 min).\n\n\
          Versions: jusy {} ({}), {}, {}, {}, {}.\n",
         kernel.trim(),
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        load.join(", "),
         env!("CARGO_PKG_VERSION"),
         version("git", &["rev-parse", "--short", "HEAD"]),
         version("ssh", &["-V"]),

@@ -3,8 +3,9 @@
 //! while a slowloris holds thousands of connections that never finish their
 //! headers.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -29,6 +30,9 @@ pub const HOLD: Duration = Duration::from_secs(1);
 /// byte of a header every [`SLOW_BYTE_EVERY`].
 pub const SLOW_PER_ADDRESS: usize = 100;
 pub const SLOW_BYTE_EVERY: Duration = Duration::from_secs(2);
+/// How often the slowloris looks for connections the broker cut, and sends
+/// the next share of bytes.
+const SLOW_TICK: Duration = Duration::from_millis(50);
 /// Ordering before the measured window starts.
 const WARM_UP: Duration = Duration::from_secs(1);
 
@@ -49,12 +53,9 @@ pub struct ApiRun {
     pub failed: usize,
     /// The broker's CPU time in the window, in % of one core.
     pub broker_cpu_percent: f64,
-    /// Connections the slowloris keeps (0: none ran), how many were open
-    /// when the window ended, and how many it had to open again after the
-    /// broker cut them.
+    /// Connections the slowloris keeps (0: none ran), and how many it held.
     pub slow: usize,
-    pub slow_open: usize,
-    pub slow_reopened: usize,
+    pub held: Held,
 }
 
 impl ApiRun {
@@ -131,13 +132,12 @@ pub fn orders(
     };
     let under = measure(broker.api, pid, &hashes, window);
     stop.store(true, Ordering::Relaxed);
-    let (slow_open, slow_reopened) = trickle
+    let held = trickle
         .join()
         .map_err(|_| anyhow::anyhow!("the slowloris panicked"))??;
     runs.push(ApiRun {
         slow,
-        slow_open,
-        slow_reopened,
+        held,
         ..under?
     });
     let (endpoint, nodes) = nodes;
@@ -215,8 +215,7 @@ fn measure(
         failed,
         broker_cpu_percent,
         slow: 0,
-        slow_open: 0,
-        slow_reopened: 0,
+        held: Held::default(),
     })
 }
 
@@ -265,39 +264,72 @@ impl Slowloris {
     }
 
     /// Sends every connection one more byte every [`SLOW_BYTE_EVERY`],
-    /// spread evenly over that time, until `stop`; then how many were open
-    /// and how many had been opened again after the broker cut them (at its
-    /// header timeout).
-    fn trickle(mut self, stop: &AtomicBool) -> anyhow::Result<(usize, usize)> {
-        let gap = SLOW_BYTE_EVERY / u32::try_from(self.conns.len().max(1))?;
+    /// a share of them each [`SLOW_TICK`], and opens again at once those
+    /// the broker cut (at its header timeout), until `stop`.
+    fn trickle(mut self, stop: &AtomicBool) -> anyhow::Result<Held> {
+        let ticks_per_byte = (SLOW_BYTE_EVERY.as_millis() / SLOW_TICK.as_millis()).max(1);
+        let per_tick = self.conns.len().div_ceil(usize::try_from(ticks_per_byte)?);
+        let (mut turn, mut reopened, mut open) = (0, 0, Vec::new());
         let mut next = Instant::now();
-        let mut reopened = 0;
         while !stop.load(Ordering::Relaxed) {
-            for (from, conn) in &mut self.conns {
-                let alive = conn
-                    .as_mut()
-                    .is_some_and(|c| !closed(c) && c.write_all(b"a").is_ok());
-                if !alive {
-                    // One refused is tried again on the next round.
+            for at in self.cut()? {
+                if let Some((from, conn)) = self.conns.get_mut(at) {
+                    // One refused is tried again on the next tick.
                     *conn = slow_connection(*from, self.api).ok();
                     reopened += usize::from(conn.is_some());
                 }
-                next += gap;
-                if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
             }
+            for _ in 0..per_tick {
+                if let Some((_, conn)) = self.conns.get_mut(turn) {
+                    // One whose write fails is found cut on the next tick.
+                    let _ = conn.as_mut().map(|c| c.write_all(b"a"));
+                }
+                turn = (turn + 1) % self.conns.len();
+            }
+            open.push(self.conns.iter().filter(|(_, c)| c.is_some()).count());
+            next += SLOW_TICK;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        let open = self
+        Ok(Held {
+            mean: open.iter().sum::<usize>() / open.len().max(1),
+            least: open.iter().copied().min().unwrap_or(0),
+            reopened,
+        })
+    }
+
+    /// The connections the broker closed (or answered, which it does only
+    /// before closing), and those not open.
+    fn cut(&self) -> anyhow::Result<Vec<usize>> {
+        let mut fds: Vec<libc::pollfd> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.as_ref().is_some_and(|c| !closed(c)))
-            .count();
-        Ok((open, reopened))
+            .map(|(_, c)| libc::pollfd {
+                // poll skips a negative descriptor.
+                fd: c.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll reads and writes the `fds.len()` pollfd structs the
+        // pointer points to, and returns at once (timeout 0).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), libc::nfds_t::try_from(fds.len())?, 0) };
+        anyhow::ensure!(ready >= 0, "poll: {}", std::io::Error::last_os_error());
+        Ok(fds
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.fd < 0 || p.revents != 0)
+            .map(|(i, _)| i)
+            .collect())
     }
+}
+
+/// How many connections the slowloris held over a window: the mean and the
+/// least of its ticks, and how many it opened again after the broker cut them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Held {
+    pub mean: usize,
+    pub least: usize,
+    pub reopened: usize,
 }
 
 /// A connection from `from` that has sent a request line and the start of a
@@ -307,16 +339,6 @@ fn slow_connection(from: Ipv4Addr, api: SocketAddr) -> anyhow::Result<TcpStream>
     conn.write_all(b"GET /health HTTP/1.1\r\nHost: slow\r\nX-Slow: ")?;
     conn.set_nonblocking(true)?;
     Ok(conn)
-}
-
-/// Whether the broker closed `conn` (or answered it, which it does only
-/// before closing it).
-fn closed(mut conn: &TcpStream) -> bool {
-    let mut buf = [0u8; 512];
-    match conn.read(&mut buf) {
-        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
-        Ok(_) | Err(_) => true,
-    }
 }
 
 /// Raises this process's open-file limit to its hard limit (for the

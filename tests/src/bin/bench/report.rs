@@ -332,12 +332,12 @@ fn api_section(s: &mut String, runs: &[ApiRun]) {
     );
     let _ = writeln!(
         s,
-        "| | orders/s | median latency, ms | p99 latency, ms | not answered 200 | broker CPU, % of a core | slow connections open at the end (opened again) |"
+        "| | orders/s | median latency, ms | p99 latency, ms | not answered 200 | broker CPU, % of a core | slow connections held: mean, least (opened again) |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for r in runs {
         let slow = if r.slow > 0 {
-            format!("{} ({})", r.slow_open, r.slow_reopened)
+            format!("{}, {} ({})", r.held.mean, r.held.least, r.held.reopened)
         } else {
             "—".to_owned()
         };

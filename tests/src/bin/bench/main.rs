@@ -208,8 +208,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// On Ctrl-C or SIGTERM: stops every process the bench started (the node
-/// removes its session users itself), removes the bench's login user and
-/// its working directory, and exits. Without it an interrupted run would
+/// removes its session users itself), removes the weighed cgroup and the lab
+/// of the forwarding section, the bench's login user and its working
+/// directory, and exits. Without it an interrupted run would
 /// leave them behind: the run's own clean-up is on the way out of `main`.
 async fn clean_up_when_interrupted(user: jusy_node::sandbox::user::SessionUser, dir: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -243,6 +244,7 @@ async fn clean_up_when_interrupted(user: jusy_node::sandbox::user::SessionUser, 
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     forwarding::remove_weighed().await;
+    jusy_tests::lab::remove_all_of_this_process();
     if let Err(e) = user.remove().await {
         eprintln!("bench: removing user {}: {e}", user.name);
     }

@@ -24,4 +24,12 @@ fn bench_runs_on_a_tiny_size() {
         stdout.contains("## Relay with 4 active sessions"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("| API orders under slowloris |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| bulk from session to lab sshd |"),
+        "{stdout}"
+    );
 }

@@ -33,6 +33,12 @@ pub use router::{ImpairedUplink, Impairment, Router};
 use crate::scene::Scene;
 use crate::site::Site;
 
+/// Removes every lab of this process, for a program that ends without
+/// dropping its labs (an interrupted bench).
+pub fn remove_all_of_this_process() {
+    sweep::own();
+}
+
 /// How a home reaches the internet.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HomeOpts {

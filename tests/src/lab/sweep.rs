@@ -39,6 +39,20 @@ pub(crate) fn remove_netns(ns: &str) {
     let _ = Command::new("ip").args(["netns", "del", ns]).status();
 }
 
+/// Removes every lab namespace of this process (and what runs in them).
+pub(crate) fn own() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    let mine = format!("{PREFIX}{}x", std::process::id());
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&mine) {
+            remove_netns(&name);
+        }
+    }
+}
+
 /// Removes what labs of dead test processes left behind.
 pub(crate) fn stale() {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {

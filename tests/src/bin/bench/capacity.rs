@@ -124,7 +124,7 @@ fn fresh_relay(
 }
 
 /// `ticks` of CPU time over `window`, as a percentage of one core.
-fn cpu_percent(ticks: u64, window: Duration) -> f64 {
+pub fn cpu_percent(ticks: u64, window: Duration) -> f64 {
     ticks as f64 / ticks_per_sec() / window.as_secs_f64() * 100.0
 }
 
@@ -188,7 +188,7 @@ pub fn stat_fields(pid: u32) -> anyhow::Result<Vec<String>> {
 }
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let fields = stat_fields(pid)?;
     // The 14th and 15th fields of the whole line.
     let field =

@@ -12,7 +12,9 @@
 // an out-of-range index is a bug of the bench, and a panic reports it.
 #![allow(clippy::indexing_slicing)]
 
+mod api;
 mod capacity;
+mod forwarding;
 mod report;
 mod service;
 mod simnode;
@@ -42,8 +44,7 @@ struct Opts {
     nodes: Vec<usize>,
     install: bool,
     out: Option<PathBuf>,
-    /// Sections to run (all when empty): bulk, download, true, order, echo,
-    /// raw, capacity, active, receipts.
+    /// Sections to run (all when empty): see [`SECTIONS`].
     only: Vec<String>,
     /// `quic_max_mtu` of each relay measured in the capacity section.
     relay_mtus: Vec<u16>,
@@ -51,11 +52,20 @@ struct Opts {
     sessions: usize,
     /// The relays' `busy_poll_us`, when not their default.
     busy_poll_us: Option<u32>,
+    /// Seconds of ordering measured in each API row.
+    api_secs: u64,
+    /// Connections of the slowloris in the second API row.
+    slow: usize,
 }
 
+/// The sections of the main table, measured on contenders started side by
+/// side.
+const FIELD_SECTIONS: [&str; 6] = ["bulk", "download", "true", "order", "echo", "raw"];
+
 /// The sections `--only` may name.
-const SECTIONS: [&str; 9] = [
-    "bulk", "download", "true", "order", "echo", "raw", "capacity", "active", "receipts",
+const SECTIONS: [&str; 11] = [
+    "bulk", "download", "true", "order", "echo", "raw", "capacity", "active", "receipts", "api",
+    "forward",
 ];
 
 impl Opts {
@@ -80,6 +90,8 @@ impl Opts {
             relay_mtus: vec![jusy_node::QUIC_MTU, report::INTERNET_MTU],
             sessions: 100,
             busy_poll_us: None,
+            api_secs: 10,
+            slow: 5000,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -90,6 +102,7 @@ impl Opts {
                     (o.pings, o.raw_mib, o.nodes, o.out) = (200, 16, vec![20], None);
                     o.relay_mtus = vec![jusy_node::QUIC_MTU];
                     o.sessions = 4;
+                    (o.api_secs, o.slow) = (2, 500);
                 }
                 "--bulk-mib" => o.bulk_mib = val()?.parse()?,
                 "--bulk-rounds" => o.bulk_rounds = val()?.parse()?,
@@ -98,6 +111,8 @@ impl Opts {
                 "--pings" => o.pings = val()?.parse()?,
                 "--raw-mib" => o.raw_mib = val()?.parse()?,
                 "--sessions" => o.sessions = val()?.parse()?,
+                "--api-secs" => o.api_secs = val()?.parse()?,
+                "--slow" => o.slow = val()?.parse()?,
                 "--nodes" => {
                     o.nodes = val()?
                         .split(',')
@@ -124,8 +139,9 @@ impl Opts {
                 "--no-out" => o.out = None,
                 _ => bail!(
                     "unknown argument {a}; flags: --quick --bulk-mib N --bulk-rounds N \
-                     --trials N --orders N --pings N --raw-mib N --nodes N,N --sessions N --no-install \
-                     --out FILE --no-out --only SECTION,SECTION --relay-mtu N,N --busy-poll-us N"
+                     --trials N --orders N --pings N --raw-mib N --nodes N,N --sessions N \
+                     --api-secs N --slow N --no-install --out FILE --no-out \
+                     --only SECTION,SECTION --relay-mtu N,N --busy-poll-us N"
                 ),
             }
         }
@@ -192,8 +208,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// On Ctrl-C or SIGTERM: stops every process the bench started (the node
-/// removes its session users itself), removes the bench's login user and
-/// its working directory, and exits. Without it an interrupted run would
+/// removes its session users itself), removes the weighed cgroup and the lab
+/// of the forwarding section, the bench's login user and its working
+/// directory, and exits. Without it an interrupted run would
 /// leave them behind: the run's own clean-up is on the way out of `main`.
 async fn clean_up_when_interrupted(user: jusy_node::sandbox::user::SessionUser, dir: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -226,6 +243,8 @@ async fn clean_up_when_interrupted(user: jusy_node::sandbox::user::SessionUser, 
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    forwarding::remove_weighed().await;
+    jusy_tests::lab::remove_all_of_this_process();
     if let Err(e) = user.remove().await {
         eprintln!("bench: removing user {}: {e}", user.name);
     }
@@ -250,8 +269,20 @@ fn children_of(parent: u32) -> Vec<i32> {
 fn opts_line(o: &Opts) -> String {
     format!(
         "bulk {} MiB × {} rounds; `ssh true` × {}; {} orders; {} echo round trips; \
-         raw stream {} MiB × {} rounds; idle nodes {:?}",
-        o.bulk_mib, o.bulk_rounds, o.trials, o.orders, o.pings, o.raw_mib, o.bulk_rounds, o.nodes
+         raw stream {} MiB × {} rounds; idle nodes {:?}; API {} s per row, slowloris {} \
+         connections; session forwarding bulk {} MiB × {} rounds",
+        o.bulk_mib,
+        o.bulk_rounds,
+        o.trials,
+        o.orders,
+        o.pings,
+        o.raw_mib,
+        o.bulk_rounds,
+        o.nodes,
+        o.api_secs,
+        o.slow,
+        o.bulk_mib,
+        o.bulk_rounds
     )
 }
 
@@ -274,9 +305,53 @@ fn run(
     user: &jusy_node::sandbox::user::SessionUser,
 ) -> anyhow::Result<Table> {
     let keys = Keys::make(scene.dir())?;
-    let field = start_field(scene, rt, &keys, user, opts.busy_poll_us)?;
     let mut table = Table::default();
+    if FIELD_SECTIONS.iter().any(|s| opts.runs(s)) {
+        field_rows(opts, scene, rt, &keys, user, &mut table)?;
+    }
+    if opts.runs("capacity") {
+        eprintln!("bench: relay capacity");
+        for &mtu in &opts.relay_mtus {
+            let measured = capacity::idle_nodes(scene, rt, &opts.nodes, mtu)?;
+            table.capacity.extend(measured);
+        }
+    }
+    if opts.runs("active") {
+        eprintln!("bench: {} active sessions", opts.sessions);
+        table.active = Some(capacity::active_sessions(scene, rt, opts.sessions)?);
+    }
+    if opts.runs("receipts") {
+        eprintln!("bench: receipts");
+        table.receipts_per_sec = Some(capacity::receipts_per_sec()?);
+    }
+    if opts.runs("api") {
+        eprintln!("bench: API orders");
+        table.api = api::orders(scene, rt, opts.api_secs, opts.slow)?;
+    }
+    if opts.runs("forward") {
+        eprintln!("bench: session forwarding");
+        table.forwarding = Some(forwarding::bulk(
+            scene,
+            rt,
+            &keys,
+            &user.name,
+            opts.bulk_mib << 20,
+            opts.bulk_rounds,
+        )?);
+    }
+    Ok(table)
+}
 
+/// The rows of the main table: every contender started side by side.
+fn field_rows(
+    opts: &Opts,
+    scene: &Scene,
+    rt: &tokio::runtime::Runtime,
+    keys: &Keys,
+    user: &jusy_node::sandbox::user::SessionUser,
+    table: &mut Table,
+) -> anyhow::Result<()> {
+    let field = start_field(scene, rt, keys, user, opts.busy_poll_us)?;
     eprintln!("bench: SSH bulk");
     let bytes = opts.bulk_mib << 20;
     let mut mbps: [Vec<f64>; COLUMNS.len()] = Default::default();
@@ -285,7 +360,7 @@ fn run(
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
                 let busy = capacity::machine_busy_secs()?;
-                match bulk(&keys, args, bytes) {
+                match bulk(keys, args, bytes) {
                     Ok(t) => {
                         mbps[i].push(bytes as f64 / 1e6 / t.as_secs_f64());
                         cpu[i].push((capacity::machine_busy_secs()? - busy) / (bytes as f64 / 1e9));
@@ -314,7 +389,7 @@ fn run(
     for _ in 0..opts.bulk_rounds * usize::from(opts.runs("download")) {
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
-                match download(&keys, args, bytes) {
+                match download(keys, args, bytes) {
                     Ok(t) => down[i].push(bytes as f64 / 1e6 / t.as_secs_f64()),
                     Err(e) => table.failed(i, "download", &e),
                 }
@@ -335,7 +410,7 @@ fn run(
     for trial in 0..=opts.trials * usize::from(opts.runs("true")) {
         for (i, args) in field.ssh.iter().enumerate() {
             if let Some(args) = args {
-                match ssh_true(&keys, args) {
+                match ssh_true(keys, args) {
                     // The first round warms caches and is not counted.
                     Ok(t) if trial > 0 => ms[i].push(t.as_secs_f64() * 1e3),
                     Ok(_) => {}
@@ -389,24 +464,7 @@ fn run(
         }
     }
     table.row("one TCP stream through the tunnel, Gbit/s", &gbps, 2);
-    drop(field);
-
-    if opts.runs("capacity") {
-        eprintln!("bench: relay capacity");
-        for &mtu in &opts.relay_mtus {
-            let measured = capacity::idle_nodes(scene, rt, &opts.nodes, mtu)?;
-            table.capacity.extend(measured);
-        }
-    }
-    if opts.runs("active") {
-        eprintln!("bench: {} active sessions", opts.sessions);
-        table.active = Some(capacity::active_sessions(scene, rt, opts.sessions)?);
-    }
-    if opts.runs("receipts") {
-        eprintln!("bench: receipts");
-        table.receipts_per_sec = Some(capacity::receipts_per_sec()?);
-    }
-    Ok(table)
+    Ok(())
 }
 
 fn start_field(
@@ -501,6 +559,7 @@ fn start_field(
             order["username"].as_str().context("username")?
         ),
     ];
+    sandboxed(keys, &jusy)?;
     let mut hold = ssh(keys, &jusy);
     hold.arg("-N");
     procs.push(Proc::start(scene, "jusy-hold", hold)?);
@@ -561,6 +620,43 @@ fn start_field(
         _node: node,
         _raw_broker: raw_broker,
     })
+}
+
+/// Fails unless a command of the session at `args` runs as its own user in
+/// namespaces of its own (network, mount, pid, IPC, UTS): the jusy column
+/// and the order row measure a root node's real sandbox, not a development
+/// node's.
+fn sandboxed(keys: &Keys, args: &[String]) -> anyhow::Result<()> {
+    const NAMESPACES: [&str; 5] = ["net", "mnt", "pid", "ipc", "uts"];
+    let mut cmd = ssh(keys, args);
+    cmd.arg(format!(
+        "id -u; for n in {}; do readlink /proc/self/ns/$n; done",
+        NAMESPACES.join(" ")
+    ))
+    .stdin(Stdio::null());
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let [uid, theirs @ ..] = &lines[..] else {
+        bail!(
+            "{cmd:?}: no output; {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    anyhow::ensure!(
+        theirs.len() == NAMESPACES.len(),
+        "{cmd:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(*uid != "0", "the session runs as root");
+    for (ns, theirs) in NAMESPACES.iter().zip(theirs) {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}"))?;
+        anyhow::ensure!(
+            ours.to_string_lossy() != *theirs,
+            "the session shares the {ns} namespace of the machine ({theirs})"
+        );
+    }
+    Ok(())
 }
 
 fn two_fields(line: &str) -> String {

@@ -4,7 +4,9 @@
 use std::fmt::Write;
 use std::process::Command;
 
+use crate::api::ApiRun;
 use crate::capacity::{Active, Capacity};
+use crate::forwarding::Forwarding;
 
 pub const COLUMNS: [&str; 6] = [
     "jusy",
@@ -32,6 +34,8 @@ pub struct Table {
     pub capacity: Vec<Capacity>,
     pub active: Option<Active>,
     pub receipts_per_sec: Option<f64>,
+    pub api: Vec<ApiRun>,
+    pub forwarding: Option<Forwarding>,
     /// Runs that failed (left out of the medians), shown under the table.
     failures: Vec<String>,
 }
@@ -99,28 +103,17 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
     );
     let _ = writeln!(s, "{}", machine());
     let _ = writeln!(s, "Sizes: {sizes}.\n");
-    let _ = writeln!(s, "| | {} |", COLUMNS.join(" | "));
-    let _ = writeln!(s, "|---|{}", "---:|".repeat(COLUMNS.len()));
-    for (label, values, decimals) in &t.rows {
-        let cells: Vec<String> = values
-            .iter()
-            .map(|v| v.map_or("—".to_owned(), |v| format!("{v:.decimals$}")))
-            .collect();
-        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    // A run of other sections only (`--only`) starts no contenders.
+    if !t.rows.is_empty() {
+        main_table(&mut s, t);
     }
     if !t.failures.is_empty() {
-        let _ = writeln!(s, "\nFailed runs, left out of the medians:\n");
+        let _ = writeln!(s, "Failed runs, left out of the medians:\n");
         for f in &t.failures {
             let _ = writeln!(s, "* {f}");
         }
+        let _ = writeln!(s);
     }
-    let _ = writeln!(
-        s,
-        "\nIn the raw rows (echo, one stream) there is no SSH: \"OpenSSH direct\" is plain \
-         loopback TCP to the echo/sink service (the baseline), jusy is the order port → QUIC \
-         stream path of a relay to a simulated node that serves the workload on its streams, \
-         and the reverse relay is the `ssh -R` forwarded port.\n"
-    );
     if !t.capacity.is_empty() {
         let _ = writeln!(
             s,
@@ -179,6 +172,42 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
             a.cpu_percent,
             a.rss_kb as f64 / 1024.0,
             a.rss_per_session_kb()
+        );
+    }
+    if !t.api.is_empty() {
+        api_section(&mut s, &t.api);
+    }
+    if let Some(f) = &t.forwarding {
+        let _ = writeln!(
+            s,
+            "## Session forwarding (NAT lab: a root node at home behind a NAT router, `sshd` on \
+             the lab's internet)\n"
+        );
+        let _ = writeln!(s, "| | SSH bulk to the lab's `sshd`, MB/s | rounds |");
+        let _ = writeln!(s, "|---|---:|---:|");
+        for (label, v) in [
+            ("bulk from node to lab sshd", &f.from_node),
+            (
+                "bulk from node to lab sshd, weighed as a session",
+                &f.from_node_weighed,
+            ),
+            ("bulk from session to lab sshd", &f.from_session),
+        ] {
+            let _ = writeln!(s, "| {label} | {:.0} | {} |", median(v), v.len());
+        }
+        let _ = writeln!(
+            s,
+            "\nEach runs `head -c … /dev/zero | ssh … 'cat >/dev/null'` (stock OpenSSH both \
+             ends), timed where it runs, the three interleaved round by round. From the node: \
+             as root in the node's own network namespace, through the home router's NAT; \
+             weighed as a session: the same in a cgroup the node's own code makes as it makes \
+             a session's, whose parent has a fifth of the default CPU and disk weight. From the \
+             session: inside a session (its cgroup under that weight), through its own network \
+             namespace and the node's forwarding and masquerading (TCP 22 only; the lab's \
+             198.18.0.0/15 allowed with `--net-allow`), then the same router. On a machine \
+             whose other work wants the CPU, the weight alone slows the session: the target \
+             compares it with the node's own transfer at the same weight, so that what it \
+             measures is the forwarding path.\n"
         );
     }
     if let Some(r) = t.receipts_per_sec {
@@ -247,6 +276,14 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
         " Gbit/s",
         |v| v >= 5.0,
     );
+    target(
+        "session forwarding ≥ 80 % of the node's own (at a session's CPU weight)",
+        t.forwarding
+            .as_ref()
+            .map(|f| median(&f.from_session) / median(&f.from_node_weighed) * 100.0),
+        " %",
+        |v| v >= 80.0,
+    );
     for (mtu, whom) in [
         (INTERNET_MTU, "nodes across the internet"),
         (jusy_node::QUIC_MTU, "nodes on loopback"),
@@ -262,6 +299,81 @@ pub fn markdown(t: &Table, sizes: &str) -> String {
         );
     }
     s
+}
+
+/// The contenders side by side, and what the raw rows compare.
+fn main_table(s: &mut String, t: &Table) {
+    let _ = writeln!(s, "| | {} |", COLUMNS.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(COLUMNS.len()));
+    for (label, values, decimals) in &t.rows {
+        let cells: Vec<String> = values
+            .iter()
+            .map(|v| v.map_or("—".to_owned(), |v| format!("{v:.decimals$}")))
+            .collect();
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    }
+    let _ = writeln!(
+        s,
+        "\nIn the raw rows (echo, one stream) there is no SSH: \"OpenSSH direct\" is plain \
+         loopback TCP to the echo/sink service (the baseline), jusy is the order port → QUIC \
+         stream path of a relay to a simulated node that serves the workload on its streams, \
+         and the reverse relay is the `ssh -R` forwarded port.\n"
+    );
+}
+
+/// The API's order rate, alone and under a slowloris, with the broker's
+/// configuration.
+fn api_section(s: &mut String, runs: &[ApiRun]) {
+    let _ = writeln!(
+        s,
+        "## HTTP API: orders ({} clients, each with its own account and loopback address, \
+         ordering back to back, every order on a new connection)\n",
+        crate::api::CLIENTS
+    );
+    let _ = writeln!(
+        s,
+        "| | orders/s | median latency, ms | p99 latency, ms | not answered 200 | broker CPU, % of a core | slow connections held: mean, least (opened again) |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    for r in runs {
+        let slow = if r.slow > 0 {
+            format!("{}, {} ({})", r.held.mean, r.held.least, r.held.reopened)
+        } else {
+            "—".to_owned()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {slow} |",
+            r.label(),
+            r.orders_per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            r.failed,
+            r.broker_cpu_percent
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe orders go to {} simulated nodes (real QUIC, hello and slots) that accept each \
+         at once and end it as never connected {} s later, offering the slot again: each \
+         order is the broker's whole path (rate limits, account, slot claim, order port, \
+         ed25519 key, flushed sled reservation, `Assign`/`Accepted` to the node) and its \
+         settlement, without waiting for real nodes to prepare slots. Broker configuration: \
+         `{}` (rate limits far above what the clients reach; room for the slowloris under the \
+         connection cap, which the broker holds to half its open-file limit anyway); \
+         everything else default, the 10 s header timeout among it. The slowloris holds \
+         {} connections from {} loopback addresses, each sending one byte of a header every \
+         {} s and opened again when the broker cuts it at its header timeout.\n",
+        crate::api::NODES,
+        crate::api::HOLD.as_secs(),
+        crate::api::CONFIG.trim().replace('\n', "`, `"),
+        runs.iter().map(|r| r.slow).max().unwrap_or(0),
+        runs.iter()
+            .map(|r| r.slow.div_ceil(crate::api::SLOW_PER_ADDRESS))
+            .max()
+            .unwrap_or(0),
+        crate::api::SLOW_BYTE_EVERY.as_secs(),
+    );
 }
 
 fn machine() -> String {
@@ -295,11 +407,16 @@ fn machine() -> String {
         Some(p) => version(&p.to_string_lossy(), &["--version"]),
         None => "not installed".into(),
     };
+    // What else ran: on a machine shared with other work every number moves.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     format!(
-        "Machine: {cores} cores, {cpu}, Linux {}. Date: {}.\n\n\
+        "Machine: {cores} cores, {cpu}, Linux {}. Date: {}. Load average at the end of the \
+         run: {} (1, 5 and 15 min).\n\n\
          Versions: jusy {} ({}), {}, {}, {}, {}.\n",
         kernel.trim(),
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        load.join(", "),
         env!("CARGO_PKG_VERSION"),
         version("git", &["rev-parse", "--short", "HEAD"]),
         version("ssh", &["-V"]),

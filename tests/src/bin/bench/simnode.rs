@@ -1,16 +1,20 @@
 //! Simulated nodes: QUIC clients that do a real node's handshake (pinned relay
 //! key, own ed25519 identity), hello and slots, and then either stay idle (relay
-//! capacity) or accept every order and serve the raw-tunnel workload on its
-//! streams instead of SSH (tunnel latency and throughput without a shell).
+//! capacity), accept every order and serve the raw-tunnel workload on its
+//! streams instead of SSH (tunnel latency and throughput without a shell), or
+//! accept every order and end it soon after, offering its slot again (the API's
+//! order rate, without running out of slots).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use jusy_common::frame::{self, Decoder};
 use jusy_common::identity::PeerId;
 use jusy_common::wire::{
-    ALPN, BrokerMsg, NodeMsg, PROTOCOL_VERSION, STREAM_HEADER_LEN, Slot, StreamHeader,
+    ALPN, BrokerMsg, EndReason, NodeMsg, PROTOCOL_VERSION, STREAM_HEADER_LEN, Slot, StreamHeader,
 };
 use quinn::crypto::rustls::QuicClientConfig;
 
@@ -79,18 +83,27 @@ pub async fn attach(
     }
 }
 
+/// The next message on the control stream. Cancel-safe: bytes read are in
+/// `decoder` before the next await.
+async fn read_msg(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut Decoder,
+) -> anyhow::Result<BrokerMsg> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(m) = decoder.next_msg()? {
+            return Ok(m);
+        }
+        match recv.read(&mut buf).await? {
+            Some(n) => decoder.push(buf.get(..n).unwrap_or_default()),
+            None => bail!("relay closed the control stream"),
+        }
+    }
+}
+
 impl SimNode {
     async fn read_msg(&mut self) -> anyhow::Result<BrokerMsg> {
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(m) = self.decoder.next_msg()? {
-                return Ok(m);
-            }
-            match self.recv.read(&mut buf).await? {
-                Some(n) => self.decoder.push(buf.get(..n).unwrap_or_default()),
-                None => bail!("relay closed the control stream"),
-            }
-        }
+        read_msg(&mut self.recv, &mut self.decoder).await
     }
 
     /// Accepts every order and serves the raw workload on every stream, until
@@ -118,6 +131,43 @@ impl SimNode {
                     acceptance: acceptance.bytes().to_vec(),
                 };
                 self.send.write_all(&frame::encode(&accepted)?).await?;
+            }
+        }
+    }
+
+    /// Accepts every order, and `hold` later ends it as never connected and
+    /// offers its slot again, until the connection ends. (Ending an order in
+    /// the instant it is accepted would race the broker's own bookkeeping of
+    /// it, which a real node's sessions never do.)
+    pub async fn accept_and_end(self, hold: Duration) -> anyhow::Result<()> {
+        let Self {
+            mut send,
+            mut recv,
+            mut decoder,
+            ..
+        } = self;
+        // Every order is held as long, so the earliest to end is the first.
+        let mut held: VecDeque<(tokio::time::Instant, jusy_common::wire::OrderId, u64)> =
+            VecDeque::new();
+        loop {
+            let due = held.front().map(|(at, _, _)| *at);
+            tokio::select! {
+                msg = read_msg(&mut recv, &mut decoder) => {
+                    if let BrokerMsg::Assign(a) = msg? {
+                        let accepted = NodeMsg::Accepted { order_id: a.order_id };
+                        send.write_all(&frame::encode(&accepted)?).await?;
+                        held.push_back((tokio::time::Instant::now() + hold, a.order_id, a.slot_id));
+                    }
+                }
+                () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    let Some((_, order_id, slot_id)) = held.pop_front() else { continue };
+                    let ended = NodeMsg::Ended { order_id, reason: EndReason::NeverConnected };
+                    let again = NodeMsg::SlotsReady {
+                        slots: vec![Slot { slot_id, username: format!("sim{slot_id}") }],
+                    };
+                    send.write_all(&frame::encode(&ended)?).await?;
+                    send.write_all(&frame::encode(&again)?).await?;
+                }
             }
         }
     }

@@ -14,8 +14,9 @@ use jusy_node::sandbox::init::{InitConfig, SessionInit};
 use jusy_node::sandbox::user::SessionUser;
 use jusy_node::ssh::Access;
 use jusy_node::ssh::channel::{ChannelCaps, ChannelCtx};
-use jusy_tests::Scene;
+use jusy_tests::lab::in_netns;
 use jusy_tests::process::Proc;
+use jusy_tests::{Scene, Site};
 
 /// Finds `name` on PATH or in Cargo's bin directory.
 pub fn which(name: &str) -> Option<PathBuf> {
@@ -97,6 +98,7 @@ pub fn wait_banner(addr: SocketAddr) -> anyhow::Result<()> {
 /// Keys and client configuration shared by every OpenSSH client the bench runs.
 #[derive(Debug)]
 pub struct Keys {
+    pub client_key: PathBuf,
     pub client_pub: String,
     pub host_key: PathBuf,
     pub host_pub: String,
@@ -140,6 +142,7 @@ impl Keys {
             ),
         )?;
         Ok(Self {
+            client_key,
             client_pub,
             host_key,
             host_pub,
@@ -167,28 +170,51 @@ impl Keys {
 /// Stock `sshd` on a loopback port with its own config; the bench's client key
 /// may log in as any user.
 pub fn sshd(scene: &Scene, name: &str, keys: &Keys) -> anyhow::Result<(Proc, u16)> {
-    std::fs::create_dir_all("/run/sshd")?;
     let port = free_port()?;
+    Ok((sshd_at(scene, name, keys, &Site::local(), port)?, port))
+}
+
+/// Stock `sshd` at `site` (a lab host, or this machine's loopback) on `port`,
+/// trusted by the bench's clients; the bench's client key may log in as any
+/// user.
+pub fn sshd_at(
+    scene: &Scene,
+    name: &str,
+    keys: &Keys,
+    site: &Site,
+    port: u16,
+) -> anyhow::Result<Proc> {
+    std::fs::create_dir_all("/run/sshd")?;
     let config = scene.dir().join(format!("{name}.conf"));
     std::fs::write(
         &config,
         format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+            "Port {port}\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\n\
              PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
              AllowTcpForwarding yes\nX11Forwarding no\nPrintMotd no\nPrintLastLog no\n\
              Subsystem sftp internal-sftp\nLogLevel ERROR\n",
+            site.ip,
             keys.host_key.display(),
             keys.authorized_keys.display()
         ),
     )?;
     let sshd = which("sshd").context("sshd is not installed")?;
-    let mut cmd = Command::new(sshd);
+    let mut cmd = site.command(sshd);
     cmd.args(["-D", "-e", "-f"]).arg(&config);
     let proc = Proc::start(scene, name, cmd)?;
-    wait_banner(local(port))?;
-    keys.trust(port, &keys.host_pub)?;
-    Ok((proc, port))
+    let addr = SocketAddr::new(site.ip, port);
+    match &site.netns {
+        Some(ns) => in_netns(ns, move || wait_banner(addr))??,
+        None => wait_banner(addr)?,
+    }
+    let host = if port == 22 {
+        site.ip.to_string()
+    } else {
+        format!("[{}]:{port}", site.ip)
+    };
+    keys.trust_line(&format!("{host} {}", keys.host_pub))?;
+    Ok(proc)
 }
 
 /// The classic reverse relay: the "node" holds `ssh -N -R` to a relay sshd,

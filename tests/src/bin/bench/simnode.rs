@@ -144,6 +144,7 @@ impl SimNode {
             mut send,
             mut recv,
             mut decoder,
+            key,
             ..
         } = self;
         // Every order is held as long, so the earliest to end is the first.
@@ -154,7 +155,12 @@ impl SimNode {
             tokio::select! {
                 msg = read_msg(&mut recv, &mut decoder) => {
                     if let BrokerMsg::Assign(a) = msg? {
-                        let accepted = NodeMsg::Accepted { order_id: a.order_id };
+                        let acceptance =
+                            jusy_common::terms::SignedAcceptance::sign(&key, a.order_id, a.terms);
+                        let accepted = NodeMsg::Accepted {
+                            order_id: a.order_id,
+                            acceptance: acceptance.bytes().to_vec(),
+                        };
                         send.write_all(&frame::encode(&accepted)?).await?;
                         held.push_back((tokio::time::Instant::now() + hold, a.order_id, a.slot_id));
                     }

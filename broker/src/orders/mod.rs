@@ -628,6 +628,16 @@ impl Orders {
         }
     }
 
+    /// Whether `node` runs the live order `order_id`: only that node may end
+    /// it or report on it; another's `what` is refused and logged.
+    fn runs(&self, node: PeerId, order_id: OrderId, what: &str) -> bool {
+        let runs = self.live().get(&order_id).is_some_and(|l| l.node == node);
+        if !runs {
+            tracing::warn!(%order_id, node_id = %node.short(), "{what} refused: not an order this node runs");
+        }
+        runs
+    }
+
     fn apply(&self, ev: RelayEvent) {
         let now = now_ms();
         let result = match ev {
@@ -637,14 +647,9 @@ impl Orders {
                 reason,
                 by,
             } => {
-                let runs = self
-                    .live()
-                    .get(&order_id)
-                    .is_some_and(|l| l.node == node_id);
-                if runs {
+                if self.runs(node_id, order_id, "end") {
                     self.end(order_id, reason, by).map(|_| ())
                 } else {
-                    tracing::warn!(%order_id, node_id = %node_id.short(), reason = reason.code(), "end refused: not an order this node runs");
                     Ok(())
                 }
             }
@@ -654,15 +659,10 @@ impl Orders {
                 sent,
                 received,
             } => {
-                let runs = self
-                    .live()
-                    .get(&order_id)
-                    .is_some_and(|l| l.node == node_id);
-                if runs {
+                if self.runs(node_id, order_id, "traffic") {
                     self.ledger
                         .set_traffic(order_id, Traffic { sent, received })
                 } else {
-                    tracing::warn!(%order_id, node_id = %node_id.short(), "traffic refused: not an order this node runs");
                     Ok(())
                 }
             }

@@ -184,6 +184,19 @@ pub fn judge(terms: &OrderTerms, reason: EndReason, by: Party, ev: &Evidence) ->
         return verdict(upheld, fault, Payout::Refund);
     };
     let node_fault = verdict(false, Fault::Node, Payout::Proven);
+    // The client left: a quick close pays the proven CPU, a later one the
+    // price.
+    let closed_by_client = |fault| {
+        let closed = ev.closed_ms.unwrap_or(ev.now_ms);
+        if closed.saturating_sub(first) < CANCEL_WINDOW_MS {
+            Verdict {
+                quick_close: true,
+                ..verdict(true, fault, Payout::Proven)
+            }
+        } else {
+            verdict(true, fault, Payout::Price)
+        }
+    };
     match (by, reason) {
         (Party::Broker, EndReason::WallClock) => {
             // The broker's own wall timer: the client had all its time, the
@@ -197,28 +210,10 @@ pub fn judge(terms: &OrderTerms, reason: EndReason, by: Party, ev: &Evidence) ->
             // The broker's own grace timer: the client left, the node did not
             // end the session. The close rule holds as if the node had said
             // so; the silence is the node's fault.
-            let closed = ev.closed_ms.unwrap_or(ev.now_ms);
-            if closed.saturating_sub(first) < CANCEL_WINDOW_MS {
-                Verdict {
-                    quick_close: true,
-                    ..verdict(true, Fault::Node, Payout::Proven)
-                }
-            } else {
-                verdict(true, Fault::Node, Payout::Price)
-            }
+            closed_by_client(Fault::Node)
         }
         (Party::Broker, _) => verdict(true, Fault::Broker, Payout::Proven),
-        (Party::Node, EndReason::ClientClosed) if ev.open == 0 => {
-            let closed = ev.closed_ms.unwrap_or(ev.now_ms);
-            if closed.saturating_sub(first) < CANCEL_WINDOW_MS {
-                Verdict {
-                    quick_close: true,
-                    ..verdict(true, Fault::Nobody, Payout::Proven)
-                }
-            } else {
-                verdict(true, Fault::Nobody, Payout::Price)
-            }
-        }
+        (Party::Node, EndReason::ClientClosed) if ev.open == 0 => closed_by_client(Fault::Nobody),
         (Party::Node, EndReason::CpuDone) => {
             let budget = terms.cpu_budget_us();
             if ev.proven_cpu_us.saturating_add(done_tolerance_us(budget)) >= budget {

@@ -49,37 +49,33 @@ fn expect_echo(out: &Output, word: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether a tool is installed; a missing one fails the test in CI, where
-/// `.ci/run` installs it, and skips it elsewhere with a message.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
+/// Whether a check for something the tests need passes; a missing one fails
+/// the test in CI, where `.ci/run` installs it (`package`), and skips it
+/// elsewhere with a message.
+fn present(mut check: Command, package: &str) -> bool {
+    let found = check.output().is_ok_and(|o| o.status.success());
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "{tool} is missing; .ci/run installs it"
+            "{package} is missing; .ci/run installs it"
         );
-        eprintln!("skipped: {tool} is not installed (apt-get install it to run this test)");
+        eprintln!("skipped: {package} is not installed (apt-get install it to run this test)");
     }
     found
 }
 
+/// Whether a tool is installed.
+fn have(tool: &str) -> bool {
+    let mut check = Command::new("sh");
+    check.args(["-c", &format!("command -v {tool}")]);
+    present(check, tool)
+}
+
 /// Whether Debian's python has a module.
 fn have_module(module: &str) -> bool {
-    let found = Command::new(PYTHON)
-        .args(["-c", &format!("import {module}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3-{module} is missing; .ci/run installs it"
-        );
-        eprintln!("skipped: python3-{module} is not installed");
-    }
-    found
+    let mut check = Command::new(PYTHON);
+    check.args(["-c", &format!("import {module}")]);
+    present(check, &format!("python3-{module}"))
 }
 
 #[test]

@@ -410,13 +410,23 @@ fn machine() -> String {
     // What else ran: on a machine shared with other work every number moves.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let busy = load
+        .iter()
+        .filter_map(|l| l.parse::<f64>().ok())
+        .any(|l| l > cores as f64);
     format!(
         "Machine: {cores} cores, {cpu}, Linux {}. Date: {}. Load average at the end of the \
-         run: {} (1, 5 and 15 min).\n\n\
+         run: {} (1, 5 and 15 min){}.\n\n\
          Versions: jusy {} ({}), {}, {}, {}, {}.\n",
         kernel.trim(),
         version("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         load.join(", "),
+        if busy {
+            ": more than the cores, so other work shared the machine and every number is \
+             noisier, and most are lower, than on a quiet one"
+        } else {
+            ""
+        },
         env!("CARGO_PKG_VERSION"),
         version("git", &["rev-parse", "--short", "HEAD"]),
         version("ssh", &["-V"]),

@@ -231,17 +231,22 @@ impl Host {
                 "removed sessions left by an earlier run"
             );
         }
-        // Images hold the sessions' files: only the node may list or read them.
-        tokio::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(crate::state::DIR)
-            .create(&images)
-            .await
-            .map_err(|source| disk::DiskError::Io {
-                path: images.clone(),
-                source,
-            })?;
-        let net = HostNet::start(tag, net).await?;
+        let net = async {
+            // Images hold the sessions' files: only the node may list or read them.
+            tokio::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(crate::state::DIR)
+                .create(&images)
+                .await
+                .map_err(|source| disk::DiskError::Io {
+                    path: images.clone(),
+                    source,
+                })?;
+            Ok::<_, SandboxError>(HostNet::start(tag, net).await?)
+        }
+        .await;
+        // A node that cannot start leaves no cgroup of its own behind.
+        let net = net.inspect_err(|_| cgroups.remove())?;
         let data_dir = homes.parent().unwrap_or(&homes).to_owned();
         let covered = tokio::task::spawn_blocking(move || shared_dirs::find(&data_dir))
             .await

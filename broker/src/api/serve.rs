@@ -37,9 +37,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// File descriptors kept for everything but API connections (order ports,
-/// their node streams, the database, QUIC): the API takes at most half.
-const FD_SHARE: u64 = 2;
+/// File descriptors kept for everything but API connections (order ports
+/// and their clients' connections, the database, QUIC): a quarter of the
+/// process's, at least this many, and never less than half.
+const FD_RESERVE: u64 = 4096;
 
 /// The listener's limits (see the `http_*` fields of
 /// [`crate::config::Config`]).
@@ -52,11 +53,13 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// These limits with `max_connections` lowered to half the file
-    /// descriptors the process may open, so that a flood of connections to
-    /// the API never leaves order ports without any.
+    /// These limits with `max_connections` lowered to what the file
+    /// descriptors the process may open leave after the reserve for
+    /// everything else (see [`FD_RESERVE`]), so that a flood of connections
+    /// to the API never leaves order ports without any.
     pub fn within_fd_limit(self, open_files: u64) -> Self {
-        let share = usize::try_from(open_files / FD_SHARE).unwrap_or(usize::MAX);
+        let reserve = (open_files / 4).max(FD_RESERVE).min(open_files / 2);
+        let share = usize::try_from(open_files - reserve).unwrap_or(usize::MAX);
         Self {
             max_connections: self.max_connections.min(share),
             ..self
@@ -391,6 +394,11 @@ mod tests {
             512
         );
         assert_eq!(limits(100, 64).within_fd_limit(1024).max_connections, 100);
+        // At least 4096 are kept for the rest, then a quarter.
+        let api = |open| limits(1 << 30, 64).within_fd_limit(open).max_connections;
+        assert_eq!(api(8192), 4096);
+        assert_eq!(api(20_000), 15_904);
+        assert_eq!(api(1 << 20), 3 << 18);
     }
 
     #[test]

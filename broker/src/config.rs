@@ -170,6 +170,12 @@ pub struct Config {
     /// cancelled and refunded after `connect_window_secs`). Orders that were
     /// logged in to, or have ended, do not count. At least 1. Default 3.
     pub max_unconnected_orders: u32,
+    /// Seconds an owner's earnings from an order are held before they are
+    /// released to the owner's account (and can be withdrawn). Within it
+    /// the order's client may dispute them; disputed earnings stay held
+    /// until the operator decides. 0 releases them at once, with no
+    /// disputes. Default 86400 (a day).
+    pub hold_secs: u64,
 }
 
 impl Default for Config {
@@ -216,6 +222,7 @@ impl Default for Config {
             quic_max_mtu: jusy_node::QUIC_MTU,
             min_client_rating: 50,
             max_unconnected_orders: 3,
+            hold_secs: jusy_common::hold::DEFAULT_HOLD_MS / 1000,
             busy_poll_us: 200,
         }
     }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use jusy_common::hold::{Hold, HoldError, HoldState, Resolution};
 use jusy_common::ledger::{self as books, Account, AccountId, Books, Entry, Movement};
 use jusy_common::order::{Order, Plausibility, Pricing, Settlement};
 use jusy_common::receipt::Receipt;
@@ -29,6 +30,10 @@ pub enum LedgerError {
     Exists(OrderId),
     #[error("no order {0}")]
     UnknownOrder(OrderId),
+    #[error("nothing of order {0} is held: its owner earned nothing from it")]
+    NothingHeld(OrderId),
+    #[error(transparent)]
+    Hold(#[from] HoldError),
 }
 
 /// What the broker keeps of an order.
@@ -49,6 +54,11 @@ pub struct OrderRecord {
     /// ([`jusy_common::terms::SignedAcceptance`]), once checked.
     #[serde(default, with = "hex_bytes")]
     pub acceptance: Option<Vec<u8>>,
+    /// The owner's earnings from the order while they are held, and any
+    /// dispute of them; `None` until it settles, and for an order that
+    /// earned its owner nothing.
+    #[serde(default)]
+    pub hold: Option<Hold>,
 }
 
 /// Bytes through a session's network link.
@@ -85,6 +95,8 @@ struct Tx<'a> {
     orders: &'a TransactionalTree,
     totals: &'a TransactionalTree,
     receipts: &'a TransactionalTree,
+    /// Holds by when they end: the end (ms, big-endian) and the order id.
+    holds: &'a TransactionalTree,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<LedgerError>>;
@@ -159,7 +171,17 @@ pub struct Ledger {
     orders: sled::Tree,
     totals: sled::Tree,
     receipts: sled::Tree,
+    holds: sled::Tree,
     pub pricing: Pricing,
+    /// How long an owner's earnings are held before they can be withdrawn.
+    pub hold_ms: u64,
+}
+
+/// The key of a hold in the index of holds by their end.
+fn hold_key(until_ms: u64, id: OrderId) -> Vec<u8> {
+    let mut key = until_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(&id.0);
+    key
 }
 
 /// The result of [`Ledger::audit`].
@@ -170,6 +192,10 @@ pub struct Audit {
     pub deposits: u64,
     pub withdrawals: u64,
     pub held: u128,
+    /// Owners' earnings in their hold, and under dispute.
+    pub held_earnings: u64,
+    pub disputed: u64,
+    pub open_disputes: usize,
     pub orders: Vec<OrderAudit>,
 }
 
@@ -182,6 +208,10 @@ pub struct OrderAudit {
     pub charged: u64,
     pub refunded: u64,
     pub paid_out: u64,
+    /// Of the owner's earnings: released to the owner, and refunded to the
+    /// client after a dispute.
+    pub released: u64,
+    pub dispute_refunded: u64,
 }
 
 impl Ledger {
@@ -193,8 +223,10 @@ impl Ledger {
             orders: db.open_tree("orders")?,
             totals: db.open_tree("totals")?,
             receipts: db.open_tree("receipts")?,
+            holds: db.open_tree("holds")?,
             db,
             pricing,
+            hold_ms: jusy_common::hold::DEFAULT_HOLD_MS,
         })
     }
 
@@ -207,16 +239,18 @@ impl Ledger {
             &self.orders,
             &self.totals,
             &self.receipts,
+            &self.holds,
         );
         let out = sled::Transactional::transaction(
             &trees,
-            |(balances, journal, orders, totals, receipts)| {
+            |(balances, journal, orders, totals, receipts, holds)| {
                 f(&Tx {
                     balances,
                     journal,
                     orders,
                     totals,
                     receipts,
+                    holds,
                 })
             },
         )
@@ -272,17 +306,25 @@ impl Ledger {
     }
 
     /// Changes an order's state with `f` as [`Ledger::update`] does; returns
-    /// the settlement and its verdict when `f` settled the order.
+    /// the settlement and its verdict when `f` settled the order. The
+    /// owner's earnings go into the order's hold, which ends
+    /// [`Ledger::hold_ms`] from now.
     pub fn settle(
         &self,
         id: OrderId,
         f: impl Fn(&mut Order) -> Option<Settlement>,
     ) -> Result<Option<(Settlement, Verdict)>, LedgerError> {
+        let now = crate::store::now_ms();
         let settled = self.transact(|tx| {
             let mut rec = tx.order(id)?;
             let settlement = f(&mut rec.order);
             if let Some(s) = settlement {
                 tx.post(&books::settle(id, rec.client, rec.owner, s))?;
+                if let Some(owner) = rec.owner.filter(|_| s.owner > 0) {
+                    let hold = Hold::new(owner, s.owner, now, self.hold_ms);
+                    tx.holds.insert(hold_key(hold.until_ms, id), &[])?;
+                    rec.hold = Some(hold);
+                }
             }
             tx.put_order(id, &rec)?;
             Ok(settlement
@@ -374,6 +416,142 @@ impl Ledger {
             .collect()
     }
 
+    /// The client disputes the earnings its order `id` paid, at `now_ms`:
+    /// they stay held until the operator decides. Another client's order
+    /// is [`LedgerError::UnknownOrder`], as a missing one is.
+    pub fn dispute(
+        &self,
+        id: OrderId,
+        client: AccountId,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Hold, LedgerError> {
+        let hold = self.transact(|tx| {
+            let mut rec = tx.order(id)?;
+            if rec.client != client {
+                return fail(LedgerError::UnknownOrder(id));
+            }
+            let Some(mut hold) = rec.hold.clone() else {
+                return fail(LedgerError::NothingHeld(id));
+            };
+            let entries = hold.dispute(id, now_ms, reason).or_else(fail)?;
+            tx.post(&entries)?;
+            tx.holds.remove(hold_key(hold.until_ms, id))?;
+            rec.hold = Some(hold.clone());
+            tx.put_order(id, &rec)?;
+            Ok(hold)
+        })?;
+        tracing::info!(order_id = %id, amount = hold.amount_sat, "earnings disputed by the client");
+        Ok(hold)
+    }
+
+    /// The operator decides the dispute of order `id` at `now_ms`.
+    pub fn resolve(
+        &self,
+        id: OrderId,
+        resolution: Resolution,
+        now_ms: u64,
+    ) -> Result<Hold, LedgerError> {
+        let hold = self.transact(|tx| {
+            let mut rec = tx.order(id)?;
+            let Some(mut hold) = rec.hold.clone() else {
+                return fail(LedgerError::Hold(HoldError::NotDisputed));
+            };
+            let entries = hold
+                .resolve(id, rec.client, now_ms, resolution)
+                .or_else(fail)?;
+            tx.post(&entries)?;
+            rec.hold = Some(hold.clone());
+            tx.put_order(id, &rec)?;
+            Ok(hold)
+        })?;
+        tracing::info!(
+            order_id = %id, ?resolution, refunded = hold.dispute.as_ref().map_or(0, |d| d.refunded_sat),
+            "dispute decided by the operator"
+        );
+        Ok(hold)
+    }
+
+    /// Releases to their owners the earnings whose hold ended by `now_ms`;
+    /// returns how many.
+    pub fn release_due(&self, now_ms: u64) -> Result<usize, LedgerError> {
+        let mut released = 0;
+        let end = (now_ms.saturating_add(1)).to_be_bytes();
+        for key in self.holds.range(..end.as_slice()).keys() {
+            let key = key?;
+            let Some(id) = key
+                .get(8..)
+                .and_then(|b| <[u8; 12]>::try_from(b).ok())
+                .map(OrderId)
+            else {
+                self.holds.remove(&key)?;
+                continue;
+            };
+            let done = self.transact(|tx| {
+                tx.holds.remove(key.as_ref())?;
+                let mut rec = tx.order(id)?;
+                let Some(mut hold) = rec.hold.clone() else {
+                    return Ok(None);
+                };
+                let Some(entries) = hold.release(id, now_ms) else {
+                    return Ok(None);
+                };
+                tx.post(&entries)?;
+                rec.hold = Some(hold.clone());
+                tx.put_order(id, &rec)?;
+                Ok(Some(hold))
+            })?;
+            if let Some(hold) = done {
+                released += 1;
+                tracing::info!(order_id = %id, owner = %hold.owner, amount = hold.amount_sat, "held earnings released");
+            }
+        }
+        Ok(released)
+    }
+
+    /// When the next hold ends, if any is waiting.
+    pub fn next_release_ms(&self) -> Result<Option<u64>, LedgerError> {
+        Ok(self.holds.first()?.and_then(|(k, _)| {
+            <[u8; 8]>::try_from(k.get(..8)?)
+                .ok()
+                .map(u64::from_be_bytes)
+        }))
+    }
+
+    /// Orders whose earnings are disputed and wait for the operator, oldest
+    /// dispute first.
+    pub fn open_disputes(&self) -> Result<Vec<(OrderId, OrderRecord)>, LedgerError> {
+        let mut out: Vec<_> = self
+            .orders()?
+            .into_iter()
+            .filter(|(_, r)| {
+                r.hold
+                    .as_ref()
+                    .is_some_and(|h| h.state == HoldState::Disputed)
+            })
+            .collect();
+        out.sort_by_key(|(_, r)| {
+            r.hold
+                .as_ref()
+                .and_then(|h| h.dispute.as_ref())
+                .map(|d| d.opened_ms)
+        });
+        Ok(out)
+    }
+
+    /// An owner's earnings still held and under dispute.
+    pub fn owner_held(&self, owner: AccountId) -> Result<(u64, u64), LedgerError> {
+        let mut sums = (0u64, 0u64);
+        for (_, rec) in self.orders()? {
+            if let Some(h) = rec.hold.filter(|h| h.owner == owner) {
+                let (held, disputed) = h.held();
+                sums.0 = sums.0.saturating_add(held);
+                sums.1 = sums.1.saturating_add(disputed);
+            }
+        }
+        Ok(sums)
+    }
+
     /// Settles every order a crash left unfinished: never-connected ones are
     /// refunded in full, connected ones as cancelled by the broker (the client
     /// gets back what receipts do not prove). Their order ports are gone.
@@ -408,8 +586,11 @@ impl Ledger {
                 .map_or(0, u64::from_be_bytes))
         };
         let (deposits, withdrawals) = (total("deposits")?, total("withdrawals")?);
+        let (mut held_earnings, mut disputed_sum, mut open_disputes) = (0u64, 0u64, 0usize);
         let mut replayed = Books::default();
         let mut per_order: BTreeMap<OrderId, (u32, u64, u64, u64)> = BTreeMap::new();
+        // Per order: released to the owner, refunded after a dispute.
+        let mut after_hold: BTreeMap<OrderId, (u64, u64)> = BTreeMap::new();
         for item in self.journal.iter() {
             let (_, v) = item?;
             let e: Entry = serde_json::from_slice(&v)?;
@@ -424,7 +605,12 @@ impl Ledger {
                         t.1 += e.amount;
                     }
                     Movement::Refund => t.2 += e.amount,
-                    _ => t.3 += e.amount,
+                    Movement::Earning | Movement::Fee => t.3 += e.amount,
+                    Movement::Release => after_hold.entry(order).or_default().0 += e.amount,
+                    Movement::DisputeRefund => {
+                        after_hold.entry(order).or_default().1 += e.amount;
+                    }
+                    Movement::Dispute | Movement::Deposit | Movement::Withdrawal => {}
                 }
             }
         }
@@ -448,6 +634,33 @@ impl Ledger {
                 problems.push(format!(
                     "order {id} paid out {} of {price}",
                     refunded + paid
+                ));
+            }
+            let (released, dispute_refunded) = after_hold.get(&id).copied().unwrap_or_default();
+            let balances = (
+                self.balance(&Account::Held(id))?,
+                self.balance(&Account::Disputed(id))?,
+            );
+            let expected = match &rec.hold {
+                Some(h) => {
+                    let (held, disputed) = h.held();
+                    held_earnings += held;
+                    disputed_sum += disputed;
+                    open_disputes += usize::from(h.state == HoldState::Disputed);
+                    let paid_on = released + dispute_refunded + held + disputed;
+                    if paid_on != h.amount_sat {
+                        problems.push(format!(
+                            "order {id} held {} sat for its owner, and accounts for {paid_on}",
+                            h.amount_sat
+                        ));
+                    }
+                    (held, disputed)
+                }
+                None => (0, 0),
+            };
+            if balances != expected {
+                problems.push(format!(
+                    "order {id} holds {balances:?} (held, disputed), expected {expected:?}"
                 ));
             }
         }
@@ -487,6 +700,7 @@ impl Ledger {
             .map(|(id, rec)| {
                 let (charges, charged, refunded, paid_out) =
                     per_order.get(&id).copied().unwrap_or_default();
+                let (released, dispute_refunded) = after_hold.get(&id).copied().unwrap_or_default();
                 OrderAudit {
                     order_id: id.to_string(),
                     state: rec.order.state.code(),
@@ -494,6 +708,8 @@ impl Ledger {
                     charged,
                     refunded,
                     paid_out,
+                    released,
+                    dispute_refunded,
                 }
             })
             .collect();
@@ -503,6 +719,9 @@ impl Ledger {
             deposits,
             withdrawals,
             held,
+            held_earnings,
+            disputed: disputed_sum,
+            open_disputes,
             orders,
         })
     }
@@ -539,6 +758,7 @@ mod tests {
             order: Order::new(0, PRICING, jusy_common::terms::OrderTerms::default(), 2),
             acceptance: None,
             traffic: Default::default(),
+            hold: None,
         }
     }
 
@@ -600,10 +820,114 @@ mod tests {
             })
         );
         assert_eq!(ledger.balance(&Account::Client(client)).expect("b"), 1_000);
-        assert_eq!(ledger.balance(&Account::Owner(owner)).expect("b"), 400);
+        assert_eq!(ledger.balance(&Account::Held(id)).expect("b"), 400);
         assert_eq!(ledger.receipts(id).expect("receipts"), vec![b"r".to_vec()]);
         let audit = ledger.audit().expect("audit");
         assert!(audit.ok, "{:?}", audit.problems);
+        drop((store, ledger));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Settles order `id` of `client` on a node of `owner` with half the CPU
+    /// hour proven: the owner earns 400 of the 1000.
+    fn run_half_an_hour(ledger: &Ledger, id: OrderId, client: AccountId, owner: AccountId) {
+        ledger
+            .reserve(id, &record(client, Some(owner)))
+            .expect("reserve");
+        ledger
+            .update(id, |o| {
+                o.handle_connect(1_000);
+                None
+            })
+            .expect("connect");
+        let receipt = Receipt {
+            order_id: id,
+            node_id: jusy_common::identity::PeerId([0; 32]),
+            seq: 0,
+            prev: [0; 32],
+            cpu_us: jusy_common::order::CPU_HOUR_US / 2,
+            peak_mem: 0,
+            peak_procs: 0,
+            peak_disk: 0,
+            wall_ms: 0,
+            finish: None,
+        };
+        ledger
+            .add_receipt(&receipt, b"r", 3_600_000)
+            .expect("receipt");
+        ledger
+            .update(id, |o| {
+                o.handle_end(3_600_000, EndReason::NodeLost, Party::Broker)
+            })
+            .expect("end");
+    }
+
+    #[test]
+    fn earnings_are_held_disputed_refunded_and_released() {
+        let (dir, store, mut ledger) = open("hold");
+        ledger.hold_ms = 60_000;
+        let (_, client) = store.add_account(Role::Client).expect("client");
+        let (_, other) = store.add_account(Role::Client).expect("client");
+        let (_, owner) = store.add_account(Role::Owner).expect("owner");
+        ledger
+            .deposit(Account::Client(client), 2_000)
+            .expect("deposit");
+        let (disputed, kept) = (OrderId([1; 12]), OrderId([2; 12]));
+        run_half_an_hour(&ledger, disputed, client, owner);
+        run_half_an_hour(&ledger, kept, client, owner);
+        assert_eq!(ledger.owner_held(owner).expect("held"), (800, 0));
+        assert_eq!(ledger.balance(&Account::Owner(owner)).expect("b"), 0);
+        let now = crate::store::now_ms();
+
+        // Another client's order is no one's to dispute but its client's.
+        assert!(matches!(
+            ledger.dispute(disputed, other, "mine", now),
+            Err(LedgerError::UnknownOrder(_))
+        ));
+        ledger
+            .dispute(disputed, client, "no shell", now)
+            .expect("dispute");
+        assert_eq!(ledger.owner_held(owner).expect("held"), (400, 400));
+        assert_eq!(ledger.open_disputes().expect("open").len(), 1);
+
+        // The hold ends: the undisputed earnings reach the owner, the
+        // disputed ones stay.
+        assert_eq!(ledger.release_due(now + 1_000).expect("early"), 0);
+        assert_eq!(ledger.release_due(now + 61_000).expect("release"), 1);
+        assert_eq!(ledger.balance(&Account::Owner(owner)).expect("b"), 400);
+        assert!(matches!(
+            ledger.dispute(kept, client, "late", now + 61_000),
+            Err(LedgerError::Hold(HoldError::HoldOver))
+        ));
+        let audit = ledger.audit().expect("audit");
+        assert!(audit.ok, "{:?}", audit.problems);
+        assert_eq!(
+            (audit.held_earnings, audit.disputed, audit.open_disputes),
+            (0, 400, 1)
+        );
+
+        // The operator refunds part.
+        let before = ledger.balance(&Account::Client(client)).expect("b");
+        ledger
+            .resolve(disputed, Resolution::Refund(150), now + 62_000)
+            .expect("resolve");
+        assert_eq!(
+            ledger.balance(&Account::Client(client)).expect("b"),
+            before + 150
+        );
+        assert_eq!(ledger.balance(&Account::Owner(owner)).expect("b"), 650);
+        assert!(matches!(
+            ledger.resolve(disputed, Resolution::Reject, now + 63_000),
+            Err(LedgerError::Hold(HoldError::NotDisputed))
+        ));
+        let audit = ledger.audit().expect("audit");
+        assert!(audit.ok, "{:?}", audit.problems);
+        let row = audit
+            .orders
+            .iter()
+            .find(|o| o.order_id == disputed.to_string())
+            .expect("row");
+        assert_eq!((row.released, row.dispute_refunded), (250, 150));
         drop((store, ledger));
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -123,7 +123,8 @@ impl Broker {
                 addr: cfg.api_listen,
                 source,
             })?;
-        let ledger = Ledger::open(&store, cfg.pricing())?;
+        let mut ledger = Ledger::open(&store, cfg.pricing())?;
+        ledger.hold_ms = cfg.hold_secs.saturating_mul(1000);
         let recovered = ledger.recover(store::now_ms())?;
         if recovered > 0 {
             tracing::warn!(recovered, "settled orders left unfinished by the last run");

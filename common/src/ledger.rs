@@ -48,6 +48,12 @@ pub enum Account {
     Operator,
     /// An order's price between charge and settlement.
     Escrow(OrderId),
+    /// An owner's earnings from an order during its hold period
+    /// ([`crate::hold`]).
+    Held(OrderId),
+    /// An owner's earnings from an order its client disputes, until the
+    /// operator decides.
+    Disputed(OrderId),
     /// Outside the system: deposits come from it, withdrawals go to it. It has
     /// no balance; the totals moved are counted instead.
     World,
@@ -61,6 +67,8 @@ impl Account {
             Account::Owner(id) => (b'o', &id.0),
             Account::Operator => (b'p', &[]),
             Account::Escrow(order) => (b'e', &order.0),
+            Account::Held(order) => (b'h', &order.0),
+            Account::Disputed(order) => (b'd', &order.0),
             Account::World => return None,
         };
         let mut key = vec![tag];
@@ -78,10 +86,18 @@ pub enum Movement {
     Charge,
     /// Escrow goes back to the client.
     Refund,
-    /// Escrow goes to the node's owner for proven CPU time.
+    /// Escrow goes to the node's owner for proven CPU time: into the
+    /// order's hold.
     Earning,
     /// Escrow goes to the operator.
     Fee,
+    /// Held earnings go to the owner's account: the hold ended, or the
+    /// operator decided a dispute.
+    Release,
+    /// The client disputes held earnings.
+    Dispute,
+    /// The operator refunds disputed earnings to the client.
+    DisputeRefund,
 }
 
 /// One movement of money.
@@ -120,8 +136,9 @@ pub fn charge(client: AccountId, order: OrderId, price: u64) -> Vec<Entry> {
     }]
 }
 
-/// The entries that pay out an order's escrow; an order without an owner's
-/// account pays the owner's part to the operator.
+/// The entries that pay out an order's escrow: the owner's part into the
+/// order's hold ([`crate::hold`]); an order without an owner's account pays
+/// the owner's part to the operator.
 pub fn settle(
     order: OrderId,
     client: AccountId,
@@ -130,7 +147,7 @@ pub fn settle(
 ) -> Vec<Entry> {
     let escrow = Account::Escrow(order);
     let (owner_account, owner_movement) = match owner {
-        Some(id) => (Account::Owner(id), Movement::Earning),
+        Some(_) => (Account::Held(order), Movement::Earning),
         None => (Account::Operator, Movement::Fee),
     };
     [
@@ -245,10 +262,13 @@ impl Books {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hold::{Hold, HoldState, Resolution};
     use crate::order::{Order, OrderState, Pricing};
     use crate::verdict::{Party, Payout};
     use crate::wire::EndReason;
     use proptest::prelude::*;
+
+    const HOLD_MS: u64 = 100_000;
 
     const P: Pricing = Pricing {
         price_sat: 10_000,
@@ -272,7 +292,7 @@ mod tests {
         };
         b.apply(&settle(order, client, Some(owner), s)).unwrap();
         assert_eq!(b.balance(&Account::Client(client)), 7_000);
-        assert_eq!(b.balance(&Account::Owner(owner)), 5_000);
+        assert_eq!(b.balance(&Account::Held(order)), 5_000);
         assert_eq!(b.balance(&Account::Operator), 3_000);
         assert_eq!(b.balance(&Account::Escrow(order)), 0);
         b.check().unwrap();
@@ -326,6 +346,22 @@ mod tests {
         Crash {
             at: u64,
         },
+        /// The order's client disputes its held earnings.
+        Dispute {
+            order: usize,
+            at: u64,
+            reasoned: bool,
+        },
+        /// The operator refunds part of a dispute, or rejects it.
+        Resolve {
+            order: usize,
+            at: u64,
+            refund: Option<u64>,
+        },
+        /// The broker releases every hold that has ended.
+        Release {
+            at: u64,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -340,6 +376,16 @@ mod tests {
                 .prop_map(|(order, at, reason)| Step::End { order, at, reason }),
             (0..8usize, 0..400_000u64).prop_map(|(order, at)| Step::Tick { order, at }),
             (0..400_000u64).prop_map(|at| Step::Crash { at }),
+            (0..8usize, 0..600_000u64, any::<bool>()).prop_map(|(order, at, reasoned)| {
+                Step::Dispute {
+                    order,
+                    at,
+                    reasoned,
+                }
+            }),
+            (0..8usize, 0..600_000u64, proptest::option::of(0..10_000u64))
+                .prop_map(|(order, at, refund)| Step::Resolve { order, at, refund }),
+            (0..600_000u64).prop_map(|at| Step::Release { at }),
         ]
     }
 
@@ -352,8 +398,11 @@ mod tests {
             let owner = AccountId([9; 32]);
             let mut books = Books::default();
             let mut orders: Vec<(OrderId, usize, Order)> = Vec::new();
+            // Each settled order's hold, by its index.
+            let mut holds: BTreeMap<usize, Hold> = BTreeMap::new();
             let mut charged = 0u64;
             for s in steps {
+                let mut clock = 0;
                 match s {
                     Step::Deposit { client, amount } => {
                         books.apply(&[deposit(Account::Client(clients[client]), amount)]).unwrap();
@@ -388,6 +437,7 @@ mod tests {
                         if let Some((_, _, o)) = orders.get_mut(order) { o.handle_receipt(at, &r); }
                     }
                     Step::End { order, at, reason } => {
+                        clock = at;
                         if let Some((id, c, o)) = orders.get_mut(order)
                             && let Some(s) = o.handle_end(at, EndReason::ALL[reason], Party::Node)
                         {
@@ -395,6 +445,7 @@ mod tests {
                         }
                     }
                     Step::Tick { order, at } => {
+                        clock = at;
                         if let Some((id, c, o)) = orders.get_mut(order)
                             && let Some(s) = o.handle_tick(at)
                         {
@@ -402,6 +453,7 @@ mod tests {
                         }
                     }
                     Step::Crash { at } => {
+                        clock = at;
                         for (id, c, o) in orders.iter_mut() {
                             o.open = 0;
                             if let Some(s) = o.handle_end(at, EndReason::Cancelled, Party::Broker) {
@@ -409,8 +461,54 @@ mod tests {
                             }
                         }
                     }
+                    Step::Dispute { order, at, reasoned } => {
+                        let reason = if reasoned { "no shell" } else { "" };
+                        if let (Some((id, _, _)), Some(h)) = (orders.get(order), holds.get_mut(&order))
+                            && let Ok(entries) = h.dispute(*id, at, reason)
+                        {
+                            prop_assert!(reasoned && at < h.until_ms);
+                            books.apply(&entries).unwrap();
+                        }
+                    }
+                    Step::Resolve { order, at, refund } => {
+                        let decision = refund.map_or(Resolution::Reject, Resolution::Refund);
+                        if let (Some((id, c, _)), Some(h)) = (orders.get(order), holds.get_mut(&order))
+                            && let Ok(entries) = h.resolve(*id, clients[*c], at, decision)
+                        {
+                            books.apply(&entries).unwrap();
+                        }
+                    }
+                    Step::Release { at } => {
+                        for (i, h) in &mut holds {
+                            if let Some(entries) = h.release(orders[*i].0, at) {
+                                books.apply(&entries).unwrap();
+                            }
+                        }
+                    }
+                }
+                // What the owner earned is held from the moment of settlement.
+                for (i, (_, _, o)) in orders.iter().enumerate() {
+                    if let Some(s) = o.settlement.filter(|s| s.owner > 0) {
+                        holds.entry(i).or_insert_with(|| Hold::new(owner, s.owner, clock, HOLD_MS));
+                    }
                 }
                 books.check().unwrap();
+                // Held and disputed earnings sit in their accounts; the owner
+                // has exactly what was released, never what is disputed.
+                let mut released = 0;
+                for (i, h) in &holds {
+                    let id = orders[*i].0;
+                    prop_assert_eq!(
+                        (books.balance(&Account::Held(id)), books.balance(&Account::Disputed(id))),
+                        h.held()
+                    );
+                    let refunded = h.dispute.as_ref().map_or(0, |d| d.refunded_sat);
+                    prop_assert!(refunded <= h.amount_sat);
+                    if h.state == HoldState::Released {
+                        released += h.amount_sat - refunded;
+                    }
+                }
+                prop_assert_eq!(books.balance(&Account::Owner(owner)), released);
                 for (id, _, o) in &orders {
                     // Escrow holds the price exactly until the order is final.
                     let escrow = books.balance(&Account::Escrow(*id));

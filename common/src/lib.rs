@@ -12,6 +12,8 @@
 //!   or cancelled) and how its price is paid out.
 //! * [`ledger`] — double-entry bookkeeping: accounts, entries, balances and the
 //!   invariant that money is neither made nor lost.
+//! * [`hold`] — an owner's earnings held after settlement, the client's
+//!   dispute of them and the operator's decision.
 //! * [`terms`] — an order's terms (CPU budget, wall limit, memory,
 //!   processes, disk, connect window, grace) and the node's signed
 //!   acceptance of them.
@@ -34,6 +36,7 @@
 
 pub mod capacity;
 pub mod frame;
+pub mod hold;
 pub mod identity;
 pub mod ledger;
 pub mod order;

@@ -412,8 +412,10 @@ fn a_quick_close_pays_the_proven_cpu_and_refunds_the_rest() {
         assert_eq!(settled["settlement"]["owner"], owner_share, "{settled}");
         let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
         assert_eq!(account["balance_sat"], HOUR_PRICE - used, "{account}");
+        // Earnings are held for the hold period (a day by default) first.
         let (_, earnings) = broker.get(scene, &format!("/owner/{owner}"))?;
-        assert_eq!(earnings["earnings_sat"], owner_share, "{earnings}");
+        assert_eq!(earnings["held_sat"], owner_share, "{earnings}");
+        assert_eq!(earnings["earnings_sat"], 0, "{earnings}");
         Ok(())
     });
 }
@@ -509,8 +511,10 @@ fn owners_are_paid_what_receipts_prove() {
             HOUR_PRICE - owner_share,
             "{settled}"
         );
+        // Earnings are held for the hold period (a day by default) first.
         let (_, earnings) = broker.get(scene, &format!("/owner/{owner}"))?;
-        assert_eq!(earnings["earnings_sat"], owner_share, "{earnings}");
+        assert_eq!(earnings["held_sat"], owner_share, "{earnings}");
+        assert_eq!(earnings["earnings_sat"], 0, "{earnings}");
         drop(node);
 
         // A node that dies mid-session: the client gets back what receipts do

@@ -264,7 +264,7 @@ fn node_owner_runs_the_shown_command_and_sees_the_node_online() {
 
         let state = b.wait_text("tr.node", Duration::from_secs(30), |t| t.contains("online"))?;
         assert!(state.contains("online"), "{state}");
-        let before = b.text("#earnings-amount")?;
+        let before = b.text("#earnings-held")?;
         b.screenshot("web-owner")?;
 
         // A client's session on the node: its earnings appear on the page.
@@ -279,8 +279,10 @@ fn node_owner_runs_the_shown_command_and_sees_the_node_online() {
         })?;
         assert_eq!(ended["reason"], "DONE", "{ended}");
         b.goto(&format!("{base}/node-owner"))?;
-        let earned = b.wait_text("#earnings-amount", Duration::from_secs(30), |t| t != before)?;
+        // Held for the hold period first.
+        let earned = b.wait_text("#earnings-held", Duration::from_secs(30), |t| t != before)?;
         assert!(earned != before, "earnings stayed at {before}");
+        assert_eq!(b.text("#earnings-amount")?, "0 sat");
         assert!(b.text("#earnings")?.contains("1 session(s) served"));
         // One session kept to its end: the node's rating (90 % for a new
         // node, pulled up by every kept session) shows in its row.

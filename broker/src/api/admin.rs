@@ -12,7 +12,7 @@ use jusy_common::ledger::{Account, AccountId};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::client::order_json;
+use super::client::{hold_error, order_json};
 use super::client_addr::ClientIp;
 use super::{Api, ApiError};
 use crate::store::Role;
@@ -135,6 +135,84 @@ pub async fn audit(
     authorize(&api, peer, &headers)?;
     let audit = tokio::task::block_in_place(|| api.orders.ledger.audit())?;
     Ok(axum::Json(json!({"status": "OK", "audit": audit})).into_response())
+}
+
+/// Open disputes, oldest first, with their orders.
+pub async fn disputes(
+    State(api): State<Api>,
+    ClientIp(peer): ClientIp,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let ledger = &api.orders.ledger;
+    let list: Vec<_> = tokio::task::block_in_place(|| ledger.open_disputes())?
+        .iter()
+        .map(|(id, rec)| {
+            let mut o = order_json(*id, rec, &[]);
+            o["client_id"] = json!(rec.client.to_string());
+            o["owner_id"] = json!(rec.owner.map(|o| o.to_string()));
+            o
+        })
+        .collect();
+    Ok(axum::Json(json!({"status": "OK", "disputes": list})).into_response())
+}
+
+/// The operator's decision on a dispute.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", tag = "action")]
+pub enum Decision {
+    /// Refund `amount_sat` (all that is held when absent) to the client.
+    Refund {
+        amount_sat: Option<u64>,
+    },
+    Reject,
+}
+
+/// `POST /admin/disputes/<order_id>` with `{"action":"refund"}` (optionally
+/// `"amount_sat"`) or `{"action":"reject"}`.
+pub async fn resolve(
+    State(api): State<Api>,
+    ClientIp(peer): ClientIp,
+    headers: HeaderMap,
+    axum::extract::Path(order_id): axum::extract::Path<String>,
+    body: Result<axum::Json<Decision>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&api, peer, &headers)?;
+    let id: jusy_common::wire::OrderId = order_id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "malformed order id: 24 hexadecimal characters".into(),
+        )
+    })?;
+    let axum::Json(decision) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let hold = tokio::task::block_in_place(|| decide(&api.orders.ledger, id, decision))
+        .map_err(hold_error)?;
+    Ok(axum::Json(json!({
+        "status": "OK",
+        "order_id": id.to_string(),
+        "hold": super::client::hold_json(&hold, crate::store::now_ms()),
+    }))
+    .into_response())
+}
+
+/// Applies the operator's decision (the API's and the operator page's).
+pub fn decide(
+    ledger: &crate::ledger::Ledger,
+    id: jusy_common::wire::OrderId,
+    decision: Decision,
+) -> Result<jusy_common::hold::Hold, crate::ledger::LedgerError> {
+    use jusy_common::hold::Resolution;
+    let resolution = match decision {
+        Decision::Reject => Resolution::Reject,
+        Decision::Refund { amount_sat } => {
+            let held = ledger
+                .order(id)?
+                .and_then(|r| r.hold)
+                .map_or(0, |h| h.amount_sat);
+            Resolution::Refund(amount_sat.unwrap_or(held))
+        }
+    };
+    ledger.resolve(id, resolution, crate::store::now_ms())
 }
 
 fn mesh_of(api: &Api) -> Result<&crate::mesh::Mesh, ApiError> {

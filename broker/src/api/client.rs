@@ -1,11 +1,13 @@
 //! Client endpoints: ordering (`GET /order/<hash>`, exactly as the original
-//! service documented it), an order's state with its receipts and amounts, the
-//! account, and the client's own SSH keys.
+//! service documented it), an order's state with its receipts and amounts, a
+//! dispute of what the order paid its node's owner, the account, and the
+//! client's own SSH keys.
 
-use axum::extract::rejection::StringRejection;
+use axum::extract::rejection::{JsonRejection, StringRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use jusy_common::hold::Hold;
 use jusy_common::ledger::Account;
 use jusy_common::order::OrderState;
 use jusy_common::wire::OrderId;
@@ -14,8 +16,8 @@ use serde_json::json;
 
 use super::client_addr::ClientIp;
 use super::{Api, ApiError};
-use crate::ledger::OrderRecord;
-use crate::store::Role;
+use crate::ledger::{LedgerError, OrderRecord};
+use crate::store::{Role, now_ms};
 
 /// Most SSH keys a client may register.
 const MAX_KEYS: usize = 16;
@@ -64,8 +66,81 @@ pub fn order_json(id: OrderId, rec: &OrderRecord, receipts: &[Vec<u8>]) -> serde
         "net_sent_bytes": rec.traffic.sent,
         "net_received_bytes": rec.traffic.received,
         "verdict": o.verdict,
+        "hold": rec.hold.as_ref().map(|h| hold_json(h, now_ms())),
         "receipts": receipts.iter().map(hex::encode).collect::<Vec<_>>(),
     })
+}
+
+/// The owner's earnings from an order while held, and any dispute of them
+/// (without the owner's account id).
+pub fn hold_json(h: &Hold, now: u64) -> serde_json::Value {
+    json!({
+        "state": h.state,
+        "amount_sat": h.amount_sat,
+        "until_ms": h.until_ms,
+        "disputable": h.disputable(now),
+        "released_ms": h.released_ms,
+        "dispute": h.dispute,
+    })
+}
+
+/// The status and words of a dispute or decision that failed.
+pub fn hold_error(e: LedgerError) -> ApiError {
+    use jusy_common::hold::HoldError;
+    let status = match &e {
+        LedgerError::UnknownOrder(_) => {
+            return ApiError(StatusCode::NOT_FOUND, "no such order".into());
+        }
+        LedgerError::Hold(HoldError::BadReason | HoldError::TooMuch { .. }) => {
+            StatusCode::BAD_REQUEST
+        }
+        LedgerError::NothingHeld(_) | LedgerError::Hold(_) => StatusCode::CONFLICT,
+        _ => return e.into(),
+    };
+    ApiError(status, e.to_string())
+}
+
+fn parse_order_id(order_id: &str) -> Result<OrderId, ApiError> {
+    order_id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "malformed order id: 24 hexadecimal characters".into(),
+        )
+    })
+}
+
+/// The body of a dispute.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisputeBody {
+    pub reason: String,
+}
+
+/// `POST /order/<hash>/<order_id>/dispute` with `{"reason": …}`: the client
+/// disputes what its order paid the node's owner, while those earnings are
+/// held. 409 when nothing is held, the hold has ended, or the order is
+/// disputed already.
+pub async fn dispute(
+    State(api): State<Api>,
+    ClientIp(peer): ClientIp,
+    Path((hash, order_id)): Path<(String, String)>,
+    body: Result<axum::Json<DisputeBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let (client, _) = api.account(peer, Role::Client, &hash)?;
+    let id = parse_order_id(&order_id)?;
+    let axum::Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let hold = tokio::task::block_in_place(|| {
+        api.orders
+            .ledger
+            .dispute(id, client, &body.reason, now_ms())
+    })
+    .map_err(hold_error)?;
+    Ok(axum::Json(json!({
+        "status": "OK",
+        "order_id": id.to_string(),
+        "hold": hold_json(&hold, now_ms()),
+    }))
+    .into_response())
 }
 
 pub async fn order_status(
@@ -75,12 +150,7 @@ pub async fn order_status(
 ) -> Result<Response, ApiError> {
     let (client, _) = api.account(peer, Role::Client, &hash)?;
     let not_found = || ApiError(StatusCode::NOT_FOUND, "no such order".into());
-    let id: OrderId = order_id.parse().map_err(|_| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            "malformed order id: 24 hexadecimal characters".into(),
-        )
-    })?;
+    let id = parse_order_id(&order_id)?;
     // Another client's order answers exactly like a missing one.
     let rec = api
         .orders

@@ -185,6 +185,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/order/{hash}", get(client::order))
         .route("/order/{hash}/{order_id}", get(client::order_status))
+        .route("/order/{hash}/{order_id}/dispute", post(client::dispute))
         .route("/account/{hash}", get(client::account))
         .route(
             "/account/{hash}/keys",
@@ -196,6 +197,8 @@ pub fn router(api: Api) -> Router {
         .route("/admin/deposits", post(admin::deposit))
         .route("/admin/orders", get(admin::orders))
         .route("/admin/audit", get(admin::audit))
+        .route("/admin/disputes", get(admin::disputes))
+        .route("/admin/disputes/{order_id}", post(admin::resolve))
         .route("/admin/mesh", get(admin::mesh))
         .route("/admin/mesh/trust", post(admin::admit))
         .route("/health", get(health))

@@ -1,5 +1,6 @@
 //! Node-owner endpoint: their nodes attached now with their ratings, and their
-//! earnings.
+//! earnings: released (`earnings_sat`, theirs to withdraw), still in their
+//! hold, and disputed by clients.
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
@@ -40,10 +41,13 @@ pub async fn owner(
         .iter()
         .filter(|(_, r)| r.owner == Some(id))
         .count();
+    let (held, disputed) = tokio::task::block_in_place(|| ledger.owner_held(id))?;
     Ok(axum::Json(json!({
         "status": "OK",
         "account_id": id.to_string(),
         "earnings_sat": ledger.balance(&Account::Owner(id))?,
+        "held_sat": held,
+        "disputed_sat": disputed,
         "sessions_served": served,
         "nodes": nodes,
     }))

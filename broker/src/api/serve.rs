@@ -397,7 +397,7 @@ mod tests {
         // At least 4096 are kept for the rest, then a quarter.
         let api = |open| limits(1 << 30, 64).within_fd_limit(open).max_connections;
         assert_eq!(api(8192), 4096);
-        assert_eq!(api(20_000), 15_904);
+        assert_eq!(api(20_000), 15_000);
         assert_eq!(api(1 << 20), 3 << 18);
     }
 

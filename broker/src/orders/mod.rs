@@ -544,6 +544,7 @@ impl Orders {
             created_ms: now_ms(),
             order: Order::new(now_ms(), self.ledger.pricing, terms, cores),
             acceptance: None,
+            hold: None,
             traffic: Default::default(),
         };
         if let Err(e) = blocking(|| self.ledger.reserve(order_id, &record)) {
@@ -844,6 +845,17 @@ impl Orders {
                 }
             }
             self.cancel_remote(remote).await;
+            let due =
+                blocking(|| self.ledger.next_release_ms()).map(|n| n.is_some_and(|t| t <= now));
+            match due {
+                Ok(true) => {
+                    if let Err(e) = blocking(|| self.ledger.release_due(now)) {
+                        tracing::error!(error = %e, "releasing held earnings failed");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "reading held earnings failed"),
+            }
         }
     }
 

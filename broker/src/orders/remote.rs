@@ -186,6 +186,7 @@ impl Orders {
             order: Order::new(now_ms(), self.ledger.pricing, terms, r.cores),
             acceptance: Some(r.acceptance.clone()),
             traffic: Default::default(),
+            hold: None,
         };
         blocking(|| self.ledger.reserve(order_id, &record))?;
         self.live().insert(

@@ -13,7 +13,7 @@ use jusy_common::ledger::{Account, AccountId};
 use serde::Deserialize;
 
 use super::session::{MadeOrder, Session, Who};
-use super::view::{Chart, HEIGHT, OrderRow, WIDTH, cpu, sat};
+use super::view::{Chart, HEIGHT, OrderRow, WIDTH, cpu, duration_words, sat};
 use super::{Nav, Web, WebError, bad_form, render};
 use crate::api::ApiError;
 use crate::api::client::validate_key;
@@ -61,6 +61,8 @@ struct Dashboard {
     height: u32,
     error: Option<String>,
     key_text: String,
+    /// How long owners' earnings are held, in words.
+    hold: String,
 }
 
 /// Renders the dashboard, with `error` shown above the form that failed.
@@ -115,6 +117,7 @@ fn render_dashboard(
         orders,
         error,
         key_text,
+        hold: duration_words(ledger.hold_ms),
     };
     Ok(render(status, &page))
 }
@@ -210,6 +213,49 @@ pub async fn remove_key(
     keys.retain(|k| *k != form.key);
     store.set_client_keys(&id, keys)?;
     Ok(Redirect::to("/client#keys").into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DisputeForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Disputes what one of the client's orders paid its node's owner, while
+/// it is held; the refusal (hold ended, disputed already, no reason) is
+/// shown above the orders.
+pub async fn dispute(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+    form: Result<Form<DisputeForm>, FormRejection>,
+) -> Result<Response, WebError> {
+    let Form(form) = form.map_err(bad_form)?;
+    let (session, _, id) = client(&web, &headers)?;
+    if !session.csrf_ok(&form.csrf) {
+        return Err(WebError::Csrf);
+    }
+    let order: jusy_common::wire::OrderId = order_id.parse().map_err(|_| WebError::NotFound)?;
+    let ledger = &web.api.orders.ledger;
+    match tokio::task::block_in_place(|| {
+        ledger.dispute(order, id, &form.reason, crate::store::now_ms())
+    }) {
+        Ok(_) => Ok(Redirect::to("/client#history").into_response()),
+        Err(crate::ledger::LedgerError::UnknownOrder(_)) => Err(WebError::NotFound),
+        Err(e) => match crate::api::client::hold_error(e) {
+            ApiError(StatusCode::INTERNAL_SERVER_ERROR, _) => Err(WebError::Internal),
+            ApiError(status, msg) => render_dashboard(
+                &web,
+                &session,
+                id,
+                status,
+                Some(format!("The order was not disputed: {msg}.")),
+                String::new(),
+            ),
+        },
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -372,9 +372,11 @@ pub fn router(web: Web) -> Router {
         .route("/client/order", post(client::order_now))
         .route("/client/orders/{id}", get(client::made_order))
         .route("/client/orders/{id}/key", get(client::download_key))
+        .route("/client/orders/{id}/dispute", post(client::dispute))
         .route("/node-owner", get(owner::dashboard))
         .route("/operator", get(operator::dashboard))
         .route("/operator/deposit", post(operator::deposit))
+        .route("/operator/disputes/{id}", post(operator::decide))
         .route(
             "/static/site.css",
             get(|| async { asset("text/css; charset=utf-8", STYLE) }),

@@ -1,6 +1,6 @@
 //! The operator's page (logged in with the operator token): the relays, the
-//! attached nodes with their ratings, the books' audit and totals, every
-//! order, and crediting a deposit.
+//! attached nodes with their ratings, the books' audit and totals, open
+//! disputes to decide, every order, and crediting a deposit.
 
 use askama::Template;
 use axum::Form;
@@ -13,7 +13,7 @@ use jusy_common::ledger::{Account, AccountId};
 use serde::Deserialize;
 
 use super::session::{Session, Who};
-use super::view::{OrderRow, sat, short};
+use super::view::{OrderRow, sat, short, utc};
 use super::{Nav, Web, WebError, bad_form, render};
 use crate::store::Role;
 
@@ -37,6 +37,24 @@ struct RelayRow {
     this: bool,
 }
 
+/// A dispute waiting for the operator.
+#[derive(Debug)]
+struct DisputeRow {
+    id: String,
+    short_id: String,
+    client: String,
+    owner: String,
+    node: String,
+    opened: String,
+    /// Held, in satoshi, as the refund field's default.
+    amount_sat: u64,
+    amount: String,
+    reason: String,
+    /// The order as the client saw it: how it ended, CPU proven.
+    ended: String,
+    cpu: String,
+}
+
 #[derive(Template)]
 #[template(path = "operator.html")]
 struct Dashboard {
@@ -50,6 +68,9 @@ struct Dashboard {
     deposits: String,
     withdrawals: String,
     held: String,
+    held_earnings: String,
+    disputed: String,
+    disputes: Vec<DisputeRow>,
     order_count: usize,
     orders: Vec<OrderRow>,
     /// The outcome of a deposit just made, or why it was refused.
@@ -81,6 +102,27 @@ fn render_dashboard(
         .rev()
         .take(LISTED)
         .map(|(id, rec)| OrderRow::new(*id, rec, &[]))
+        .collect();
+    let disputes = tokio::task::block_in_place(|| ledger.open_disputes())?
+        .into_iter()
+        .filter_map(|(id, rec)| {
+            let hold = rec.hold.clone()?;
+            let dispute = hold.dispute?;
+            let row = OrderRow::new(id, &rec, &[]);
+            Some(DisputeRow {
+                id: id.to_string(),
+                short_id: short(&id.to_string()),
+                client: short(&rec.client.to_string()),
+                owner: short(&hold.owner.to_string()),
+                node: short(&rec.node_id),
+                opened: utc(dispute.opened_ms),
+                amount_sat: hold.amount_sat,
+                amount: sat(hold.amount_sat),
+                reason: dispute.reason,
+                ended: format!("{} {}", row.state, row.reason),
+                cpu: row.cpu,
+            })
+        })
         .collect();
     let (_, free_slots) = web.api.relay.capacity();
     let nodes = web
@@ -122,6 +164,9 @@ fn render_dashboard(
         deposits: sat(audit.deposits),
         withdrawals: sat(audit.withdrawals),
         held: sat(u64::try_from(audit.held).unwrap_or(u64::MAX)),
+        held_earnings: sat(audit.held_earnings),
+        disputed: sat(audit.disputed),
+        disputes,
         order_count: all.len(),
         orders,
         notice,
@@ -193,4 +238,70 @@ pub async fn deposit(
         sat(balance)
     );
     render_dashboard(&web, &session, StatusCode::OK, Some(notice), None)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DecisionForm {
+    #[serde(default)]
+    csrf: String,
+    /// `refund` or `reject`.
+    #[serde(default)]
+    action: String,
+    /// The refund; all that is held when empty.
+    #[serde(default)]
+    amount_sat: String,
+}
+
+/// Decides a dispute: a refund out of the held earnings, or a rejection.
+pub async fn decide(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    axum::extract::Path(order_id): axum::extract::Path<String>,
+    form: Result<Form<DecisionForm>, FormRejection>,
+) -> Result<Response, WebError> {
+    use crate::api::admin::Decision;
+    let Form(form) = form.map_err(bad_form)?;
+    let session = operator(&web, &headers)?;
+    if !session.csrf_ok(&form.csrf) {
+        return Err(WebError::Csrf);
+    }
+    let refuse = |status, msg: String| render_dashboard(&web, &session, status, None, Some(msg));
+    let id: jusy_common::wire::OrderId = order_id.parse().map_err(|_| WebError::NotFound)?;
+    let decision = match form.action.as_str() {
+        "reject" => Decision::Reject,
+        "refund" => match form.amount_sat.trim() {
+            "" => Decision::Refund { amount_sat: None },
+            text => match text.parse::<u64>() {
+                Ok(a) => Decision::Refund {
+                    amount_sat: Some(a),
+                },
+                Err(_) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "The refund is a whole number of satoshi.".into(),
+                    );
+                }
+            },
+        },
+        _ => return refuse(StatusCode::BAD_REQUEST, "Choose refund or reject.".into()),
+    };
+    let ledger = &web.api.orders.ledger;
+    match tokio::task::block_in_place(|| crate::api::admin::decide(ledger, id, decision)) {
+        Ok(hold) => {
+            let refunded = hold.dispute.as_ref().map_or(0, |d| d.refunded_sat);
+            let notice = format!(
+                "Dispute of order {} decided: {} refunded to the client, {} released to the owner.",
+                short(&id.to_string()),
+                sat(refunded),
+                sat(hold.amount_sat - refunded)
+            );
+            render_dashboard(&web, &session, StatusCode::OK, Some(notice), None)
+        }
+        Err(e) => match crate::api::client::hold_error(e) {
+            crate::api::ApiError(StatusCode::INTERNAL_SERVER_ERROR, _) => Err(WebError::Internal),
+            crate::api::ApiError(status, msg) => {
+                refuse(status, format!("The dispute was not decided: {msg}."))
+            }
+        },
+    }
 }

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::header::HeaderMap;
 use axum::response::Response;
+use jusy_common::hold::HoldState;
 use jusy_common::ledger::Account;
 use jusy_common::rating::Tally;
 
@@ -40,6 +41,8 @@ struct Payout {
     when: String,
     node: String,
     amount: String,
+    /// Where the earnings stand: held, disputed, released or refunded.
+    status: String,
 }
 
 #[derive(Template)]
@@ -52,6 +55,9 @@ struct Dashboard {
     broker_key: String,
     share: u32,
     earnings: String,
+    held: String,
+    disputed: String,
+    hold: String,
     sessions: usize,
     nodes: Vec<NodeRow>,
     payouts: Vec<Payout>,
@@ -80,6 +86,7 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
     let mut payouts = Vec::new();
     let mut paid = Vec::new();
     let mut sessions = 0;
+    let (mut held, mut disputed) = (0u64, 0u64);
     for (_, rec) in ledger
         .orders()?
         .iter()
@@ -90,12 +97,28 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
         row.sessions += 1;
         let earned = rec.order.settlement.map_or(0, |s| s.owner);
         row.earned = row.earned.saturating_add(earned);
+        let status = rec.hold.as_ref().map_or_else(String::new, |h| {
+            let (h_held, h_disputed) = h.held();
+            held = held.saturating_add(h_held);
+            disputed = disputed.saturating_add(h_disputed);
+            let refunded = h.dispute.as_ref().map_or(0, |d| d.refunded_sat);
+            match h.state {
+                HoldState::Held => format!("held until {} UTC", utc(h.until_ms)),
+                HoldState::Disputed => "disputed: the operator decides".to_owned(),
+                HoldState::Released if refunded > 0 => {
+                    format!("yours, after {} refunded to the client", sat(refunded))
+                }
+                HoldState::Released => "yours".to_owned(),
+                HoldState::Refunded => "refunded to the client".to_owned(),
+            }
+        });
         if earned > 0 {
             paid.push(earned);
             payouts.push(Payout {
                 when: utc(rec.created_ms),
                 node: short(&rec.node_id),
                 amount: sat(earned),
+                status,
             });
         }
     }
@@ -133,6 +156,9 @@ pub async fn dashboard(State(web): State<Web>, headers: HeaderMap) -> Result<Res
         broker_key: web.broker_key.clone(),
         share: web.owner_share_ppm / 10_000,
         earnings: sat(ledger.balance(&Account::Owner(*id))?),
+        held: sat(held),
+        disputed: sat(disputed),
+        hold: super::view::duration_words(ledger.hold_ms),
         sessions,
         nodes,
         payouts,

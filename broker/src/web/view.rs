@@ -8,7 +8,10 @@ use jusy_common::receipt::{ChainVerifier, SignedReceipt};
 use jusy_common::verdict::{Party, Verdict};
 use jusy_common::wire::{EndReason, OrderId};
 
+use jusy_common::hold::{Hold, HoldState};
+
 use crate::ledger::OrderRecord;
+use crate::store::now_ms;
 
 /// Satoshi with thousands separators: `1 234 567 sat`.
 pub fn sat(amount: u64) -> String {
@@ -52,6 +55,18 @@ pub fn bytes(n: u64) -> String {
         tenths % 10,
         UNITS.get(unit).copied().unwrap_or("TiB")
     )
+}
+
+/// A duration in the largest whole unit: `24 h`, `90 min`, `5 s`.
+pub fn duration_words(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs >= 3600 && secs % 3600 == 0 {
+        format!("{} h", secs / 3600)
+    } else if secs >= 60 && secs % 60 == 0 {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
 }
 
 /// A Unix time in milliseconds as `YYYY-MM-DD HH:MM` UTC.
@@ -101,6 +116,43 @@ pub struct OrderRow {
     pub receipts: usize,
     pub receipt_check: String,
     pub receipts_ok: bool,
+    /// What became of the owner's earnings: held, disputed, released or
+    /// refunded, in words; empty when the owner earned nothing.
+    pub hold: String,
+    /// Whether the client may dispute them now.
+    pub disputable: bool,
+    /// The client's reason, once disputed.
+    pub dispute_reason: String,
+}
+
+/// What became of an order's held earnings, in words, at `now_ms`.
+pub fn hold_words(h: &Hold, now_ms: u64) -> String {
+    let refunded = h.dispute.as_ref().map_or(0, |d| d.refunded_sat);
+    match h.state {
+        HoldState::Held if now_ms < h.until_ms => format!(
+            "{} held for the owner until {} UTC; you may dispute it until then",
+            sat(h.amount_sat),
+            utc(h.until_ms)
+        ),
+        HoldState::Held => format!("{} due to the owner", sat(h.amount_sat)),
+        HoldState::Disputed => format!(
+            "{} disputed: held until the operator decides",
+            sat(h.amount_sat)
+        ),
+        HoldState::Refunded => format!("{} refunded after the dispute", sat(refunded)),
+        HoldState::Released if h.dispute.as_ref().is_some_and(|d| d.rejected) => {
+            format!(
+                "dispute rejected: {} released to the owner",
+                sat(h.amount_sat)
+            )
+        }
+        HoldState::Released if refunded > 0 => format!(
+            "{} refunded after the dispute, {} released to the owner",
+            sat(refunded),
+            sat(h.amount_sat - refunded)
+        ),
+        HoldState::Released => format!("{} released to the owner", sat(h.amount_sat)),
+    }
 }
 
 /// What the broker made of an end, in words, after its reason.
@@ -174,6 +226,18 @@ impl OrderRow {
             receipts: receipts.len(),
             receipt_check,
             receipts_ok,
+            hold: rec
+                .hold
+                .as_ref()
+                .map(|h| hold_words(h, now_ms()))
+                .unwrap_or_default(),
+            disputable: rec.hold.as_ref().is_some_and(|h| h.disputable(now_ms())),
+            dispute_reason: rec
+                .hold
+                .as_ref()
+                .and_then(|h| h.dispute.as_ref())
+                .map(|d| d.reason.clone())
+                .unwrap_or_default(),
         }
     }
 }

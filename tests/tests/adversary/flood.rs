@@ -18,7 +18,7 @@ use jusy_tests::{Broker, Login, Node, Scene, e2e};
 /// Slow connections held at once: 20k exhausted the file descriptors of a
 /// broker before it capped its connections; this test holds 10,048 (157
 /// addresses at the 64 it allows each), within 20,000 open files (the broker
-/// keeps 4096 of its own for everything but the API).
+/// keeps a quarter of its own, at least 4096, for everything but the API).
 const SLOW_ADDRESSES: u8 = 157;
 const PER_ADDRESS: usize = 64;
 
@@ -118,7 +118,7 @@ fn slow_headers_hold_no_one_else_out() {
         let open_files = raise_open_files();
         let slow_count = usize::from(SLOW_ADDRESSES) * PER_ADDRESS;
         anyhow::ensure!(
-            open_files >= slow_count as u64 + 4096 + 1000,
+            open_files * 3 / 4 >= slow_count as u64 + 1000,
             "{open_files} open files are too few for {slow_count} connections"
         );
         let data = scene.subdir("broker")?;

@@ -124,11 +124,15 @@ impl Market {
             .ok_or_else(|| anyhow::anyhow!("no balance: {account}"))
     }
 
+    /// What the owner earned: released, and still held.
     fn earnings(&self, scene: &Scene) -> anyhow::Result<u64> {
         let (_, owned) = self.broker.get(scene, &format!("/owner/{}", self.owner))?;
-        owned["earnings_sat"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no earnings: {owned}"))
+        let amount = |field: &str| {
+            owned[field]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no {field}: {owned}"))
+        };
+        Ok(amount("earnings_sat")? + amount("held_sat")? + amount("disputed_sat")?)
     }
 
     /// The liar as its owner sees it: sessions kept, dropped, rating.

@@ -112,6 +112,9 @@ struct ServeArgs {
     /// Orders a client may hold that nobody has logged in to yet.
     #[arg(long)]
     max_unconnected_orders: Option<u32>,
+    /// Seconds owners' earnings are held (and clients may dispute them).
+    #[arg(long)]
+    hold_secs: Option<u64>,
 }
 
 /// Where an offline command finds the database (the broker must be stopped).
@@ -212,7 +215,7 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
         speed_test_interval_secs
     );
     take!(capacity_refresh_secs, capacity_validity_secs, busy_poll_us);
-    take!(min_client_rating, max_unconnected_orders);
+    take!(min_client_rating, max_unconnected_orders, hold_secs);
     take!(
         cpu_budget_secs,
         wall_secs,

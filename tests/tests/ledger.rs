@@ -840,3 +840,220 @@ fn every_endpoint_refuses_malformed_input_with_json() {
         },
     );
 }
+
+/// Sums what `/owner/<hash>` reports: released, held, disputed.
+fn owner_money(scene: &Scene, broker: &Broker, owner: &str) -> anyhow::Result<(u64, u64, u64)> {
+    let (status, body) = broker.get(scene, &format!("/owner/{owner}"))?;
+    anyhow::ensure!(status == 200, "{status} {body}");
+    let field = |f: &str| body[f].as_u64().unwrap_or(u64::MAX);
+    Ok((
+        field("earnings_sat"),
+        field("held_sat"),
+        field("disputed_sat"),
+    ))
+}
+
+#[test]
+fn disputes_refund_out_of_held_earnings_and_undisputed_ones_are_released() {
+    e2e("disputes_through_the_api", |scene| {
+        // One satoshi per CPU-microsecond: a few seconds of CPU earn plenty.
+        const HOUR_PRICE: u64 = 3_600_000_000;
+        const HOLD_SECS: u64 = 8;
+        let data = scene.subdir("broker")?;
+        let owner = Broker::add_account(scene, &data, "owner", 0)?;
+        let client = Broker::add_account(scene, &data, "client", 2 * HOUR_PRICE)?;
+        let stranger = Broker::add_account(scene, &data, "client", HOUR_PRICE)?;
+        let price = HOUR_PRICE.to_string();
+        let hold = HOLD_SECS.to_string();
+        let broker = Broker::start_with(
+            scene,
+            "broker",
+            data,
+            0,
+            &[
+                "--price-sat",
+                &price,
+                "--hold-secs",
+                &hold,
+                "--operator-token",
+                TOKEN,
+            ],
+        )?;
+        let node_args = [
+            "--ready-slots",
+            "2",
+            "--grace-secs",
+            "1",
+            "--receipt-secs",
+            "1",
+        ];
+        let mut node = Node::start_owned(scene, "node", &broker, &owner, &node_args)?;
+        broker.wait_capacity(scene, 2)?;
+        let auth = format!("Authorization: Bearer {TOKEN}");
+        let json = "Content-Type: application/json";
+
+        // Two orders, each with two seconds of CPU proven, then closed:
+        // quick closes that pay their owner the proven CPU.
+        let mut orders = Vec::new();
+        for _ in 0..2 {
+            let (status, body) = broker.order(scene, &client)?;
+            assert_eq!(status, 200, "{body}");
+            orders.push(Login::from_order(scene, &body)?);
+        }
+        let busy = "perl -e 'my ($u, $s) = times; ($u, $s) = times while $u + $s < 2'";
+        for login in &orders {
+            let out = login.ssh(scene, busy, None)?;
+            assert_eq!(out.status, Some(0), "{}", out.stderr);
+        }
+        let mut earned = Vec::new();
+        for login in &orders {
+            node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+            let settled = wait_settled(scene, &broker, &client, &login.order_id)?;
+            let owner_part = settled["settlement"]["owner"].as_u64().unwrap_or(0);
+            assert!(owner_part > 0, "{settled}");
+            assert_eq!(settled["hold"]["state"], "held", "{settled}");
+            assert_eq!(settled["hold"]["disputable"], true, "{settled}");
+            earned.push(owner_part);
+        }
+        let (disputed, kept) = (&orders[0].order_id, &orders[1].order_id);
+        // The precondition of what follows: the earnings exist, held.
+        assert_eq!(
+            owner_money(scene, &broker, &owner)?,
+            (0, earned[0] + earned[1], 0)
+        );
+
+        // A stranger cannot dispute (or even see) another client's order.
+        let reason = br#"{"reason":"the session never gave me a shell"}"#;
+        let path = |hash: &str, id: &str| format!("/order/{hash}/{id}/dispute");
+        let (status, body) = broker.request(
+            scene,
+            "POST",
+            &path(&stranger, disputed),
+            &[json],
+            Some(reason),
+        )?;
+        assert_eq!(status, 404, "{body}");
+        // Bad disputes are refused and change nothing.
+        for bad in [&br#"{"reason":"   "}"#[..], b"{}", b"not json"] {
+            let (status, body) =
+                broker.request(scene, "POST", &path(&client, disputed), &[json], Some(bad))?;
+            assert!((400..500).contains(&status), "{status} {body}");
+            assert_eq!(body["status"], "ERROR", "{body}");
+        }
+        let (status, body) = broker.request(
+            scene,
+            "POST",
+            &path(&client, "000000000000000000000000"),
+            &[json],
+            Some(reason),
+        )?;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(
+            owner_money(scene, &broker, &owner)?,
+            (0, earned[0] + earned[1], 0)
+        );
+
+        // The client disputes one order; twice is refused.
+        let (status, body) = broker.request(
+            scene,
+            "POST",
+            &path(&client, disputed),
+            &[json],
+            Some(reason),
+        )?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["hold"]["state"], "disputed", "{body}");
+        let (status, body) = broker.request(
+            scene,
+            "POST",
+            &path(&client, disputed),
+            &[json],
+            Some(reason),
+        )?;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(
+            owner_money(scene, &broker, &owner)?,
+            (0, earned[1], earned[0])
+        );
+
+        // The hold ends: the undisputed earnings are the owner's, the
+        // disputed ones wait; a dispute now comes too late.
+        let deadline = Instant::now() + Duration::from_secs(HOLD_SECS + 20);
+        while owner_money(scene, &broker, &owner)?.0 == 0 {
+            anyhow::ensure!(Instant::now() < deadline, "the hold never ended");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(
+            owner_money(scene, &broker, &owner)?,
+            (earned[1], 0, earned[0])
+        );
+        let (status, body) =
+            broker.request(scene, "POST", &path(&client, kept), &[json], Some(reason))?;
+        assert_eq!(status, 409, "{body}");
+
+        // The operator sees the dispute and refunds a third of it.
+        let (status, body) = broker.request(scene, "GET", "/admin/disputes", &[], None)?;
+        assert_eq!(status, 401, "{body}");
+        let (status, body) = broker.request(scene, "GET", "/admin/disputes", &[&auth], None)?;
+        assert_eq!(status, 200, "{body}");
+        let listed = body["disputes"].as_array().cloned().unwrap_or_default();
+        assert_eq!(listed.len(), 1, "{body}");
+        assert_eq!(listed[0]["order_id"], disputed.as_str(), "{body}");
+        assert_eq!(
+            listed[0]["hold"]["dispute"]["reason"], "the session never gave me a shell",
+            "{body}"
+        );
+        let decide = format!("/admin/disputes/{disputed}");
+        let too_much = format!(r#"{{"action":"refund","amount_sat":{}}}"#, earned[0] + 1);
+        let (status, body) = broker.request(
+            scene,
+            "POST",
+            &decide,
+            &[&auth, json],
+            Some(too_much.as_bytes()),
+        )?;
+        assert_eq!(status, 400, "{body}");
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        let before = account["balance_sat"].as_u64().unwrap_or(0);
+        let refund = earned[0] / 3;
+        let body_text = format!(r#"{{"action":"refund","amount_sat":{refund}}}"#);
+        let (status, body) = broker.request(
+            scene,
+            "POST",
+            &decide,
+            &[&auth, json],
+            Some(body_text.as_bytes()),
+        )?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["hold"]["dispute"]["refunded_sat"], refund, "{body}");
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        assert_eq!(account["balance_sat"], before + refund, "{account}");
+        assert_eq!(
+            owner_money(scene, &broker, &owner)?,
+            (earned[1] + earned[0] - refund, 0, 0)
+        );
+        // Decided once: a second decision is refused.
+        let (status, body) = broker.request(
+            scene,
+            "POST",
+            &decide,
+            &[&auth, json],
+            Some(br#"{"action":"reject"}"#),
+        )?;
+        assert_eq!(status, 409, "{body}");
+
+        // Every step is in the journal, and the books balance.
+        let (_, audit) = broker.request(scene, "GET", "/admin/audit", &[&auth], None)?;
+        assert_eq!(audit["audit"]["ok"], true, "{audit}");
+        let row = audit["audit"]["orders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|o| o["order_id"] == disputed.as_str())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(row["dispute_refunded"], refund, "{audit}");
+        assert_eq!(row["released"], earned[0] - refund, "{audit}");
+        Ok(())
+    });
+}

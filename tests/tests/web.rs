@@ -355,3 +355,107 @@ fn forms_reject_bad_input_and_log_in_is_rate_limited() {
         Ok(())
     });
 }
+
+#[test]
+fn a_client_disputes_on_its_page_and_the_operator_refunds_on_theirs() {
+    if !have_browser("a_client_disputes_on_its_page_and_the_operator_refunds_on_theirs") {
+        return;
+    }
+    e2e("web_dispute", |scene| {
+        // One satoshi per CPU-microsecond: two seconds of CPU earn plenty.
+        const HOUR_PRICE: u64 = 3_600_000_000;
+        let data = scene.subdir("broker")?;
+        let owner = Broker::add_account(scene, &data, "owner", 0)?;
+        let client = Broker::add_account(scene, &data, "client", HOUR_PRICE)?;
+        let price = HOUR_PRICE.to_string();
+        let broker = Broker::start_with(
+            scene,
+            "broker",
+            data,
+            0,
+            &["--price-sat", &price, "--operator-token", TOKEN],
+        )?;
+        let mut node = Node::start_owned(
+            scene,
+            "node",
+            &broker,
+            &owner,
+            &[
+                "--ready-slots",
+                "1",
+                "--grace-secs",
+                "1",
+                "--receipt-secs",
+                "1",
+            ],
+        )?;
+        broker.wait_capacity(scene, 1)?;
+
+        // A session with two seconds of CPU, closed at once: its owner's
+        // part is held.
+        let (status, order) = broker.order(scene, &client)?;
+        assert_eq!(status, 200, "{order}");
+        let login = jusy_tests::Login::from_order(scene, &order)?;
+        let busy = "perl -e 'my ($u, $s) = times; ($u, $s) = times while $u + $s < 2'";
+        let out = login.ssh(scene, busy, None)?;
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        node.wait_session_end(&login.order_id, Duration::from_secs(30))?;
+        let id = login.order_id.clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let held = loop {
+            let (_, body) = broker.get(scene, &format!("/order/{client}/{id}"))?;
+            if let Some(amount) = body["hold"]["amount_sat"].as_u64() {
+                break amount;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "never held: {body}");
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        assert!(held > 0);
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        let before = account["balance_sat"].as_u64().unwrap_or(0);
+
+        // The client disputes it on its page, with a reason.
+        let base = format!("http://{}", broker.api);
+        let b = Browser::start(scene, "chromedriver")?;
+        b.log_in(&base, &client)?;
+        let row = format!("tr.order[data-order='{id}']");
+        assert!(
+            b.text(&format!("{row} td.hold"))?
+                .contains("held for the owner")
+        );
+        b.fill(&format!("#reason-{id}"), "the shell froze at once")?;
+        b.screenshot("web-client-dispute")?;
+        b.click(&format!("{row} form.dispute button"))?;
+        let cell = b.wait_text(&format!("{row} td.hold"), Duration::from_secs(10), |t| {
+            t.contains("disputed")
+        })?;
+        assert!(cell.contains("the shell froze at once"), "{cell}");
+        assert!(b.try_find(&format!("{row} form.dispute"))?.is_none());
+
+        // The operator sees it and refunds it all.
+        logout(&b)?;
+        b.log_in(&base, TOKEN)?;
+        let dispute = format!("tr.dispute[data-order='{id}']");
+        assert!(b.text(&format!("{dispute} td.reason"))? == "the shell froze at once");
+        assert_eq!(
+            b.attr(&format!("#refund-{id}"), "value")?.as_deref(),
+            Some(held.to_string().as_str())
+        );
+        b.screenshot("web-operator-dispute")?;
+        b.click(&format!("{dispute} button.refund"))?;
+        assert!(b.text("#notice")?.contains("decided"), "{}", b.source()?);
+        assert!(b.try_find(&dispute)?.is_none());
+        assert_eq!(b.text("#audit")?, "balanced");
+
+        // The client has it back, and its page says so.
+        let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
+        assert_eq!(account["balance_sat"], before + held, "{account}");
+        logout(&b)?;
+        b.log_in(&base, &client)?;
+        assert!(
+            b.text(&format!("{row} td.hold"))?
+                .contains("refunded after the dispute")
+        );
+        Ok(())
+    });
+}

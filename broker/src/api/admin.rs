@@ -149,8 +149,10 @@ pub async fn disputes(
         .iter()
         .map(|(id, rec)| {
             let mut o = order_json(*id, rec, &[]);
-            o["client_id"] = json!(rec.client.to_string());
-            o["owner_id"] = json!(rec.owner.map(|o| o.to_string()));
+            if let Some(fields) = o.as_object_mut() {
+                fields.insert("client_id".into(), json!(rec.client.to_string()));
+                fields.insert("owner_id".into(), json!(rec.owner.map(|o| o.to_string())));
+            }
             o
         })
         .collect();

@@ -26,6 +26,8 @@ struct Home {
     price: String,
     owner_share: u32,
     terms: jusy_common::terms::OrderTerms,
+    /// How long owners' earnings are held, in words.
+    hold: String,
     free_slots: usize,
     nodes: usize,
 }
@@ -38,6 +40,7 @@ pub async fn home(State(web): State<Web>, headers: HeaderMap) -> Response {
         price: sat(web.price_sat),
         owner_share: web.owner_share_ppm / 10_000,
         terms: web.terms,
+        hold: super::view::duration_words(web.api.orders.ledger.hold_ms),
         free_slots,
         nodes,
     };

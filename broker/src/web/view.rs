@@ -60,9 +60,9 @@ pub fn bytes(n: u64) -> String {
 /// A duration in the largest whole unit: `24 h`, `90 min`, `5 s`.
 pub fn duration_words(ms: u64) -> String {
     let secs = ms / 1000;
-    if secs >= 3600 && secs % 3600 == 0 {
+    if secs >= 3600 && secs.is_multiple_of(3600) {
         format!("{} h", secs / 3600)
-    } else if secs >= 60 && secs % 60 == 0 {
+    } else if secs >= 60 && secs.is_multiple_of(60) {
         format!("{} min", secs / 60)
     } else {
         format!("{secs} s")

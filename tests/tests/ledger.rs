@@ -1015,6 +1015,13 @@ fn disputes_refund_out_of_held_earnings_and_undisputed_ones_are_released() {
         assert_eq!(status, 400, "{body}");
         let (_, account) = broker.get(scene, &format!("/account/{client}"))?;
         let before = account["balance_sat"].as_u64().unwrap_or(0);
+        let rating = |scene: &Scene| -> anyhow::Result<u64> {
+            let (_, owned) = broker.get(scene, &format!("/owner/{owner}"))?;
+            owned["nodes"][0]["rating_percent"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no rating: {owned}"))
+        };
+        let rated = rating(scene)?;
         let refund = earned[0] / 3;
         let body_text = format!(r#"{{"action":"refund","amount_sat":{refund}}}"#);
         let (status, body) = broker.request(
@@ -1032,6 +1039,8 @@ fn disputes_refund_out_of_held_earnings_and_undisputed_ones_are_released() {
             owner_money(scene, &broker, &owner)?,
             (earned[1] + earned[0] - refund, 0, 0)
         );
+        // An upheld complaint counts against the node.
+        assert!(rating(scene)? < rated, "the rating stayed at {rated}");
         // Decided once: a second decision is refused.
         let (status, body) = broker.request(
             scene,

@@ -187,8 +187,8 @@ pub async fn resolve(
         )
     })?;
     let axum::Json(decision) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
-    let hold = tokio::task::block_in_place(|| decide(&api.orders.ledger, id, decision))
-        .map_err(hold_error)?;
+    let hold =
+        tokio::task::block_in_place(|| decide(&api.orders, id, decision)).map_err(hold_error)?;
     Ok(axum::Json(json!({
         "status": "OK",
         "order_id": id.to_string(),
@@ -197,13 +197,16 @@ pub async fn resolve(
     .into_response())
 }
 
-/// Applies the operator's decision (the API's and the operator page's).
+/// Applies the operator's decision (the API's and the operator page's). A
+/// refund upholds the client's complaint: it counts against the node's
+/// rating (and its owner's) as a failed session does.
 pub fn decide(
-    ledger: &crate::ledger::Ledger,
+    orders: &crate::orders::Orders,
     id: jusy_common::wire::OrderId,
     decision: Decision,
 ) -> Result<jusy_common::hold::Hold, crate::ledger::LedgerError> {
     use jusy_common::hold::Resolution;
+    let ledger = &orders.ledger;
     let resolution = match decision {
         Decision::Reject => Resolution::Reject,
         Decision::Refund { amount_sat } => {
@@ -214,7 +217,13 @@ pub fn decide(
             Resolution::Refund(amount_sat.unwrap_or(held))
         }
     };
-    ledger.resolve(id, resolution, crate::store::now_ms())
+    let hold = ledger.resolve(id, resolution, crate::store::now_ms())?;
+    if hold.dispute.as_ref().is_some_and(|d| d.refunded_sat > 0)
+        && let Some(node) = ledger.order(id)?.and_then(|r| r.node_id.parse().ok())
+    {
+        orders.rate_fault(node);
+    }
+    Ok(hold)
 }
 
 fn mesh_of(api: &Api) -> Result<&crate::mesh::Mesh, ApiError> {

@@ -258,12 +258,23 @@ impl Orders {
             Ok(all) => {
                 for (_, rec) in all {
                     if let Ok(node) = rec.node_id.parse::<PeerId>() {
-                        ratings.entry(node).or_default().add_order(&rec.order);
+                        // A dispute the operator refunded counts as a fault.
+                        let refunded = rec
+                            .hold
+                            .as_ref()
+                            .and_then(|h| h.dispute.as_ref())
+                            .is_some_and(|d| d.refunded_sat > 0);
+                        let tally = ratings.entry(node).or_default();
+                        tally.add_order(&rec.order);
+                        if refunded {
+                            tally.add_end(EndReason::NodeFailed);
+                        }
                         if let Some(owner) = rec.owner {
-                            owner_ratings
-                                .entry(owner)
-                                .or_default()
-                                .add_order(&rec.order);
+                            let tally = owner_ratings.entry(owner).or_default();
+                            tally.add_order(&rec.order);
+                            if refunded {
+                                tally.add_end(EndReason::NodeFailed);
+                            }
                             node_owners.insert(node, owner);
                         }
                     }
@@ -345,9 +356,9 @@ impl Orders {
         own.percent_under(&all.minus(counted_here))
     }
 
-    /// Counts a fault of `node` (a refused or falsely signed assignment) in
-    /// its rating.
-    fn rate_fault(&self, node: PeerId) {
+    /// Counts a fault of `node` (a refused or falsely signed assignment, a
+    /// dispute the operator refunded) in its rating.
+    pub(crate) fn rate_fault(&self, node: PeerId) {
         let mut ratings = self.ratings.lock().unwrap_or_else(|p| p.into_inner());
         ratings
             .entry(node)

@@ -285,8 +285,7 @@ pub async fn decide(
         },
         _ => return refuse(StatusCode::BAD_REQUEST, "Choose refund or reject.".into()),
     };
-    let ledger = &web.api.orders.ledger;
-    match tokio::task::block_in_place(|| crate::api::admin::decide(ledger, id, decision)) {
+    match tokio::task::block_in_place(|| crate::api::admin::decide(&web.api.orders, id, decision)) {
         Ok(hold) => {
             let refunded = hold.dispute.as_ref().map_or(0, |d| d.refunded_sat);
             let notice = format!(

@@ -17,8 +17,8 @@ use super::client_addr::ClientIp;
 use super::{Api, ApiError};
 use crate::store::Role;
 
-/// Checks the bearer token in constant time (no early exit on the first
-/// differing byte).
+/// Checks the bearer token in constant time (`subtle`: no early exit on the
+/// first differing byte).
 fn authorize(api: &Api, peer: IpAddr, headers: &HeaderMap) -> Result<(), ApiError> {
     api.limit(peer)?;
     let denied = || ApiError(StatusCode::UNAUTHORIZED, "operator token required".into());
@@ -28,12 +28,7 @@ fn authorize(api: &Api, peer: IpAddr, headers: &HeaderMap) -> Result<(), ApiErro
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(denied)?;
-    let same_len = given.len() == expected.len();
-    let diff = given
-        .bytes()
-        .zip(expected.bytes())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if same_len && diff == 0 {
+    if crate::web::session::same_secret(given, expected) {
         Ok(())
     } else {
         Err(denied())

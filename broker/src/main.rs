@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, global = true, value_name = "FORMAT", default_value_t)]
+    log_format: jusy_node::logging::LogFormat,
 }
 
 /// Flags of `serve`; each overrides the configuration file.
@@ -247,14 +250,7 @@ fn main() -> anyhow::Result<()> {
     jusy_node::sandbox::init::run_if_asked();
     jusy_node::state::private_umask();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn,russh=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    jusy_node::logging::init(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

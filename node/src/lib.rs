@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod keys;
+pub mod logging;
 pub mod receipts;
 pub mod relays;
 pub mod sandbox;

@@ -34,6 +34,9 @@ struct Cli {
     /// Data directory for keys and session homes.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, value_name = "FORMAT", default_value_t)]
+    log_format: jusy_node::logging::LogFormat,
     /// Sessions kept ready ahead of orders.
     #[arg(long)]
     ready_slots: Option<usize>,
@@ -96,14 +99,7 @@ fn main() -> anyhow::Result<()> {
          (owner = \"…\"), in a file named by --owner-file, or in the environment variable {}",
         config::OWNER_ENV
     );
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn,russh=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    jusy_node::logging::init(cli.log_format);
     let mut cfg = match &cli.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),

@@ -176,6 +176,10 @@ pub struct Config {
     /// until the operator decides. 0 releases them at once, with no
     /// disputes. Default 86400 (a day).
     pub hold_secs: u64,
+    /// Where Prometheus metrics are served (`GET /metrics`); keep it off the
+    /// internet (loopback, or an address only the scraper reaches). Default:
+    /// not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -223,6 +227,7 @@ impl Default for Config {
             min_client_rating: 50,
             max_unconnected_orders: 3,
             hold_secs: jusy_common::hold::DEFAULT_HOLD_MS / 1000,
+            metrics_listen: None,
             busy_poll_us: 200,
         }
     }

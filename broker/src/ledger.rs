@@ -262,6 +262,18 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Satoshi deposited and withdrawn so far.
+    pub fn totals(&self) -> Result<(u64, u64), LedgerError> {
+        let total = |key: &str| -> Result<u64, LedgerError> {
+            Ok(self
+                .totals
+                .get(key)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map_or(0, u64::from_be_bytes))
+        };
+        Ok((total("deposits")?, total("withdrawals")?))
+    }
+
     pub fn balance(&self, account: &Account) -> Result<u64, LedgerError> {
         let Some(key) = account.key() else {
             return Ok(0);

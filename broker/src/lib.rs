@@ -14,12 +14,14 @@
 //! * [`orders`] — the order book: claim, assign, open port, end.
 //! * [`api`] — HTTP routes and their JSON errors.
 //! * [`web`] — the web pages for clients, node owners and the operator.
+//! * [`metrics`] — Prometheus metrics, when `metrics_listen` is set.
 
 pub mod api;
 pub mod config;
 pub mod ledger;
 pub mod limit;
 pub mod mesh;
+pub mod metrics;
 pub mod orders;
 pub mod relay;
 pub mod remote;
@@ -50,6 +52,11 @@ pub enum BrokerError {
     Ledger(#[from] ledger::LedgerError),
     #[error("binding HTTP API {addr}: {source}")]
     BindApi {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("binding the metrics endpoint {addr}: {source}")]
+    BindMetrics {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -88,6 +95,7 @@ pub struct Broker {
     http_limits: api::serve::Limits,
     data_plane: DataPlane,
     form_key: web::csrf::FormKey,
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 impl Broker {
@@ -117,6 +125,14 @@ impl Broker {
                 addr: cfg.api_listen,
                 source,
             })?;
+        let metrics = match cfg.metrics_listen {
+            Some(addr) => Some(
+                metrics::bind(addr)
+                    .await
+                    .map_err(|source| BrokerError::BindMetrics { addr, source })?,
+            ),
+            None => None,
+        };
         let api_addr = api_listener
             .local_addr()
             .map_err(|source| BrokerError::BindApi {
@@ -193,6 +209,7 @@ impl Broker {
             http_limits,
             data_plane,
             form_key,
+            metrics,
         })
     }
 
@@ -204,6 +221,10 @@ impl Broker {
             "relay": self.relay_addr.to_string(),
             "broker_key": self.key.to_string(),
         });
+        let metrics = self.metrics.as_ref().and_then(|l| l.local_addr().ok());
+        if let (Some(addr), Some(obj)) = (metrics, line.as_object_mut()) {
+            obj.insert("metrics".into(), addr.to_string().into());
+        }
         if let (Some(m), Some(obj)) = (&self.mesh, line.as_object_mut()) {
             obj.insert("mesh".into(), m.mesh.addr.to_string().into());
             obj.insert("mesh_peer_id".into(), m.mesh.peer_id.to_string().into());
@@ -254,6 +275,15 @@ impl Broker {
                 [learning, trusting, watching],
             )
         });
+        let metrics_stop = CancellationToken::new();
+        let metrics = self.metrics.map(|listener| {
+            tokio::spawn(metrics::serve(
+                listener,
+                self.orders.clone(),
+                self.relay.clone(),
+                metrics_stop.clone(),
+            ))
+        });
         let orders = self.orders.clone();
         let api = api::Api::new(self.orders, self.relay, self.store.clone(), &self.cfg);
         let pages = web::Web::new(
@@ -274,6 +304,10 @@ impl Broker {
         )
         .await;
         stop.cancel();
+        metrics_stop.cancel();
+        if let Some(task) = metrics {
+            let _ = task.await;
+        }
         timers_stop.cancel();
         let _ = timers.await;
         orders.cancel_all().await;

@@ -118,6 +118,9 @@ struct ServeArgs {
     /// Seconds owners' earnings are held (and clients may dispute them).
     #[arg(long)]
     hold_secs: Option<u64>,
+    /// Serve Prometheus metrics (`GET /metrics`) at this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Where an offline command finds the database (the broker must be stopped).
@@ -219,6 +222,9 @@ fn load(args: ServeArgs) -> anyhow::Result<Config> {
     );
     take!(capacity_refresh_secs, capacity_validity_secs, busy_poll_us);
     take!(min_client_rating, max_unconnected_orders, hold_secs);
+    if let Some(addr) = args.metrics_listen {
+        cfg.metrics_listen = Some(addr);
+    }
     take!(
         cpu_budget_secs,
         wall_secs,

@@ -80,6 +80,10 @@ pub struct Config {
     /// free; otherwise fewer slots are kept ready (logged as a warning, and a
     /// `disk_short` event line). Default 1024.
     pub disk_reserve_mib: u64,
+    /// Serve Prometheus metrics (`GET /metrics`) on `127.0.0.1` at this port
+    /// (0: any free port, announced in a `metrics` event line). Loopback
+    /// only: a session cannot reach the host's loopback. Default: not served.
+    pub metrics_port: Option<u16>,
     /// Let sessions reach private, link-local and loopback addresses (still TCP
     /// port 22 only). Default false: the owner's LAN and the node's own services
     /// are out of reach.
@@ -127,6 +131,7 @@ impl Default for Config {
             max_session_channels: 32,
             disk_mib: 5120,
             disk_reserve_mib: 1024,
+            metrics_port: None,
             net_allow_private: false,
             net_allow: Vec::new(),
             session_net_v4: Cidr {

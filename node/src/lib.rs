@@ -17,6 +17,7 @@
 pub mod config;
 pub mod keys;
 pub mod logging;
+pub mod metrics;
 pub mod receipts;
 pub mod relays;
 pub mod sandbox;
@@ -41,6 +42,8 @@ use uplink::Uplink;
 /// The node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("serving metrics on loopback: {0}")]
+    Metrics(std::io::Error),
     #[error("data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -331,6 +334,18 @@ pub async fn run(
         events_tx,
     );
     let filler = tokio::spawn(sessions.clone().keep_slots_ready());
+    let metrics_stop = CancellationToken::new();
+    let metrics = match cfg.metrics_port {
+        Some(port) => {
+            let (addr, task) = metrics::serve(port, metrics_stop.clone())
+                .await
+                .map_err(NodeError::Metrics)?;
+            tracing::info!(%addr, "metrics served");
+            announce("metrics", serde_json::json!({"addr": addr.to_string()}));
+            Some(task)
+        }
+        None => None,
+    };
     let uplink_stop = CancellationToken::new();
     let mut relays = vec![RelayAddr {
         addr: cfg.broker.clone(),
@@ -358,6 +373,10 @@ pub async fn run(
     sessions.shutdown().await;
     uplink_stop.cancel();
     let _ = uplink.await;
+    metrics_stop.cancel();
+    if let Some(task) = metrics {
+        let _ = task.await;
+    }
     Ok(())
 }
 

@@ -73,6 +73,9 @@ struct Cli {
     /// Space in MiB kept free on the data directory's file system.
     #[arg(long)]
     disk_reserve_mib: Option<u64>,
+    /// Serve Prometheus metrics on 127.0.0.1 at this port (0: any free port).
+    #[arg(long)]
+    metrics_port: Option<u16>,
     /// Let sessions reach private, link-local and loopback addresses (port 22 only).
     #[arg(long)]
     net_allow_private: bool,
@@ -166,6 +169,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.disk_mib {
         cfg.disk_mib = v;
+    }
+    if let Some(v) = cli.metrics_port {
+        cfg.metrics_port = Some(v);
     }
     if let Some(v) = cli.disk_reserve_mib {
         cfg.disk_reserve_mib = v;

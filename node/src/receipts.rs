@@ -70,6 +70,7 @@ impl Receipts {
                 "bytes": hex::encode(signed.bytes()),
             }),
         );
+        crate::metrics::METRICS.receipts.inc();
         let _ = self.events.send(NodeMsg::Receipt {
             bytes: signed.bytes().to_vec(),
         });

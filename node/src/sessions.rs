@@ -274,6 +274,7 @@ impl Sessions {
             closed: CancellationToken::new(),
         });
         lock(&self.running).insert(a.order_id, running.clone());
+        crate::metrics::METRICS.sessions.inc();
         let span = tracing::info_span!("session", order_id = %a.order_id, user = %running.access.ctx.sandbox.user.name);
         tracing::info!(parent: &span, terms = ?a.terms, "order accepted");
         self.tasks
@@ -346,6 +347,7 @@ impl Sessions {
         self.report_traffic(&r).await;
         self.host.teardown(sandbox).await;
         lock(&self.running).remove(&r.order_id);
+        crate::metrics::METRICS.ended(reason, lock(&r.machine).cpu_us());
         // Its disk is gone: a short data file system may have room again.
         self.refill.notify_one();
         crate::announce(

@@ -28,6 +28,8 @@ pub struct Broker {
     pub key: String,
     /// The broker's mesh address, when it was started with `--mesh-listen`.
     pub mesh: Option<String>,
+    /// Where it serves metrics, when started with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -158,6 +160,7 @@ impl Broker {
                 .context("broker_key")?
                 .to_owned(),
             mesh: ready["mesh"].as_str().map(str::to_owned),
+            metrics: ready["metrics"].as_str().and_then(|m| m.parse().ok()),
             data_dir,
             site: site.clone(),
             proc,

@@ -176,3 +176,192 @@ fn log_format_json_writes_one_object_per_line() {
         Ok(())
     });
 }
+
+/// `GET /metrics` at `addr`, checked by an independent parser (Python's
+/// `prometheus_client`, Debian's python3-prometheus-client): the samples
+/// as `name{labels} value` lines.
+fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let out = Command::new("curl")
+        .args(["-sSf", "--max-time", "10"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "scrape failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parse = "import sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
+        for family in parse(sys.stdin.read()):\n\
+        \x20   for s in family.samples:\n\
+        \x20       labels = ','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))\n\
+        \x20       print(f'{s.name}{{{labels}}} {s.value}')\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", parse])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), &out.stdout)?;
+    let parsed = child.wait_with_output()?;
+    anyhow::ensure!(
+        parsed.status.success(),
+        "the metrics do not parse: {}\n{}",
+        String::from_utf8_lossy(&parsed.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8(parsed.stdout)?)
+}
+
+/// The value of the sample `series` (`name{labels}`, labels sorted).
+fn sample(samples: &str, series: &str) -> Option<f64> {
+    samples
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn have_metrics_parser(test: &str) -> bool {
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client.openmetrics.parser"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        jusy_tests::skip(test, "needs python3-prometheus-client to check the format");
+    }
+    ok
+}
+
+#[test]
+fn metrics_of_broker_and_node_follow_an_order() {
+    const TEST: &str = "metrics_of_broker_and_node_follow_an_order";
+    if !jusy_tests::require_root(TEST) || !have_metrics_parser(TEST) {
+        return;
+    }
+    jusy_tests::e2e("metrics", |scene| {
+        let data = scene.subdir("broker")?;
+        let client = jusy_tests::Broker::add_client(scene, &data)?;
+        let broker = jusy_tests::Broker::start_with(
+            scene,
+            "broker",
+            data,
+            0,
+            &["--metrics-listen", "127.0.0.1:0"],
+        )?;
+        let mut node = jusy_tests::Node::start(
+            scene,
+            "node",
+            &broker,
+            &[
+                "--ready-slots",
+                "1",
+                "--grace-secs",
+                "1",
+                "--receipt-secs",
+                "1",
+                "--metrics-port",
+                "0",
+            ],
+        )?;
+        broker.wait_capacity(scene, 1)?;
+        let broker_metrics = broker.metrics.expect("the broker serves metrics");
+        let node_metrics: std::net::SocketAddr = node
+            .proc
+            .wait_event("metrics", std::time::Duration::from_secs(10))?["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()?;
+        anyhow::ensure!(node_metrics.ip().is_loopback(), "{node_metrics}");
+
+        let before = scrape(broker_metrics)?;
+        assert_eq!(sample(&before, "jusy_nodes{}"), Some(1.0), "{before}");
+        assert_eq!(sample(&before, "jusy_free_slots{}"), Some(1.0), "{before}");
+        assert_eq!(
+            sample(&before, "jusy_orders_created_total{}"),
+            Some(0.0),
+            "{before}"
+        );
+        let node_before = scrape(node_metrics)?;
+        assert_eq!(
+            sample(&node_before, "jusy_node_sessions{}"),
+            Some(0.0),
+            "{node_before}"
+        );
+        assert_eq!(
+            sample(&node_before, "jusy_node_receipts_total{}"),
+            Some(0.0)
+        );
+
+        // An order, not logged in to yet: reserved, and a session on the node.
+        let (status, order) = broker.order(scene, &client)?;
+        anyhow::ensure!(status == 200, "{order}");
+        let placed = scrape(broker_metrics)?;
+        assert_eq!(
+            sample(&placed, "jusy_orders_created_total{}"),
+            Some(1.0),
+            "{placed}"
+        );
+        assert_eq!(
+            sample(&placed, "jusy_orders_live{state=reserved}"),
+            Some(1.0),
+            "{placed}"
+        );
+        let node_placed = scrape(node_metrics)?;
+        assert_eq!(
+            sample(&node_placed, "jusy_node_sessions{}"),
+            Some(1.0),
+            "{node_placed}"
+        );
+
+        // It runs and ends.
+        let login = jusy_tests::Login::from_order(scene, &order)?;
+        let burn = "perl -e 'my ($u, $s) = times; ($u, $s) = times while $u + $s < 1'";
+        let out = login.ssh(scene, burn, None)?;
+        anyhow::ensure!(out.status == Some(0), "{}", out.stderr);
+        let reason = node.wait_session_end(&login.order_id, std::time::Duration::from_secs(30))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let after = loop {
+            let now = scrape(broker_metrics)?;
+            if sample(
+                &now,
+                &format!("jusy_orders_settled_total{{state={reason}}}"),
+            ) == Some(1.0)
+            {
+                break now;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "never settled: {now}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        assert_eq!(
+            sample(&after, "jusy_orders_live{state=reserved}"),
+            Some(0.0),
+            "{after}"
+        );
+        assert_eq!(
+            sample(&after, "jusy_orders_live{state=connected}"),
+            Some(0.0),
+            "{after}"
+        );
+        assert!(sample(&after, "jusy_relay_udp_bytes{direction=received}") > Some(0.0));
+        assert!(
+            sample(&after, "jusy_relay_rtt_seconds{stat=max}") > Some(0.0),
+            "{after}"
+        );
+        let node_after = scrape(node_metrics)?;
+        assert_eq!(
+            sample(&node_after, "jusy_node_sessions{}"),
+            Some(0.0),
+            "{node_after}"
+        );
+        assert_eq!(
+            sample(
+                &node_after,
+                &format!("jusy_node_sessions_ended_total{{reason={reason}}}")
+            ),
+            Some(1.0),
+            "{node_after}"
+        );
+        assert!(sample(&node_after, "jusy_node_receipts_total{}") >= Some(1.0));
+        assert!(sample(&node_after, "jusy_node_cpu_sold_seconds_total{}") >= Some(0.9));
+        Ok(())
+    });
+}

@@ -116,6 +116,7 @@ impl Api {
 }
 
 fn too_many() -> ApiError {
+    crate::metrics::METRICS.limited("api");
     ApiError(
         StatusCode::TOO_MANY_REQUESTS,
         "too many requests, slow down".into(),

@@ -432,6 +432,13 @@ impl Orders {
         self.served.clone()
     }
 
+    /// Live orders nobody has logged in to yet, and those logged in to.
+    pub fn live_counts(&self) -> (usize, usize) {
+        let live = self.live();
+        let connected = live.values().filter(|l| l.connected).count();
+        (live.len() - connected, connected)
+    }
+
     fn live(&self) -> MutexGuard<'_, HashMap<OrderId, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -610,6 +617,7 @@ impl Orders {
         tracing::info!(%order_id, node_id = %link.id.short(), port, user = %slot.username, "order placed");
         self.relay
             .serve_port(&self.ports, listener, link.clone(), order_id, closed);
+        crate::metrics::METRICS.orders_created.inc();
         Ok(Credentials {
             status: "OK",
             username: slot.username,
@@ -818,6 +826,7 @@ impl Orders {
         let Some((settlement, verdict)) = settled else {
             return Ok(None);
         };
+        crate::metrics::METRICS.settled(verdict.reason.code());
         if let Some(live) = self.live().remove(&order_id) {
             live.closed.cancel();
             self.rate(live.node, &verdict);

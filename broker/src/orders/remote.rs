@@ -203,6 +203,7 @@ impl Orders {
             },
         );
         tracing::info!(%order_id, node_id = %node_id.short(), %relay, host = %r.host, port = r.port, "order placed on another relay");
+        crate::metrics::METRICS.orders_created.inc();
         Ok(Credentials {
             status: "OK",
             username: r.username,

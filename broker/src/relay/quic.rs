@@ -761,6 +761,12 @@ impl Connection {
         self.with(|c| (c.inner.rtt(), false)).unwrap_or_default()
     }
 
+    /// The connection's counters: UDP bytes and datagrams, the path's RTT
+    /// and losses.
+    pub fn stats(&self) -> quinn_proto::ConnectionStats {
+        self.with(|c| (c.inner.stats(), false)).unwrap_or_default()
+    }
+
     /// UDP bytes sent on the connection so far.
     pub fn sent_bytes(&self) -> u64 {
         self.with(|c| (c.inner.stats().udp_tx.bytes, false))

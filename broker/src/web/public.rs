@@ -86,6 +86,7 @@ pub async fn signup(
     form: Result<Form<SignupForm>, FormRejection>,
 ) -> Result<Response, WebError> {
     if !web.signup_limit.allow(Key::addr(peer)) {
+        crate::metrics::METRICS.limited("signup");
         return Err(WebError::TooMany);
     }
     let Form(form) = form.map_err(bad_form)?;
@@ -163,6 +164,7 @@ pub async fn login(
     // Counted before anything else, so guessing hashes costs the same whether
     // or not the guess is well-formed.
     if !web.login_limit.allow(Key::addr(peer)) {
+        crate::metrics::METRICS.limited("login");
         return Err(WebError::TooMany);
     }
     let Form(form) = form.map_err(bad_form)?;

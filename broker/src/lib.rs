@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! * [`config`] — the TOML configuration and its defaults.
+//! * [`check`] — `jusy-broker check`: whether the broker can start.
 //! * [`store`] — durable state in sled: identity, accounts by keyed digest.
 //! * [`ledger`] — money and orders in sled transactions: charge, settle, audit.
 //! * [`limit`] — token-bucket rate limits keyed by address or identity, in
@@ -17,6 +18,7 @@
 //! * [`metrics`] — Prometheus metrics, when `metrics_listen` is set.
 
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod ledger;
 pub mod limit;

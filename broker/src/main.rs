@@ -134,6 +134,10 @@ struct DataDir {
 enum Cmd {
     /// Run the broker.
     Serve(Box<ServeArgs>),
+    /// Check whether the broker can start with this configuration (data
+    /// directory, disk, open files, its addresses free) and print a report;
+    /// exits 1 when it cannot. Takes the flags of `serve`; changes nothing.
+    Check(Box<ServeArgs>),
     /// Client accounts (broker stopped).
     Client {
         #[command(subcommand)]
@@ -270,6 +274,12 @@ fn main() -> anyhow::Result<()> {
                 broker.run(stop_on_signal()).await?;
                 anyhow::Ok(())
             })
+        }
+        Cmd::Check(args) => {
+            let cfg = load(*args)?;
+            let findings = jusy_broker::check::run(&cfg);
+            print!("{}", jusy_node::check::report(&findings, "run the broker"));
+            std::process::exit(i32::from(findings.iter().any(|f| !f.ok)));
         }
         Cmd::Client {
             cmd: AccountCmd::Add { db, deposit },

@@ -14,6 +14,7 @@
 //!   and how its processes are started.
 //! * [`state`] — private modes for what the node and the broker keep on disk.
 
+pub mod check;
 pub mod config;
 pub mod keys;
 pub mod logging;

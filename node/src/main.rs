@@ -9,8 +9,26 @@ use tokio_util::sync::CancellationToken;
 
 /// Sell this machine's CPU time as SSH sessions through a jusy relay.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    args: NodeArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Check whether this machine can serve sessions (root, cgroups, loop
+    /// devices, nftables, the programs the node runs, free disk, the relay
+    /// over UDP) and print a report; exits 1 when it cannot. Takes the same
+    /// flags and configuration as the node; changes nothing.
+    Check(Box<NodeArgs>),
+}
+
+/// The node's flags; each overrides the configuration file.
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
     /// TOML configuration file (see deploy/node.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -94,7 +112,11 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     jusy_node::sandbox::init::run_if_asked();
     jusy_node::state::private_umask();
-    let cli = Cli::parse();
+    let parsed = Cli::parse();
+    let (cli, check) = match parsed.cmd {
+        Some(Cmd::Check(args)) => (*args, true),
+        None => (parsed.args, false),
+    };
     anyhow::ensure!(
         cli.owner.is_none(),
         "--owner is refused: the owner hash is a secret, and every process on this machine \
@@ -183,6 +205,14 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.session_net_v6 {
         cfg.session_net_v6 = v;
+    }
+    if check {
+        let findings = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(jusy_node::check::run(&cfg));
+        print!("{}", jusy_node::check::report(&findings, "serve sessions"));
+        std::process::exit(i32::from(findings.iter().any(|f| !f.ok)));
     }
     anyhow::ensure!(
         !cfg.broker.is_empty(),

@@ -365,3 +365,162 @@ fn metrics_of_broker_and_node_follow_an_order() {
         Ok(())
     });
 }
+
+/// Runs `jusy-node check` against `broker` with `extra` flags and `path` as
+/// `PATH`: its exit status and report.
+fn node_check(
+    broker: &jusy_tests::Broker,
+    data_dir: &Path,
+    path: &std::ffi::OsStr,
+    extra: &[&str],
+) -> anyhow::Result<(bool, String)> {
+    let out = Command::new(bin("jusy-node")?)
+        .arg("check")
+        .args([
+            "--broker",
+            &broker.relay.to_string(),
+            "--broker-key",
+            &broker.key,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .env("PATH", path)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// Drops UDP to `port` on loopback while it lives.
+struct UdpBlocked(&'static str);
+
+impl UdpBlocked {
+    fn port(port: u16) -> anyhow::Result<Self> {
+        let table = "jusy_test_check";
+        let rules = format!(
+            "table inet {table} {{ chain out {{ type filter hook output priority 0; \
+             udp dport {port} drop; }}; }}"
+        );
+        let ok = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                std::io::Write::write_all(&mut c.stdin.take().expect("stdin"), rules.as_bytes())?;
+                c.wait()
+            })?;
+        anyhow::ensure!(ok.success(), "nft refused the test table");
+        Ok(Self(table))
+    }
+}
+
+impl Drop for UdpBlocked {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", self.0])
+            .status();
+    }
+}
+
+/// Unmounts a test mount while it lives.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn node_check_names_what_is_missing() {
+    if !jusy_tests::require_root("node_check_names_what_is_missing") {
+        return;
+    }
+    jusy_tests::e2e("node_check", |scene| {
+        let broker = jusy_tests::Broker::start(scene, "broker", scene.subdir("broker")?, 0)?;
+        let data = scene.subdir("node")?;
+        let path = std::env::var_os("PATH").unwrap_or_default();
+
+        // On this machine, with the relay up, every check passes: what fails
+        // below fails for what the test takes away.
+        let (ok, report) = node_check(&broker, &data, &path, &[])?;
+        assert!(ok, "{report}");
+        assert!(report.contains("QUIC handshake with"), "{report}");
+        assert!(!report.contains("FAIL"), "{report}");
+
+        // nft off the PATH: every other program is still found.
+        let bin_dir = scene.subdir("path")?;
+        for (tool, _) in jusy_node::check::TOOLS.iter().filter(|(t, _)| *t != "nft") {
+            let found = jusy_node::check::on_path(tool).expect("the tool is installed here");
+            std::os::unix::fs::symlink(found, bin_dir.join(tool))?;
+        }
+        let (ok, report) = node_check(&broker, &data, bin_dir.as_os_str(), &[])?;
+        assert!(!ok, "{report}");
+        assert!(
+            report.contains("FAIL program          nft is not on PATH"),
+            "{report}"
+        );
+        assert!(report.contains("FAIL nftables"), "{report}");
+        assert_eq!(report.matches("FAIL").count(), 2, "{report}");
+        assert!(report.contains("2 problem(s)"), "{report}");
+
+        // Too little free disk: the data directory on a 32 MiB file system.
+        let small = scene.subdir("small")?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=32m", "jusy-test"])
+            .arg(&small)
+            .status()?;
+        anyhow::ensure!(mounted.success(), "mounting a tmpfs failed");
+        let _unmount = Mounted(small.clone());
+        let (ok, report) = node_check(&broker, &small.join("node"), &path, &[])?;
+        assert!(!ok, "{report}");
+        assert!(report.contains("FAIL disk"), "{report}");
+        assert!(report.contains("disk_mib"), "{report}");
+
+        // The relay's UDP blocked.
+        let blocked = UdpBlocked::port(broker.relay.port())?;
+        let (ok, report) = node_check(&broker, &data, &path, &[])?;
+        drop(blocked);
+        assert!(!ok, "{report}");
+        assert!(report.contains("FAIL relay"), "{report}");
+        assert!(report.contains("over UDP"), "{report}");
+        Ok(())
+    });
+}
+
+#[test]
+fn broker_check_names_an_address_in_use() {
+    let data = tempdir();
+    let check = |api: &str| -> anyhow::Result<(bool, String)> {
+        let out = Command::new(bin("jusy-broker")?)
+            .arg("check")
+            .arg("--data-dir")
+            .arg(data.join("broker"))
+            .args(["--api-listen", api, "--relay-listen", "127.0.0.1:0"])
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    let (ok, report) = check("127.0.0.1:0").expect("check runs");
+    assert!(ok, "{report}");
+    assert!(
+        report.ends_with("This machine can run the broker.\n"),
+        "{report}"
+    );
+    // Someone else holds the API's address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (ok, report) = check(&addr).expect("check runs");
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains(&format!(
+            "FAIL HTTP API         api_listen {addr} cannot be bound"
+        )),
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&data);
+}

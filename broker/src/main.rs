@@ -178,6 +178,13 @@ enum Cmd {
         #[command(flatten)]
         db: DataDir,
     },
+    /// The operator's release key: make it, and sign node releases with it
+    /// (keep the key file offline; nodes pin the public key as
+    /// `release_key`).
+    Release {
+        #[command(subcommand)]
+        cmd: ReleaseCmd,
+    },
     /// Start a broker, a node and a demo client on this machine.
     Devnet {
         /// Where the devnet keeps its state.
@@ -186,6 +193,25 @@ enum Cmd {
         /// HTTP API address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         api_listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReleaseCmd {
+    /// Print the release key's public half (hex) for nodes' `release_key`,
+    /// making the key file (0600) if there is none.
+    Key {
+        /// The release key's file (32 secret bytes).
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+    /// Sign a node binary: writes `<binary>.sig` and prints its path.
+    Sign {
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The release binary to sign.
+        #[arg(long)]
+        binary: PathBuf,
     },
 }
 
@@ -199,6 +225,53 @@ enum AccountCmd {
         #[arg(long, default_value_t = 0)]
         deposit: u64,
     },
+}
+
+/// The release key in `path`, made (0600, never overwritten) when absent.
+fn release_key(path: &std::path::Path, make: bool) -> anyhow::Result<ed25519_dalek::SigningKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let seed: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("{}: not a release key (32 bytes)", path.display()))?;
+            Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && make => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| path.display().to_string())?;
+            f.write_all(&seed)?;
+            f.sync_all()?;
+            Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+        }
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
+fn release(cmd: ReleaseCmd) -> anyhow::Result<()> {
+    match cmd {
+        ReleaseCmd::Key { key_file } => {
+            let key = release_key(&key_file, true)?;
+            println!("{}", hex::encode(key.verifying_key().to_bytes()));
+        }
+        ReleaseCmd::Sign { key_file, binary } => {
+            let key = release_key(&key_file, false)?;
+            let bytes = std::fs::read(&binary).with_context(|| binary.display().to_string())?;
+            let mut out = binary.clone().into_os_string();
+            out.push(".sig");
+            let out = PathBuf::from(out);
+            std::fs::write(&out, jusy_common::release::sign(&key, &bytes) + "\n")?;
+            println!("{}", out.display());
+        }
+    }
+    Ok(())
 }
 
 fn load(args: ServeArgs) -> anyhow::Result<Config> {
@@ -275,6 +348,7 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
+        Cmd::Release { cmd } => release(cmd),
         Cmd::Check(args) => {
             let cfg = load(*args)?;
             let findings = jusy_broker::check::run(&cfg);

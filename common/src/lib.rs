@@ -24,6 +24,8 @@
 //! * [`rating`] — node ratings from how their sessions ended.
 //! * [`receipt`] — signed usage receipts: canonical bytes, signing, the hash
 //!   chain and its verifier.
+//! * [`release`] — signatures of node releases with the operator's release
+//!   key, and their check.
 //! * [`speed`] — the deterministic single-core workload of the node speed test,
 //!   and how an answer is judged.
 //! * [`session`] — the lifecycle of one order's session on a node as a state machine
@@ -43,6 +45,7 @@ pub mod order;
 pub mod plausible;
 pub mod rating;
 pub mod receipt;
+pub mod release;
 pub mod session;
 pub mod speed;
 pub mod terms;

@@ -84,6 +84,10 @@ pub struct Config {
     /// (0: any free port, announced in a `metrics` event line). Loopback
     /// only: a session cannot reach the host's loopback. Default: not served.
     pub metrics_port: Option<u16>,
+    /// The operator's release key (64 hex characters, ed25519): `jusy-node
+    /// update` installs only binaries signed with it. Default: none, and
+    /// every update is refused.
+    pub release_key: Option<String>,
     /// Let sessions reach private, link-local and loopback addresses (still TCP
     /// port 22 only). Default false: the owner's LAN and the node's own services
     /// are out of reach.
@@ -132,6 +136,7 @@ impl Default for Config {
             disk_mib: 5120,
             disk_reserve_mib: 1024,
             metrics_port: None,
+            release_key: None,
             net_allow_private: false,
             net_allow: Vec::new(),
             session_net_v4: Cidr {

@@ -25,6 +25,7 @@ pub mod sandbox;
 pub mod sessions;
 pub mod ssh;
 pub mod state;
+pub mod update;
 pub mod uplink;
 
 use std::path::PathBuf;

@@ -24,6 +24,20 @@ enum Cmd {
     /// over UDP) and print a report; exits 1 when it cannot. Takes the same
     /// flags and configuration as the node; changes nothing.
     Check(Box<NodeArgs>),
+    /// Replace this binary with a release, once its signature verifies
+    /// against the operator's release key pinned in the configuration
+    /// (`release_key`); refused without one. Restart the node after.
+    Update {
+        /// The release's binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// Its signature file (128 hex characters).
+        #[arg(long)]
+        signature: PathBuf,
+        /// TOML configuration file holding `release_key`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// The node's flags; each overrides the configuration file.
@@ -109,12 +123,37 @@ struct NodeArgs {
     session_net_v6: Option<jusy_node::sandbox::netfilter::Cidr>,
 }
 
+/// `jusy-node update`: installs a signed release over this binary.
+fn update(
+    binary: &std::path::Path,
+    signature: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let cfg = match config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let target = std::env::current_exe().context("where this binary is")?;
+    let digest =
+        jusy_node::update::install(cfg.release_key.as_deref(), binary, signature, &target)?;
+    println!(
+        "installed the release (sha256 {digest}) at {}; restart the node to run it",
+        target.display()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     jusy_node::sandbox::init::run_if_asked();
     jusy_node::state::private_umask();
     let parsed = Cli::parse();
     let (cli, check) = match parsed.cmd {
         Some(Cmd::Check(args)) => (*args, true),
+        Some(Cmd::Update {
+            binary,
+            signature,
+            config,
+        }) => return update(&binary, &signature, config.as_deref()),
         None => (parsed.args, false),
     };
     anyhow::ensure!(

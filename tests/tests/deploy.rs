@@ -524,3 +524,118 @@ fn broker_check_names_an_address_in_use() {
     );
     let _ = std::fs::remove_dir_all(&data);
 }
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn only_a_release_signed_with_the_pinned_key_is_installed() {
+    let dir = tempdir();
+    let run = |program: &Path, args: &[&std::ffi::OsStr]| -> (bool, String) {
+        let out = Command::new(program).args(args).output().expect("runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let broker = bin("jusy-broker").expect("broker");
+    // The operator's release key, and a stranger's.
+    let key = dir.join("release.key");
+    let other = dir.join("other.key");
+    let (ok, public) = run(
+        &broker,
+        &[
+            "release".as_ref(),
+            "key".as_ref(),
+            "--key-file".as_ref(),
+            key.as_os_str(),
+        ],
+    );
+    assert!(ok, "{public}");
+    let (ok, said) = run(
+        &broker,
+        &[
+            "release".as_ref(),
+            "key".as_ref(),
+            "--key-file".as_ref(),
+            other.as_os_str(),
+        ],
+    );
+    assert!(ok, "{said}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
+
+    // An installed node, pinned to the operator's key.
+    let installed = dir.join("jusy-node");
+    std::fs::copy(bin("jusy-node").expect("node"), &installed).expect("install");
+    let config = dir.join("node.toml");
+    std::fs::write(&config, format!("release_key = \"{}\"\n", public.trim())).expect("config");
+    let before = sha256_of(&installed);
+
+    // The release: any other binary will do.
+    let release = dir.join("release");
+    std::fs::copy("/bin/true", &release).expect("release");
+    let update = |sig: &Path, config: &Path| {
+        run(
+            &installed,
+            &[
+                "update".as_ref(),
+                "--binary".as_ref(),
+                release.as_os_str(),
+                "--signature".as_ref(),
+                sig.as_os_str(),
+                "--config".as_ref(),
+                config.as_os_str(),
+            ],
+        )
+    };
+    let signed = |key: &Path| -> PathBuf {
+        let (ok, said) = run(
+            &broker,
+            &[
+                "release".as_ref(),
+                "sign".as_ref(),
+                "--key-file".as_ref(),
+                key.as_os_str(),
+                "--binary".as_ref(),
+                release.as_os_str(),
+            ],
+        );
+        assert!(ok, "{said}");
+        PathBuf::from(said.trim())
+    };
+
+    // Signed with the wrong key: refused, nothing replaced.
+    let wrong = signed(&other);
+    let (ok, said) = update(&wrong, &config);
+    assert!(!ok && said.contains("does not verify"), "{said}");
+    assert_eq!(sha256_of(&installed), before);
+    // Without a pinned key: refused whatever the signature.
+    let unpinned = dir.join("unpinned.toml");
+    std::fs::write(&unpinned, "").expect("config");
+    let right = signed(&key);
+    let (ok, said) = update(&right, &unpinned);
+    assert!(!ok && said.contains("no release_key"), "{said}");
+    assert_eq!(sha256_of(&installed), before);
+    // Signed with the pinned key: installed.
+    let (ok, said) = update(&right, &config);
+    assert!(ok, "{said}");
+    assert_eq!(sha256_of(&installed), sha256_of(&release));
+    let _ = std::fs::remove_dir_all(&dir);
+}

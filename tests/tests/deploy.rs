@@ -639,3 +639,148 @@ fn only_a_release_signed_with_the_pinned_key_is_installed() {
     assert_eq!(sha256_of(&installed), sha256_of(&release));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Stops the node `install-node.sh` started (its pid file) and waits for it
+/// to end its sessions and remove what they left.
+struct Started(PathBuf);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let Ok(pid) = std::fs::read_to_string(&self.0) else {
+            return;
+        };
+        let Ok(pid) = pid.trim().parse::<libc::pid_t>() else {
+            return;
+        };
+        // SAFETY: signalling a process by pid; no memory effects.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn the_install_script_sets_up_a_node_behind_nat_that_serves_an_order() {
+    if !jusy_tests::require_root("the_install_script_sets_up_a_node_behind_nat") {
+        return;
+    }
+    jusy_tests::e2e("install_node", |scene| {
+        let mut lab = jusy_tests::Lab::new(scene)?;
+        let site = lab.public_host("broker")?;
+        let data = scene.subdir("broker")?;
+        let client = jusy_tests::Broker::add_client(scene, &data)?;
+        let owner = jusy_tests::Broker::add_account(scene, &data, "owner", 0)?;
+        let broker = jusy_tests::Broker::start_at(scene, "broker", &site, data, 0, &[])?;
+        let home = lab.home("home", jusy_tests::lab::HomeOpts::default())?;
+
+        // The owner's hash in a file of their own; the installer's paths in
+        // the test's directory; systemd is not PID 1 here.
+        let root = scene.subdir("root")?;
+        let owner_file = root.join("owner");
+        std::fs::write(&owner_file, &owner)?;
+        let state = root.join("var/lib/jusy-node");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install-node.sh");
+        let mut args: Vec<std::ffi::OsString> = vec![script.into()];
+        for a in [
+            "--broker",
+            &broker.relay.to_string(),
+            "--broker-key",
+            &broker.key,
+            "--ready-slots",
+            "1",
+            "--disk-mib",
+            "512",
+        ] {
+            args.push(a.into());
+        }
+        let paths = [
+            ("--binary", bin("jusy-node")?),
+            ("--owner-file", owner_file.clone()),
+            ("--prefix", root.join("usr/local")),
+            ("--config-dir", root.join("etc/jusy")),
+            ("--state-dir", state.clone()),
+        ];
+        for (flag, path) in paths {
+            args.push(flag.into());
+            args.push(path.into());
+        }
+        let install = |extra: &[&str]| {
+            let mut cmd = home.host.command("sh");
+            cmd.args(&args).args(extra);
+            jusy_tests::process::run(scene, cmd, None, std::time::Duration::from_secs(60))
+        };
+        // Without --no-systemd it says what to do and starts nothing.
+        let refused = install(&[])?;
+        assert_ne!(refused.status, Some(0), "{}", refused.text());
+        assert!(
+            refused.stderr.contains("--no-systemd"),
+            "{}",
+            refused.stderr
+        );
+        assert!(!state.join("node.pid").exists());
+
+        let _stop = Started(state.join("node.pid"));
+        let out = install(&["--no-systemd"])?;
+        anyhow::ensure!(
+            out.status == Some(0),
+            "install failed: {}{}",
+            out.text(),
+            out.stderr
+        );
+        assert!(
+            out.text().contains("This machine can serve sessions."),
+            "{}",
+            out.text()
+        );
+
+        // The configuration holds the secret, privately; no command line does.
+        use std::os::unix::fs::PermissionsExt;
+        let config = root.join("etc/jusy/node.toml");
+        assert_eq!(
+            std::fs::metadata(&config)?.permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(std::fs::read_to_string(&config)?.contains(&owner));
+        let pid = std::fs::read_to_string(state.join("node.pid"))?;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim()))?;
+        assert!(!String::from_utf8_lossy(&cmdline).contains(&owner));
+
+        // The node registers through the home router and serves an order.
+        broker.wait_capacity(scene, 1)?;
+        let laptop = lab.public_host("client")?;
+        let (status, body) = broker.order_from(scene, &laptop, &client)?;
+        anyhow::ensure!(status == 200, "{body}");
+        let login = jusy_tests::Login::from_order_at(scene, &laptop, &body)?;
+        let said = login.ssh(scene, "echo served", None)?;
+        assert_eq!(said.status, Some(0), "{}", said.stderr);
+        assert_eq!(said.text().trim(), "served");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_broker_image_runs_a_command_line_the_broker_accepts() {
+    let text =
+        std::fs::read_to_string(deploy_dir().join("../Dockerfile.broker")).expect("Dockerfile");
+    let cmd = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CMD "))
+        .expect("CMD");
+    let args: Vec<String> = serde_json::from_str(cmd).expect("CMD is a JSON array");
+    let out = Command::new(bin("jusy-broker").expect("broker"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("USER jusy"),
+        "the broker does not run as root"
+    );
+}

@@ -10,7 +10,7 @@ use crate::api::client_addr::{ForwardedHeader, Proxies};
 use crate::api::serve::Limits;
 
 /// Everything a broker needs to run; every field has a default.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where the database (sled) lives. Default `/var/lib/jusy-broker`.

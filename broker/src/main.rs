@@ -332,7 +332,12 @@ fn main() -> anyhow::Result<()> {
     // The devnet's node starts its sessions' inits from this binary.
     jusy_node::sandbox::init::run_if_asked();
     jusy_node::state::private_umask();
-    let cli = Cli::parse();
+    let cli = {
+        use clap::{CommandFactory, FromArgMatches};
+        let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+        let matches = jusy_node::cli::with_defaults(Cli::command(), &defaults).get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    };
     jusy_node::logging::init(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -11,7 +11,7 @@ use crate::sandbox::network::NetConfig;
 use crate::sandbox::user::DEFAULT_IDS;
 
 /// Everything a node needs to run. Every field has a default except the broker.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Relay broker QUIC address, `host:port`. Required.

@@ -15,6 +15,7 @@
 //! * [`state`] — private modes for what the node and the broker keep on disk.
 
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod keys;
 pub mod logging;

@@ -1,14 +1,13 @@
 //! `jusy-node`: parses the command line, loads the configuration, and runs the node.
 
 use anyhow::Context;
-use clap::Parser;
 use jusy_common::identity::PeerId;
 use jusy_node::config::{self, Config};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 /// Sell this machine's CPU time as SSH sessions through a jusy relay.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -146,7 +145,12 @@ fn update(
 fn main() -> anyhow::Result<()> {
     jusy_node::sandbox::init::run_if_asked();
     jusy_node::state::private_umask();
-    let parsed = Cli::parse();
+    let parsed = {
+        use clap::{CommandFactory, FromArgMatches};
+        let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+        let matches = jusy_node::cli::with_defaults(Cli::command(), &defaults).get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    };
     let (cli, check) = match parsed.cmd {
         Some(Cmd::Check(args)) => (*args, true),
         Some(Cmd::Update {

@@ -784,3 +784,42 @@ fn the_broker_image_runs_a_command_line_the_broker_accepts() {
         "the broker does not run as root"
     );
 }
+
+#[test]
+fn help_shows_defaults_and_bad_flags_are_named() {
+    let help = |program: &str, args: &[&str]| {
+        let out = Command::new(bin(program).expect("binary"))
+            .args(args)
+            .output()
+            .expect("runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = help("jusy-node", &["--help"]);
+    assert!(ok && text.contains("[default: 5120]"), "{text}");
+    let (ok, text) = help("jusy-node", &["check", "--help"]);
+    assert!(
+        ok && text.contains("[default: /var/lib/jusy-node]"),
+        "{text}"
+    );
+    let (ok, text) = help("jusy-broker", &["serve", "--help"]);
+    assert!(ok && text.contains("[default: 20000]"), "{text}");
+    // A bad value names the flag; a bad configuration field names the field.
+    let (ok, text) = help("jusy-broker", &["serve", "--price-sat", "many"]);
+    assert!(!ok && text.contains("--price-sat"), "{text}");
+    let dir = tempdir();
+    let config = dir.join("broker.toml");
+    std::fs::write(&config, "price_sats = 5\n").expect("config");
+    let (ok, text) = help(
+        "jusy-broker",
+        &["check", "--config", config.to_str().expect("path")],
+    );
+    assert!(!ok && text.contains("price_sats"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

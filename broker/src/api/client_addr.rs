@@ -33,7 +33,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
 }
 
 /// Which header the trusted proxies add the client's address to.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum ForwardedHeader {
     /// `X-Forwarded-For: client, proxy1, …` (nginx, HAProxy, Caddy, most
